@@ -1,0 +1,150 @@
+"""Command-line plumbing shared by the entry points: compose, pre-flight checks, one-line errors."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import sys
+from typing import Any, NoReturn
+
+CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
+
+# Hydra flags that take a value; everything else starting with "-" stands alone.
+_VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--info", "--config-name", "-cn",
+                "--config-path", "-cp", "--config-dir", "-cd", "--experimental-rerun"}
+_INSPECT_FLAGS = {"--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "--shell-completion", "-sc"}
+
+
+def fail(message: str | None, *, remove: str | None = None) -> NoReturn:
+    """One line on stderr, exit status 2; undo what Hydra created in `remove`, if anything."""
+    if message:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    if remove:
+        _remove_hydra_leftovers(remove)
+    sys.exit(2)
+
+
+def _remove_hydra_leftovers(folder: str) -> None:
+    """Remove only what Hydra wrote before the task ran (.hydra/, the job log), then the
+    folder if that leaves it empty — never a user's earlier results."""
+    if not os.path.isdir(folder):
+        return
+    shutil.rmtree(os.path.join(folder, ".hydra"), ignore_errors=True)
+    for name in os.listdir(folder):
+        if name.endswith(".log"):
+            os.unlink(os.path.join(folder, name))
+    if not os.listdir(folder):
+        os.rmdir(folder)
+
+
+def split_args(args: list[str]) -> tuple[list[str], list[str]]:
+    """(flags, overrides) of a Hydra command line."""
+    flags, overrides = [], []
+    it = iter(args)
+    for a in it:
+        if a.startswith("-"):
+            flags.append(a)
+            if a in _VALUE_FLAGS and "=" not in a:
+                nxt = next(it, None)
+                if nxt is not None:
+                    flags.append(nxt)
+        else:
+            overrides.append(a)
+    return flags, overrides
+
+
+def groups() -> dict[str, list[str]]:
+    """Config groups and their options, from conf/ (strategy: single, pipeline, …)."""
+    out = {}
+    for g in sorted(os.listdir(CONF_DIR)):
+        d = os.path.join(CONF_DIR, g)
+        if os.path.isdir(d):
+            out[g] = sorted(f[:-5] for f in os.listdir(d) if f.endswith(".yaml"))
+    return out
+
+
+def expand(overrides: list[str]) -> list[list[str]]:
+    """Every job of a sweep as a plain override list (Hydra's basic sweeper: the product)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception as e:  # hydra.errors.OverrideParseException
+        fail(str(e).strip().splitlines()[0])
+    choices = []
+    for o in parsed:
+        key = o.get_key_element()
+        if o.is_sweep_override():
+            choices.append([f"{key}={v}" for v in o.sweep_string_iterator()])
+        else:
+            choices.append([o.input_line])
+    return [list(c) for c in itertools.product(*choices)]
+
+
+def check_groups(overrides: list[str]) -> None:
+    known = groups()
+    for o in overrides:
+        key, _, value = o.partition("=")
+        key = key.lstrip("+~")
+        if key in known and value not in known[key] and value not in ("null", ""):
+            fail(f"{key}={value}: must be one of {', '.join(known[key])}")
+
+
+def compose_config(overrides: list[str], *, with_hydra: bool = False) -> Any:
+    """Hydra's compose API over conf/ (no folders created, nothing run)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    check_groups(overrides)
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        try:
+            return compose(config_name="config", overrides=overrides,
+                           return_hydra_config=with_hydra)
+        except Exception as e:  # unknown keys, type errors: Hydra's first line says which
+            fail(str(e).strip().splitlines()[0])
+
+
+def preflight(args: list[str]) -> None:
+    """Validate every job of the command line before Hydra creates any folder."""
+    from omegaconf import OmegaConf
+
+    from partition.config import ConfigError, parse_config
+    from partition.launch import check_dataset
+
+    flags, overrides = split_args(args)
+    if any(f in _INSPECT_FLAGS for f in flags):
+        return  # the user is asking Hydra about the config; nothing will run
+    seen_data: set[tuple] = set()
+    for job in expand(overrides):
+        plain = [o for o in job if not o.lstrip("+~").startswith("hydra")]
+        cfg = compose_config(plain)
+        try:
+            rc = parse_config(OmegaConf.to_container(cfg, resolve=True))
+            key = (rc.data, rc.model, rc.seed)
+            if key not in seen_data:  # load each distinct dataset / init file once
+                check_dataset(rc)
+                seen_data.add(key)
+        except ConfigError as e:
+            fail(str(e))
+
+
+def summary_line(result: dict[str, Any], path: str) -> str:
+    """One line per finished run: what ran, how it went, where it is."""
+    run, tr = result["run"], result["train"]
+    what = f"{run['strategy']} P={run['ranks']} B={run['batch_size']} M={run['microbatches']}"
+    if run.get("schedule"):
+        what += f" {run['schedule']}"
+    if run.get("layout"):
+        what += f" {run['layout']}"
+    if result["status"] != "ok":
+        err = result.get("error") or {}
+        detail = f"rank {err.get('rank')}: {err.get('type')}: {err.get('message')}" if err else ""
+        return f"[{result['status']}] {what} {detail} -> {path}"
+    loss = tr["loss"]
+    med = tr["step_time_s"]["median"]
+    sent = max((r["comm"].get("sent_bytes", 0) + r["comm"].get("collective_bytes", 0)
+                for r in result["ranks"]), default=0)
+    return (f"[ok] {what}: J {loss[0]:.4f} -> {loss[-1]:.4f}, step {med * 1e3:.1f} ms, "
+            f"{sent:,} B/step/device -> {path}")

@@ -1,0 +1,79 @@
+"""One run (or a Hydra multirun sweep) of the seed MLP under a partitioning strategy.
+
+    python -m experiments.run strategy=pipeline world_size=2 train.batch_size=1024
+    python -m experiments.run -m strategy=single,pipeline,tensor,data
+    torchrun --nproc_per_node=2 -m experiments.run strategy=pipeline world_size=2
+
+Bad input ends before anything starts or is written: one line naming the key and
+the value, exit status 2.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from experiments.cli import compose_config, fail, preflight, summary_line
+
+
+def _task(cfg) -> None:  # noqa: ANN001 - a DictConfig from Hydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from partition.config import ConfigError, parse_config
+    from partition.launch import check_dataset, run
+
+    run_dir = HydraConfig.get().runtime.output_dir
+    try:
+        rc = parse_config(OmegaConf.to_container(cfg, resolve=True))
+        check_dataset(rc)
+    except ConfigError as e:
+        fail(str(e), remove=run_dir)
+    result = run(rc, run_dir)
+    print(summary_line(result, run_dir), flush=True)
+
+
+def _hydra_main() -> None:
+    import hydra
+
+    conf = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
+    hydra.main(version_base="1.3", config_path=conf, config_name="config")(_task)()
+
+
+def _torchrun_main(overrides: list[str]) -> None:
+    from omegaconf import OmegaConf
+
+    from partition.config import ConfigError, parse_config
+    from partition.launch import check_dataset, torchrun_rank
+
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        cfg = compose_config(overrides, with_hydra=True)
+        run_dir = str(OmegaConf.select(cfg, "hydra.run.dir"))
+        container = OmegaConf.to_container(cfg, resolve=True)
+        container.pop("hydra", None)
+        rc = parse_config(container)
+        check_dataset(rc)
+        # Every rank checks; only rank 0 speaks, so the message is printed once.
+        _, result = torchrun_rank(rc, lambda: os.path.abspath(run_dir))
+    except ConfigError as e:
+        fail(str(e) if rank == 0 else None)
+    if result is not None:
+        print(summary_line(result, result["path"]), flush=True)
+
+
+def main() -> None:
+    from partition.launch import under_torchrun
+
+    args = sys.argv[1:]
+    if under_torchrun():
+        if any(a in ("-m", "--multirun") for a in args):
+            fail("--multirun: not under torchrun (each sweep job starts its own ranks)")
+        _torchrun_main([a for a in args if not a.startswith("-")])
+        return
+    preflight(args)
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

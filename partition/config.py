@@ -1,0 +1,334 @@
+"""The run's configuration as validated, typed dataclasses.
+
+The library never reads Hydra: `experiments/` hands a plain dict (the resolved
+Hydra config) to `parse_config`, which checks every key a run relies on and
+raises `ConfigError` naming the key and the offending value. That is what lets a
+bad input end in one line and exit status 2 before any rank starts.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from partition.model import ACTIVATIONS, LOSSES, MLPSpec
+
+STRATEGIES = ("single", "pipeline", "tensor", "data")
+SCHEDULES = ("gpipe", "1f1b")
+LAYOUTS = ("megatron", "rowwise")
+DEVICES = ("auto", "cpu", "cuda")
+ENGINES = ("explicit", "torch")
+DTYPES = ("float32", "float64")
+DATASETS = ("synthetic", "npz", "digits")
+INITS = ("seeded", "file")
+FAULT_KINDS = ("raise", "exit", "hang")
+
+
+class ConfigError(ValueError):
+    """A bad configuration value: `key`, the `value` given, and why it is refused."""
+
+    def __init__(self, key: str, value: Any, reason: str) -> None:
+        self.key, self.value, self.reason = key, value, reason
+        super().__init__(f"{key}={_show(value)}: {reason}")
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, str):
+        return value if value and not value.isspace() else repr(value)
+    return str(value).replace(" ", "")
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    name: str = "single"
+    schedule: str = "gpipe"  # pipeline: gpipe | 1f1b
+    balance: tuple[int, ...] | None = None  # pipeline: layers per stage; None = by parameter count
+    layout: str = "megatron"  # tensor: megatron | rowwise
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    dims: tuple[int, ...] = (784, 256, 10)
+    activation: str = "relu"
+    loss: str = "cross_entropy"
+    bias: bool = False
+    weight_decay: float = 0.0
+    init: str = "seeded"
+    init_path: str | None = None
+
+    def spec(self) -> MLPSpec:
+        return MLPSpec(self.dims, self.activation, self.loss, self.bias, self.weight_decay)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: str = "synthetic"
+    path: str | None = None
+    shuffle: bool = False
+    num_examples: int = 4096  # synthetic only
+    teacher_hidden: int = 32  # synthetic only: width of the random teacher net
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    batch_size: int = 256
+    microbatches: int = 1
+    steps: int = 10
+    lr: float = 0.1
+    momentum: float = 0.0
+    dtype: str = "float32"
+    warmup_steps: int = 1  # excluded from step-time and steady-state figures
+    grad_check: bool = True  # compare step 0's gradients with a float64 autograd reference
+
+
+@dataclass(frozen=True)
+class FaultConfig:
+    rank: int | None = None
+    step: int | None = None
+    kind: str | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.kind is not None
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    fault: FaultConfig = field(default_factory=FaultConfig)
+    world_size: int = 1
+    device: str = "auto"
+    memory_limit: int | None = None
+    engine: str = "explicit"
+    timeout_s: float = 60.0
+    seed: int = 0
+    memory_probe: bool = True
+
+    @property
+    def spec(self) -> MLPSpec:
+        return self.model.spec()
+
+    @property
+    def ranks(self) -> int:
+        """How many ranks actually run: `single` is one device whatever world_size says."""
+        return 1 if self.strategy.name == "single" else self.world_size
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------- value checks
+
+
+def _get(d: dict[str, Any], key: str, default: Any) -> Any:
+    node: Any = d
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return default
+        node = node[part]
+    return node
+
+
+def _int(key: str, v: Any, *, min_value: int | None = None) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+        raise ConfigError(key, v, "must be an integer")
+    try:
+        f = float(v)
+    except ValueError:
+        raise ConfigError(key, v, "must be an integer") from None
+    if not math.isfinite(f) or f != int(f):
+        raise ConfigError(key, v, "must be an integer")
+    i = int(f)
+    if min_value is not None and i < min_value:
+        raise ConfigError(key, v, f"must be >= {min_value}")
+    return i
+
+
+def _float(key: str, v: Any, *, positive: bool = False, non_negative: bool = False) -> float:
+    if isinstance(v, bool):
+        raise ConfigError(key, v, "must be a number")
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        raise ConfigError(key, v, "must be a number") from None
+    if not math.isfinite(f):
+        raise ConfigError(key, v, "must be a finite number")
+    if positive and f <= 0:
+        raise ConfigError(key, v, "must be > 0")
+    if non_negative and f < 0:
+        raise ConfigError(key, v, "must be >= 0")
+    return f
+
+
+def _bool(key: str, v: Any) -> bool:
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, str) and v.lower() in ("true", "false"):
+        return v.lower() == "true"
+    raise ConfigError(key, v, "must be true or false")
+
+
+def _choice(key: str, v: Any, choices: tuple[str, ...]) -> str:
+    if not isinstance(v, str) or v not in choices:
+        raise ConfigError(key, v, f"must be one of {', '.join(choices)}")
+    return v
+
+
+def _int_list(key: str, v: Any, *, min_len: int, min_value: int) -> tuple[int, ...]:
+    if isinstance(v, (str, int, float)) or v is None:
+        raise ConfigError(key, v, "must be a list of integers, e.g. [784,256,10]")
+    items = tuple(_int(key, x) for x in v)
+    if len(items) < min_len:
+        raise ConfigError(key, list(items), f"needs at least {min_len} entries")
+    if any(x < min_value for x in items):
+        raise ConfigError(key, list(items), f"entries must be >= {min_value}")
+    return items
+
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3,
+          "gb": 1000**3, "kib": 1024, "mib": 1024**2, "gib": 1024**3}
+
+
+def parse_bytes(key: str, v: Any) -> int | None:
+    """`memory_limit`: null, a byte count, or a string such as "64MiB" or "1.5GB"."""
+    if v is None or (isinstance(v, str) and v.lower() in ("null", "none", "")):
+        return None
+    if isinstance(v, bool):
+        raise ConfigError(key, v, "must be a byte count such as 67108864 or \"64MiB\"")
+    if isinstance(v, (int, float)):
+        n = float(v)
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([a-zA-Z]*)\s*", str(v))
+        if not m or m.group(2).lower() not in _UNITS:
+            raise ConfigError(key, v, "must be a byte count such as 67108864 or \"64MiB\"")
+        n = float(m.group(1)) * _UNITS[m.group(2).lower()]
+    if not math.isfinite(n) or n <= 0:
+        raise ConfigError(key, v, "must be a positive byte count")
+    return int(n)
+
+
+# ---------------------------------------------------------------- the parser
+
+
+def parse_config(d: dict[str, Any]) -> RunConfig:
+    """Validate a resolved config dict (Hydra's, or a test's) into a RunConfig."""
+    strategy_node = _get(d, "strategy", "single")
+    sname = strategy_node if isinstance(strategy_node, str) else _get(d, "strategy.name", "single")
+    name = _choice("strategy", sname, STRATEGIES)
+    balance_raw = _get(d, "strategy.balance", None) if isinstance(strategy_node, dict) else None
+    strategy = StrategyConfig(
+        name=name,
+        schedule=_choice("strategy.schedule", _get(d, "strategy.schedule", "gpipe"), SCHEDULES),
+        balance=None if balance_raw is None
+        else _int_list("strategy.balance", balance_raw, min_len=1, min_value=1),
+        layout=_choice("strategy.layout", _get(d, "strategy.layout", "megatron"), LAYOUTS),
+    )
+
+    init = _choice("model.init", _get(d, "model.init", "seeded"), INITS)
+    init_path = _get(d, "model.init_path", None)
+    if init == "file" and not init_path:
+        raise ConfigError("model.init_path", init_path, "is needed with model.init=file")
+    model = ModelConfig(
+        dims=_int_list("model.dims", _get(d, "model.dims", None), min_len=2, min_value=1),
+        activation=_choice("model.activation", _get(d, "model.activation", "relu"), ACTIVATIONS),
+        loss=_choice("model.loss", _get(d, "model.loss", "cross_entropy"), LOSSES),
+        bias=_bool("model.bias", _get(d, "model.bias", False)),
+        weight_decay=_float("model.weight_decay", _get(d, "model.weight_decay", 0.0),
+                            non_negative=True),
+        init=init,
+        init_path=str(init_path) if init_path else None,
+    )
+
+    data_node = _get(d, "data", "synthetic")
+    dname = data_node if isinstance(data_node, str) else _get(d, "data.name", "synthetic")
+    dname = _choice("data", dname, DATASETS)
+    dpath = _get(d, "data.path", None) if isinstance(data_node, dict) else None
+    if dname == "npz" and not dpath:
+        raise ConfigError("data.path", dpath, "is needed with data=npz")
+    data = DataConfig(
+        name=dname,
+        path=str(dpath) if dpath else None,
+        shuffle=_bool("data.shuffle", _get(d, "data.shuffle", False)),
+        num_examples=_int("data.num_examples", _get(d, "data.num_examples", 4096), min_value=1),
+        teacher_hidden=_int("data.teacher_hidden", _get(d, "data.teacher_hidden", 32),
+                            min_value=1),
+    )
+
+    batch = _int("train.batch_size", _get(d, "train.batch_size", 256), min_value=1)
+    micro_raw = _get(d, "train.microbatches", 1)
+    micro = _int("train.microbatches", micro_raw, min_value=1)
+    if batch % micro:
+        raise ConfigError("train.microbatches", micro_raw,
+                          f"must divide train.batch_size={batch} into equal micro-batches")
+    train = TrainConfig(
+        batch_size=batch,
+        microbatches=micro,
+        steps=_int("train.steps", _get(d, "train.steps", 10), min_value=1),
+        lr=_float("train.lr", _get(d, "train.lr", 0.1), positive=True),
+        momentum=_float("train.momentum", _get(d, "train.momentum", 0.0), non_negative=True),
+        dtype=_choice("train.dtype", _get(d, "train.dtype", "float32"), DTYPES),
+        warmup_steps=_int("train.warmup_steps", _get(d, "train.warmup_steps", 1), min_value=0),
+        grad_check=_bool("train.grad_check", _get(d, "train.grad_check", True)),
+    )
+    if train.momentum >= 1:
+        raise ConfigError("train.momentum", train.momentum, "must be < 1")
+
+    world = _int("world_size", _get(d, "world_size", 1), min_value=1)
+    fault_kind = _get(d, "fault.kind", None)
+    fault = FaultConfig(
+        rank=None if _get(d, "fault.rank", None) is None
+        else _int("fault.rank", _get(d, "fault.rank", None), min_value=0),
+        step=None if _get(d, "fault.step", None) is None
+        else _int("fault.step", _get(d, "fault.step", None), min_value=0),
+        kind=None if fault_kind in (None, "off", "none")
+        else _choice("fault.kind", fault_kind, FAULT_KINDS),
+    )
+    cfg = RunConfig(
+        model=model,
+        strategy=strategy,
+        data=data,
+        train=train,
+        fault=fault,
+        world_size=world,
+        device=_choice("device", _get(d, "device", "auto"), DEVICES),
+        memory_limit=parse_bytes("memory_limit", _get(d, "memory_limit", None)),
+        engine=_choice("engine", _get(d, "engine", "explicit"), ENGINES),
+        timeout_s=_float("timeout_s", _get(d, "timeout_s", 60), positive=True),
+        seed=_int("seed", _get(d, "seed", 0), min_value=0),
+        memory_probe=_bool("memory_probe", _get(d, "memory_probe", True)),
+    )
+    _check_cross(cfg)
+    return cfg
+
+
+def _check_cross(cfg: RunConfig) -> None:
+    """Checks that involve more than one key (each still names the key to change)."""
+    f = cfg.fault
+    if f.enabled:
+        if f.rank is None or f.step is None:
+            raise ConfigError("fault.kind", f.kind, "needs fault.rank and fault.step")
+        if f.rank >= cfg.ranks:
+            raise ConfigError("fault.rank", f.rank, f"must be < the {cfg.ranks} ranks of this run")
+        if f.step >= cfg.train.steps:
+            raise ConfigError("fault.step", f.step, f"must be < train.steps={cfg.train.steps}")
+    L = cfg.spec.num_layers
+    if cfg.strategy.name == "pipeline":
+        if cfg.world_size > L:
+            raise ConfigError("world_size", cfg.world_size,
+                              f"pipeline needs at most one stage per layer; model.dims has {L} layers")
+        bal = cfg.strategy.balance
+        if bal is not None:
+            if len(bal) != cfg.world_size:
+                raise ConfigError("strategy.balance", list(bal),
+                                  f"needs one entry per stage (world_size={cfg.world_size})")
+            if sum(bal) != L:
+                raise ConfigError("strategy.balance", list(bal),
+                                  f"must sum to the {L} layers of model.dims")
+    if cfg.strategy.name == "data" and cfg.train.batch_size < cfg.world_size:
+        raise ConfigError("train.batch_size", cfg.train.batch_size,
+                          f"data parallel needs at least one example per rank (world_size={cfg.world_size})")

@@ -1,0 +1,54 @@
+"""The stage plan: which contiguous layers each pipeline rank holds. Pure, no processes."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from partition.model import MLPSpec
+
+
+def plan_stages(spec: MLPSpec, stages: int, balance: tuple[int, ...] | None = None) -> list[tuple[int, int]]:
+    """Half-open layer ranges [start, end), one per stage.
+
+    With `balance` (layers per stage) the split is as given; otherwise the one
+    that minimises the largest stage's parameter count (ties: earlier stages
+    get fewer layers), since parameters and their gradients dominate a stage's memory.
+    """
+    L = spec.num_layers
+    if stages < 1:
+        raise ValueError(f"a pipeline needs at least 1 stage, got {stages}")
+    if stages > L:
+        raise ValueError(f"{stages} stages for {L} layers: every stage needs at least one layer")
+    if balance is not None:
+        if len(balance) != stages or any(b < 1 for b in balance) or sum(balance) != L:
+            raise ValueError(f"balance {list(balance)} must have {stages} entries >= 1 summing to {L}")
+        counts = list(balance)
+    else:
+        counts = _min_max_split(tuple(spec.layer_params(l) for l in range(L)), stages)
+    ranges, start = [], 0
+    for c in counts:
+        ranges.append((start, start + c))
+        start += c
+    return ranges
+
+
+def _min_max_split(sizes: tuple[int, ...], parts: int) -> list[int]:
+    """Layers per part minimising the largest part's total (exact, by dynamic programming)."""
+
+    @lru_cache(maxsize=None)
+    def best(i: int, k: int) -> tuple[int, tuple[int, ...]]:
+        # Split sizes[i:] into k non-empty parts: (largest part, counts).
+        n = len(sizes) - i
+        if k == 1:
+            return sum(sizes[i:]), (n,)
+        out: tuple[int, tuple[int, ...]] | None = None
+        for c in range(1, n - k + 2):
+            head = sum(sizes[i:i + c])
+            rest, counts = best(i + c, k - 1)
+            cand = (max(head, rest), (c,) + counts)
+            if out is None or cand[0] < out[0]:
+                out = cand
+        assert out is not None
+        return out
+
+    return list(best(0, parts)[1])
