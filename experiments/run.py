@@ -50,8 +50,10 @@ def _torchrun_main(overrides: list[str]) -> None:
     try:
         cfg = compose_config(overrides, with_hydra=True)
         run_dir = str(OmegaConf.select(cfg, "hydra.run.dir"))
-        container = OmegaConf.to_container(cfg, resolve=True)
+        # Resolve without the hydra node: its sweep keys need a job number torchrun has not.
+        container = OmegaConf.to_container(cfg, resolve=False)
         container.pop("hydra", None)
+        container = OmegaConf.to_container(OmegaConf.create(container), resolve=True)
         rc = parse_config(container)
         check_dataset(rc)
         # Every rank checks; only rank 0 speaks, so the message is printed once.
