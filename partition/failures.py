@@ -223,18 +223,22 @@ def _read_stacks(run_dir: str) -> dict[int, Stack]:
 
 
 def diagnose(run_dir: str, *, ranks: int, timeout_s: float,
-             exit_codes: dict[int, int] | None = None, stopped: bool = True) -> RankError | None:
+             exit_codes: dict[int, int] | None = None,
+             exit_times: dict[int, float] | None = None,
+             stopped: bool = True) -> RankError | None:
     """The root cause of a failed run, from the evidence every rank left in `run_dir`.
 
-    `exit_codes`: what the launcher knows of ranks' exits (torch's elastic agent
-    reports one). `stopped`: every rank has ended (the launcher, after teardown);
-    False when a rank decides while its peers may still be alive (under torchrun).
+    `exit_codes`, `exit_times`: what the launcher knows of ranks' exits (torch's
+    elastic agent reports one, with the whole second it noticed it). `stopped`:
+    every rank has ended (the launcher, after teardown); False when a rank decides
+    while its peers may still be alive (under torchrun).
 
     In order: the earliest error a rank raised itself; a rank that died without a
     word (exit, signal); a rank stopped while stuck outside any communication call
     (hung); then the knock-on errors and stops, earliest first.
     """
     exit_codes = exit_codes or {}
+    exit_times = exit_times or {}
     records = _read_records(run_dir)
     stacks = _read_stacks(run_dir)
     stack_times = {r: os.path.getmtime(os.path.join(errors_dir(run_dir), f"rank{r}.stack"))
@@ -278,6 +282,8 @@ def diagnose(run_dir: str, *, ranks: int, timeout_s: float,
         # Gone before anyone stopped it, without raising: os._exit, a signal, the OOM killer.
         r = min(silent, key=lambda r: (r not in exit_codes, r))
         code = exit_codes.get(r)
+        if r in exit_times:
+            noticed = min(noticed or exit_times[r], exit_times[r])
         how = ("exited with status " + str(code) if code is not None and code >= 0
                else f"was killed by {_signal_name(code)}" if code is not None
                else "ended")

@@ -130,8 +130,26 @@ def _watchdog_s(cfg: RunConfig, topo: Topology) -> float | None:
     return cfg.timeout_s if topo.world_size == 1 else None
 
 
+def die_with_parent() -> None:
+    """Linux: this process gets SIGTERM when its parent (the launcher) dies, even by SIGKILL,
+    so that no rank outlives a killed launcher. Elsewhere nothing happens."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the launcher died before we asked
+        os._exit(1)
+
+
 def rank_entry(cfg_dict: dict[str, Any], run_dir: str) -> RankRecord:
     """Entry point of a spawned rank (the elastic agent sets RANK, WORLD_SIZE, MASTER_*)."""
+    die_with_parent()
     lo = loopback_interface()
     if lo is not None:  # this machine only: gloo's own sockets on loopback too
         os.environ.setdefault("GLOO_SOCKET_IFNAME", lo)
@@ -322,7 +340,9 @@ def run(cfg: RunConfig, run_dir: str) -> dict[str, Any]:
         gone = time.time()  # every rank has ended: the agent stops and reaps them all first
         _tidy(run_dir)
         codes = {rank: f.exitcode for rank, f in e.failures.items()}
-        err = diagnose(run_dir, ranks=cfg.ranks, timeout_s=cfg.timeout_s, exit_codes=codes)
+        times = {rank: float(f.timestamp) for rank, f in e.failures.items()}
+        err = diagnose(run_dir, ranks=cfg.ranks, timeout_s=cfg.timeout_s, exit_codes=codes,
+                       exit_times=times)
         error = err.as_dict() if err else None
         if error is not None and err.time is not None:
             # From the root cause to the last rank gone: at most timeout_s plus a little.

@@ -87,16 +87,20 @@ def layer_shards(layers: list[Layer]) -> list[Shard]:
 def assemble(spec: MLPSpec, shards: list[Shard], dtype: np.dtype) -> dict[str, np.ndarray]:
     """Put shards from all ranks back into full tensors; every element must be covered."""
     shapes = expected_shapes(spec)
-    full = {k: np.full(s, np.nan, dtype=np.float64) for k, s in shapes.items()}
+    full = {k: np.zeros(s, dtype=np.float64) for k, s in shapes.items()}
+    # Coverage kept apart from the values: a diverged run's weights may be NaN themselves.
+    covered = {k: np.zeros(s, dtype=bool) for k, s in shapes.items()}
     for s in shards:
         r = slice(*s.rows) if s.rows else slice(None)
         if s.values.ndim == 1:
             full[s.name][r] = s.values
+            covered[s.name][r] = True
         else:
             c = slice(*s.cols) if s.cols else slice(None)
             full[s.name][r, c] = s.values
-    for k, a in full.items():
-        if np.isnan(a).any():
+            covered[s.name][r, c] = True
+    for k, done in covered.items():
+        if not done.all():
             raise RuntimeError(f"weights {k}: some elements came back from no rank")
     return {k: a.astype(dtype) for k, a in full.items()}
 
