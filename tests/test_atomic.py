@@ -26,8 +26,21 @@ def _result(version: int) -> dict:
     return {"status": "ok", "version": version, "loss": [float(version)] * 100_000}
 
 
-def _write_forever(path: str, kind: str, done) -> None:  # noqa: ANN001 - a shared mp.Value
-    """Rewrite `path` with version 1, 2, 3, … until killed; `done` = last version renamed."""
+def _write_forever(path: str, kind: str, done, stalled) -> None:  # noqa: ANN001 - mp.Values
+    """Rewrite `path` with version 1, 2, 3, … until killed; `done` = last version renamed.
+
+    With `stalled` set up, the first write stops for good once its temporary file is
+    complete and flushed, just before the rename: the most dangerous moment to die.
+    """
+    if stalled is not None:
+        real_fsync = os.fsync
+
+        def fsync_then_stall(fd: int) -> None:
+            real_fsync(fd)
+            stalled.value = 1
+            time.sleep(600)
+
+        os.fsync = fsync_then_stall  # in this forked child only
     version = 1
     while True:
         if kind == "npz":
@@ -59,26 +72,32 @@ def _version_of(path: str, kind: str) -> int:
 def test_killed_writer_leaves_old_or_new_file(tmp_path, kind):
     ctx = mp.get_context("fork")  # torch is already imported here: a fork starts at once
     rng = random.Random(1234)
-    left_temporaries = 0
-    for i in range(8):
+    for i in range(10):
+        stall = i < 2  # two kills at a known moment, eight at random ones
         path = str(tmp_path / f"{i}.{kind}")
         if kind == "npz":
             save_weights(path, _weights(0))
         else:
             write_json(path, _result(0))
-        done = ctx.Value("i", 0)
-        p = ctx.Process(target=_write_forever, args=(path, kind, done), daemon=True)
+        done, stalled = ctx.Value("i", 0), ctx.Value("i", 0)
+        p = ctx.Process(target=_write_forever,
+                        args=(path, kind, done, stalled if stall else None), daemon=True)
         p.start()
-        time.sleep(rng.uniform(0.0, 0.4))  # anywhere: mid-write, mid-fsync, at the rename
+        if stall:
+            deadline = time.time() + 60
+            while not stalled.value and time.time() < deadline:
+                time.sleep(0.01)
+            assert stalled.value, "the writer never got to its rename"
+        else:
+            time.sleep(rng.uniform(0.0, 0.4))  # anywhere: encoding, writing, fsync, rename
         os.kill(p.pid, signal.SIGKILL)
         p.join()
         assert p.exitcode == -signal.SIGKILL
         v = _version_of(path, kind)
         # The old file (what was last renamed into place) or the new one (renamed just now).
         assert done.value <= v <= done.value + 1, (v, done.value)
-        left_temporaries += sum(1 for f in os.listdir(tmp_path) if f.startswith(".tmp-"))
-        for f in os.listdir(tmp_path):
-            if f.startswith(".tmp-"):
-                os.unlink(tmp_path / f)
-    # Evidence that kills landed mid-write (they left their half-written temporary files).
-    assert left_temporaries > 0
+        temporaries = [f for f in os.listdir(tmp_path) if f.startswith(".tmp-")]
+        if stall:  # the new version was complete on disk, under its temporary name only
+            assert v == 0 and len(temporaries) == 1
+        for f in temporaries:
+            os.unlink(tmp_path / f)
