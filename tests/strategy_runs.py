@@ -19,6 +19,7 @@ from partition.comm import Comm, Ledger, Observer
 from partition.config import RunConfig
 from partition.data import load_dataset
 from partition.reference import reference_grads
+from partition.strategies import build_runner
 from partition.topology import Topology
 from partition.train import run_rank
 from partition.weights import assemble, initial_weights
@@ -38,8 +39,32 @@ def run_cases(rank: int, world: int, cfgs: list[RunConfig]) -> list[dict[str, An
             rec = run_rank(cfg, topo, comm, ledger)
         out.append({"shards": rec.shards, "records": list(ledger.records),
                     "observed": [(o.op, o.bytes) for o in obs.ops], "memory": rec.memory,
-                    "grad_rel_err": rec.grad_rel_err, "objective": rec.objective})
+                    "grad_rel_err": rec.grad_rel_err, "objective": rec.objective,
+                    # numpy, not a tensor: torch's queues would share the tensor's memory
+                    # with a process that is about to exit
+                    "predict": predict_at_init(cfg, topo, world).double().numpy()})
     return out
+
+
+def predict_at_init(cfg: RunConfig, topo: Topology, world: int) -> torch.Tensor:
+    """A fresh runner's prediction forward of step 0's batch (its own ledger: not counted)."""
+    comm = Comm(rank=topo.rank, world_size=world, ledger=Ledger())
+    data = load_dataset(cfg.data, cfg.spec, seed=cfg.seed)
+    full = initial_weights(cfg.spec, init=cfg.model.init, init_path=cfg.model.init_path,
+                           seed=cfg.seed)
+    return build_runner(cfg, topo, comm, data, full).predict(0)
+
+
+def single_predict(cfg: RunConfig) -> np.ndarray:
+    """The single-device prediction of step 0's batch at the initial weights."""
+    from dataclasses import replace
+
+    one = replace(cfg, strategy=replace(cfg.strategy, name="single"), world_size=1)
+    data = load_dataset(one.data, one.spec, seed=one.seed)
+    full = initial_weights(one.spec, init=one.model.init, init_path=one.model.init_path,
+                           seed=one.seed)
+    return build_runner(one, Topology(0, 1, 0, torch.device("cpu"), "none"), None, data,
+                        full).predict(0).double().numpy()
 
 
 def run_here(cfgs: list[RunConfig]) -> list[list[dict[str, Any]]]:

@@ -16,6 +16,7 @@ from strategy_runs import (
     role_traffic,
     run_cases,
     run_here,
+    single_predict,
 )
 
 from partition.strategies.data import data_traffic
@@ -58,6 +59,16 @@ def test_weights_match_single_device(runs):
         assert all(rr["objective"] == res[0]["objective"] for rr in res)
         # every rank holds the same weights; only rank 0 sends them back
         assert res[0]["shards"] and not any(rr["shards"] for rr in res[1:])
+
+
+def test_prediction_forward_covers_the_batch_in_rank_order(runs):
+    _, cfgs, results = runs
+    for (name, _), cfg, res in zip(CASES, cfgs, results, strict=True):
+        want = single_predict(cfg)
+        got = np.concatenate([rr["predict"] for rr in res])  # each rank predicts its own rows
+        tol = 1e-12 if cfg.train.dtype == "float64" else 1e-5
+        assert got.shape == want.shape
+        assert np.linalg.norm(got - want) <= tol * np.linalg.norm(want), name
 
 
 def test_bytes_per_role_per_rank_per_step(runs):
@@ -127,3 +138,19 @@ def test_plain_run_through_the_launcher(tmp_path):
         assert rank["comm"]["by_role"] == {"metric": {"bytes": 24, "messages": 1},
                                            "weight_grad": {"bytes": n, "messages": 1}}
         assert rank["memory"]["params_bytes"] == n
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("P", [2, 3, 4])
+def test_wider_sweep_matches_single_device(P):
+    sweep = [{"model.dims": [13, 11, 17, 9, 7, 5], "model.activation": act, "model.loss": loss,
+              "model.bias": bias, "train.batch_size": 15, "train.microbatches": M,
+              "train.momentum": 0.5, "model.weight_decay": 0.001}
+             for act, loss in (("relu", "cross_entropy"), ("sigmoid", "squared_error"))
+             for bias in (False, True) for M in (1, 3)]
+    cfgs = [make_config(**{**BASE, **over, "world_size": P}) for over in sweep]
+    per_rank = spawn(run_cases, P, cfgs, timeout=600)
+    for i, cfg in enumerate(cfgs):
+        res = [per_rank[r][i] for r in range(P)]
+        assert max_rel_err(cfg, res) <= 1e-12, sweep[i]
+        assert all(observed_matches_ledger(rr) for rr in res)

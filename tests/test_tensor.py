@@ -18,6 +18,7 @@ from strategy_runs import (
     role_traffic,
     run_cases,
     run_here,
+    single_predict,
 )
 
 from partition.strategies.tensor.plan import split_evenly, tensor_traffic
@@ -115,6 +116,16 @@ def test_weights_match_single_device(runs):
                 assert rr["grad_rel_err"] <= tol, f"{name} P={P} rank {r}: {rr['grad_rel_err']}"
         # J is reduced once and is the same number on every rank
         assert all(rr["objective"] == res[0]["objective"] for rr in res)
+
+
+def test_prediction_forward_gives_the_whole_output_on_every_rank(runs):
+    P, cfgs, results = runs
+    for (name, _), cfg, res in zip(CASES, cfgs, results, strict=True):
+        want = single_predict(cfg)
+        tol = 1e-12 if cfg.train.dtype == "float64" else 1e-5
+        for rr in res:
+            assert rr["predict"].shape == want.shape
+            assert np.linalg.norm(rr["predict"] - want) <= tol * np.linalg.norm(want), name
 
 
 def test_bytes_per_role_per_rank_per_step(runs):
@@ -219,3 +230,33 @@ def test_plain_run_through_the_launcher(tmp_path, layout):
                                            for k, v in want.items()}
         assert rank["comm_steps_equal"]
     assert not os.path.exists(tmp_path / "tensor" / "errors")
+
+
+SWEEP = [
+    {"model.dims": dims, "model.activation": act, "model.loss": loss, "model.bias": bias,
+     "strategy.layout": layout, "train.batch_size": 12, "train.microbatches": M,
+     "train.momentum": 0.5, "model.weight_decay": 0.001}
+    for dims in ([13, 11, 17, 9, 7], [13, 11, 17, 9, 7, 5])
+    for act, loss in (("relu", "cross_entropy"), ("sigmoid", "squared_error"))
+    for bias in (False, True)
+    for layout in ("megatron", "rowwise")
+    for M in (1, 3)
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("P", [2, 3, 4])
+def test_wider_sweep_matches_single_device(P):
+    cfgs = [case_config(over, P) for over in SWEEP]
+    per_rank = spawn(run_cases, P, cfgs, timeout=600)
+    for i, cfg in enumerate(cfgs):
+        res = [per_rank[r][i] for r in range(P)]
+        assert max_rel_err(cfg, res) <= 1e-12, SWEEP[i]
+        t = cfg.train
+        plan = tensor_traffic(cfg.strategy.layout, list(cfg.model.dims), world=P,
+                              batch=t.batch_size, micro=t.microbatches, itemsize=8)
+        for rr in res:
+            assert observed_matches_ledger(rr)
+            got = role_traffic(rr["records"], t.steps - 1)
+            assert {k: (v["bytes"], v["messages"], v["wire"]) for k, v in got.items()} == \
+                {k: (v.bytes, v.messages, v.wire) for k, v in plan.items()}, SWEEP[i]
