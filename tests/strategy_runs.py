@@ -5,11 +5,17 @@ this rank, under the dispatch-mode `Observer`, and hands back what the tests che
 `sgd_reference` is the independent single-device answer: plain SGD on autograd
 gradients (float64), sharing nothing with the explicit engine but the data and the
 initial weights.
+
+Spawning P ranks costs seconds per rank (importing torch, the first collective), far
+more than the small cases themselves, so the test modules `register` their cases at
+import and the first `results(suite, P)` runs every registered suite's cases in one
+spawn of P ranks; later calls, from any module, read the cache.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -27,6 +33,33 @@ from partition.weights import assemble, initial_weights
 # Ledger op -> the c10d op the dispatch-mode observer sees for it on gloo.
 C10D = {"all_reduce": "allreduce_", "all_gather": "allgather_",
         "reduce_scatter": "reduce_scatter_"}
+
+
+_SUITES: dict[str, Callable[[int], list[RunConfig]]] = {}  # suite -> configs at world size P
+_RESULTS: dict[int, dict[str, tuple[list[RunConfig], list[list[dict[str, Any]]]]]] = {}
+
+
+def register(suite: str, configs: Callable[[int], list[RunConfig]]) -> None:
+    """Make a module's cases part of the shared spawn (call at import)."""
+    _SUITES[suite] = configs
+
+
+def results(suite: str, P: int) -> tuple[list[RunConfig], list[list[dict[str, Any]]]]:
+    """(configs, results[case][rank]) of a registered suite on P ranks; one spawn per P."""
+    from conftest import spawn
+
+    if P not in _RESULTS:
+        names = list(_SUITES)
+        cfgs = {n: _SUITES[n](P) for n in names}
+        flat = [c for n in names for c in cfgs[n]]
+        per_rank = run_here(flat) if P == 1 else spawn(run_cases, P, flat, timeout=300)
+        _RESULTS[P], at = {}, 0
+        for n in names:
+            k = len(cfgs[n])
+            _RESULTS[P][n] = (cfgs[n], [[per_rank[r][i] for r in range(P)]
+                                        for i in range(at, at + k)])
+            at += k
+    return _RESULTS[P][suite]
 
 
 def run_cases(rank: int, world: int, cfgs: list[RunConfig]) -> list[dict[str, Any]]:

@@ -1,6 +1,8 @@
 """Data parallel (issue 4): the batch's rows split over P ranks, gradients all-reduced once.
 
-One spawn per world size P runs every case; the tests read that module-cached run.
+One spawn per world size P runs every case of this module and of its sibling
+(test_tensor.py / test_data_parallel.py) on P gloo ranks, since spawning dominates the
+cost; the tests read that cached run (strategy_runs.results).
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ from conftest import make_config, spawn
 from strategy_runs import (
     max_rel_err,
     observed_matches_ledger,
+    register,
+    results,
     role_traffic,
     run_cases,
-    run_here,
     single_predict,
 )
 
@@ -35,12 +38,15 @@ CASES = [
 ]
 
 
+register("data", lambda P: [make_config(**{**BASE, **over, "world_size": P})
+                            for _, over in CASES])
+
+
 @pytest.fixture(scope="module", params=[1, 2, 3, 4], ids=lambda p: f"P{p}")
 def runs(request):
     P = request.param
-    cfgs = [make_config(**{**BASE, **over, "world_size": P}) for _, over in CASES]
-    per_rank = run_here(cfgs) if P == 1 else spawn(run_cases, P, cfgs, timeout=240)
-    return P, cfgs, [[per_rank[r][i] for r in range(P)] for i in range(len(CASES))]
+    cfgs, res = results("data", P)  # res[case][rank]
+    return P, cfgs, res
 
 
 def itemsize(cfg) -> int:

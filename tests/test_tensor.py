@@ -1,7 +1,8 @@
 """Tensor parallel (issue 4): both layouts reproduce single-device SGD, byte for byte as planned.
 
-One spawn per world size P runs every case on P gloo ranks (spawning dominates the
-cost); the tests then read that module-cached run.
+One spawn per world size P runs every case of this module and of its sibling
+(test_tensor.py / test_data_parallel.py) on P gloo ranks, since spawning dominates the
+cost; the tests read that cached run (strategy_runs.results).
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from conftest import make_config, spawn
 from strategy_runs import (
     max_rel_err,
     observed_matches_ledger,
+    register,
+    results,
     role_traffic,
     run_cases,
-    run_here,
     single_predict,
 )
 
@@ -49,13 +51,14 @@ def case_config(over: dict, world: int):
     return make_config(**{**BASE, **over, "world_size": world})
 
 
+register("tensor", lambda P: [case_config(over, P) for _, over in CASES])
+
+
 @pytest.fixture(scope="module", params=[1, 2, 3, 4], ids=lambda p: f"P{p}")
 def runs(request):
     P = request.param
-    cfgs = [case_config(over, P) for _, over in CASES]
-    per_rank = run_here(cfgs) if P == 1 else spawn(run_cases, P, cfgs, timeout=240)
-    # results[case][rank]
-    return P, cfgs, [[per_rank[r][i] for r in range(P)] for i in range(len(CASES))]
+    cfgs, res = results("tensor", P)  # res[case][rank]
+    return P, cfgs, res
 
 
 # ---------------------------------------------------------------- what the tests expect
