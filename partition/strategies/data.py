@@ -9,8 +9,8 @@ accumulates over its rows in M near-equal pieces before anything crosses.
 The gradients then cross once per step, bucketed: every gradient tensor is a view
 into one flat buffer (DDP's "gradient as bucket view"), so a single all-reduce of
 that buffer (role `weight_grad`, phase update) moves Σ params · b bytes — the same
-payload as one all-reduce per tensor, with one call's latency instead of 2L, and no
-copy in or out. λW is added after the reduction (it would otherwise count P times),
+payload as one all-reduce per tensor, with one call's latency instead of one per
+tensor, and no copy in or out. λW is added after the reduction (it would otherwise count P times),
 and s comes from the local full weights, contributed by rank 0 only.
 
 Bytes per rank per step: weight_grad Σ_l (n_l·n_{l−1} + [bias] n_l)·b in 1 all-reduce
