@@ -332,3 +332,20 @@ def _check_cross(cfg: RunConfig) -> None:
     if cfg.strategy.name == "data" and cfg.train.batch_size < cfg.world_size:
         raise ConfigError("train.batch_size", cfg.train.batch_size,
                           f"data parallel needs at least one example per rank (world_size={cfg.world_size})")
+    if cfg.strategy.name == "data":
+        fewest = cfg.train.batch_size // cfg.world_size  # rows on the last ranks
+        if cfg.train.microbatches > fewest:
+            raise ConfigError("train.microbatches", cfg.train.microbatches,
+                              f"data parallel splits each rank's rows into micro-batches; the "
+                              f"smallest share of train.batch_size={cfg.train.batch_size} over "
+                              f"world_size={cfg.world_size} is {fewest} rows")
+    if cfg.strategy.name == "tensor":
+        # Imported here: the strategies package imports this module.
+        from partition.strategies.tensor.plan import split_widths
+
+        layout = cfg.strategy.layout
+        widths = split_widths(layout, cfg.model.dims)
+        if widths and cfg.world_size > min(widths):
+            raise ConfigError("world_size", cfg.world_size,
+                              f"tensor layout {layout} splits widths {widths} of model.dims; "
+                              f"every rank needs at least one unit of the narrowest, {min(widths)}")

@@ -24,6 +24,14 @@ def build_runner(cfg: RunConfig, topo: Topology, comm: Comm | None, data: Datase
         from partition.strategies.pipeline import PipelineRunner
 
         return PipelineRunner(cfg, topo, comm, data, full)
+    if name == "tensor":
+        from partition.strategies.tensor import TensorRunner
+
+        return TensorRunner(cfg, topo, comm, data, full)
+    if name == "data":
+        from partition.strategies.data import DataRunner
+
+        return DataRunner(cfg, topo, comm, data, full)
     raise ValueError(f"strategy {name!r} is not implemented yet")
 
 
