@@ -13,8 +13,11 @@ import torch
 from conftest import make_config, spawn
 
 from partition.comm import Comm, Ledger
+from partition.data import load_dataset
 from partition.engines.observe import SeenOp, to_records
 from partition.engines.tensor import chunk_range, styles
+from partition.model import forward_layers, init_weights, make_layer
+from partition.strategies import build_runner
 from partition.topology import Topology
 from partition.train import run_rank
 from partition.weights import assemble
@@ -24,7 +27,8 @@ F64 = 8
 
 
 def _train_cases(rank: int, world: int, cases: list[dict]) -> list:
-    """Each case's RankRecord on this rank (one process group for all of them)."""
+    """Each case's RankRecord on this rank (one process group for all of them), with the
+    ledger of every step and a prediction at the initial weights."""
     out = []
     for over in cases:
         cfg = make_config(**over)
@@ -33,6 +37,12 @@ def _train_cases(rank: int, world: int, cases: list[dict]) -> list:
         comm = Comm(rank=rank, world_size=world, ledger=ledger)
         rec = run_rank(cfg, topo, comm, ledger)
         rec.all_steps = [ledger.step_summary(s) for s in range(cfg.train.steps)]
+        data = load_dataset(cfg.data, cfg.spec, seed=cfg.seed)
+        full = init_weights(cfg.spec, cfg.seed)
+        pred = build_runner(cfg, topo, comm, data, full).predict(0)
+        # numpy, not a tensor: torch's queue would share a tensor's storage with a process
+        # that is about to exit.
+        rec.predicted = None if pred is None else pred.numpy()
         out.append(rec)
     return out
 
@@ -131,6 +141,25 @@ def test_observed_bytes_are_the_strategy_payload(default_runs):
 
 
 @pytest.mark.timeout(300)
+def test_prediction_forward_matches_the_explicit_one(default_runs):
+    for over, runs in zip(DEFAULT_CASES, default_runs, strict=True):
+        cfg = make_config(**over)
+        full = init_weights(cfg.spec, cfg.seed)
+        X, _ = load_dataset(cfg.data, cfg.spec, seed=cfg.seed).batch(
+            0, cfg.train.batch_size, shuffle=False, seed=cfg.seed, dtype=torch.float64)
+        layers = [make_layer(full, l, dtype=torch.float64) for l in range(cfg.spec.num_layers)]
+        want = forward_layers(cfg.spec, layers, X, keep=False)[0].numpy()
+        if cfg.strategy.name == "pipeline":  # the last stage holds the output
+            assert runs[0].predicted is None
+            got = runs[1].predicted
+        elif cfg.strategy.name == "data":  # each rank its own rows
+            got = np.concatenate([r.predicted for r in runs])
+        else:  # tensor: replicated
+            assert np.array_equal(runs[0].predicted, runs[1].predicted)
+            got = runs[0].predicted
+        assert _rel(got, want) <= TOL
+
+
 def test_first_steps_show_torch_setup_traffic(default_runs):
     """Honest about torch's one-offs: pipelining's 4-byte vote, DDP's bucket-order broadcast."""
     for k in (0, 1):
@@ -159,13 +188,17 @@ def test_records_from_what_the_observer_saw():
     assert all(r.step == 7 and r.group_size == 4 for r in recs)
 
 
-def test_uneven_tensor_split_is_refused_before_anything_runs():
-    from partition.engines.tensor import TorchTensorRunner
+def test_what_torch_engines_cannot_do_is_refused_before_anything_runs():
+    from partition.config import ConfigError
 
-    cfg = make_config(**dict(BASE, strategy="tensor", **{"model.dims": [6, 5, 3]}))
-    topo = Topology(0, 2, 0, torch.device("cpu"), "gloo")
-    with pytest.raises(ValueError, match=r"width of layer 1 \(5\) divisible by world_size=2"):
-        TorchTensorRunner(cfg, topo, None, None, {})  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"width 5 \(layer 1\) divisible by world_size=2"):
+        make_config(**dict(BASE, strategy="tensor", **{"model.dims": [6, 5, 3]}))
+    with pytest.raises(ConfigError, match=r"train.microbatches=2: .*Schedule1F1B needs >= world_size=3"):
+        make_config(**dict(BASE, strategy="pipeline", world_size=3,
+                           **{"model.dims": [6, 5, 4, 3], "strategy.schedule": "1f1b",
+                              "train.microbatches": 2}))
+    # The explicit engine handles both.
+    make_config(**dict(BASE, engine="explicit", strategy="tensor", **{"model.dims": [6, 5, 3]}))
 
 
 def test_tensor_plan_pieces():

@@ -19,6 +19,7 @@ any collective in the backward is `input_grad`.
 from __future__ import annotations
 
 import torch
+from torch.distributed._functional_collectives import AsyncCollectiveTensor
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Replicate
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
@@ -118,4 +119,7 @@ class TorchTensorRunner(TorchRunner):
     def predict(self, step: int) -> torch.Tensor:
         X, _ = self._batch(step)
         with torch.no_grad():
-            return self.model(X)
+            out = self.model(X)
+        # The replicated output is an AsyncCollectiveTensor until someone reads it: wait here,
+        # so the caller gets a plain tensor and no all-reduce is left in flight.
+        return out.wait() if isinstance(out, AsyncCollectiveTensor) else out
