@@ -24,6 +24,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from partition.bench import (
         DEFAULT_CASES,
+        cpu_table,
         markdown,
         run_bench,
         table,
@@ -60,6 +61,7 @@ def main(argv: list[str] | None = None) -> None:
         if r.skip:
             print(f"skipping {r.label}: {r.skip}", flush=True)
     print(table(rows), flush=True)
+    print(cpu_table(rows), flush=True)
     if not args.no_write:
         command = "python -m experiments.bench " + shlex.join(argv)
         write_markdown(args.out, markdown(rows, info, base, list(DEFAULT_CASES), command.strip()))

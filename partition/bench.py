@@ -86,24 +86,29 @@ def _not_implemented(e: Exception) -> bool:
 
 
 def timed_run(cfg: RunConfig, topo: Topology, comm: Comm, data: Any,
-              full: dict[str, torch.Tensor]) -> list[float]:
-    """Seconds per step on this rank: run_rank's loop and clock, instruments off."""
+              full: dict[str, torch.Tensor]) -> tuple[list[float], list[float]]:
+    """Wall and CPU seconds per step on this rank: run_rank's loop and clock, instruments off.
+
+    CPU time (this process, all its threads — gloo's included) does not count time spent
+    waiting, so it shows each engine's own work even when other jobs share the cores.
+    """
     runner = build_runner(cfg, topo, comm, data, full)
     if hasattr(runner, "observe"):
         runner.observe = False  # torch engines: no dispatch-mode observer while timing
-    times = []
+    wall, cpu = [], []
     for step in range(cfg.train.steps):
         comm.ledger.step = step
         if topo.device.type == "cuda":
             torch.cuda.synchronize(topo.device)
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         runner.step(step, want_grads=False)
         if topo.device.type == "cuda":
             torch.cuda.synchronize(topo.device)
-        times.append(time.perf_counter() - t0)
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
         comm.ledger.step = None
     comm.ledger.records.clear()
-    return times
+    return wall, cpu
 
 
 def _fresh_comm(topo: Topology) -> tuple[Comm, Ledger]:
@@ -129,13 +134,16 @@ def bench_case(cfgs: dict[str, RunConfig], topo: Topology, *, pairs: int,
                 return {"skip": f"{e} engine: {exc}"}
             raise
     times: dict[str, list[list[float]]] = {e: [] for e in ENGINES}
+    cpu: dict[str, list[list[float]]] = {e: [] for e in ENGINES}
     comm, _ = _fresh_comm(topo)
     for _ in range(warmup_pairs + pairs):
         for e in ENGINES:
             gc.collect()
             comm.barrier()  # both ranks start each run together
-            times[e].append(timed_run(cfgs[e], topo, comm, data, full))
-    return {"measured": measured, "times": times}
+            w, c = timed_run(cfgs[e], topo, comm, data, full)
+            times[e].append(w)
+            cpu[e].append(c)
+    return {"measured": measured, "times": times, "cpu": cpu}
 
 
 def bench_rank(base: dict[str, Any], cases: list[Case], pairs: int,
@@ -161,6 +169,8 @@ class Row:
     explicit_s: float | None = None  # median step time over the timing runs
     torch_s: float | None = None
     ratios: list[float] = field(default_factory=list)  # explicit ÷ torch, one per pair
+    cpu_s: dict[str, float] = field(default_factory=dict)  # CPU s per step, all ranks together
+    cpu_ratios: list[float] = field(default_factory=list)
     payload: dict[str, int] = field(default_factory=dict)  # training bytes per step, all ranks
     other_bytes: dict[str, int] = field(default_factory=dict)  # metric + metadata
     peak: dict[str, int | None] = field(default_factory=dict)  # largest rank's peak, bytes
@@ -168,14 +178,21 @@ class Row:
 
     @property
     def ratio(self) -> tuple[float, float, float] | None:
-        if not self.ratios:
-            return None
-        return statistics.median(self.ratios), min(self.ratios), max(self.ratios)
+        return _spread(self.ratios)
+
+    @property
+    def cpu_ratio(self) -> tuple[float, float, float] | None:
+        return _spread(self.cpu_ratios)
 
 
-def run_step_time(per_rank: list[list[float]], warmup_steps: int) -> float:
-    """A run's step time as result.json has it: per step the slowest rank, median after warm-up."""
-    steps = [max(ts) for ts in zip(*per_rank, strict=True)]
+def _spread(xs: list[float]) -> tuple[float, float, float] | None:
+    return (statistics.median(xs), min(xs), max(xs)) if xs else None
+
+
+def run_step_time(per_rank: list[list[float]], warmup_steps: int, *, combine=max) -> float:  # noqa: ANN001
+    """A run's step time as result.json has it: per step the slowest rank (`combine`=max),
+    median after warm-up. CPU time adds the ranks up instead (`combine`=sum)."""
+    steps = [combine(ts) for ts in zip(*per_rank, strict=True)]
     steady = steps[warmup_steps:] if len(steps) > warmup_steps else steps
     return statistics.median(steady)
 
@@ -186,10 +203,15 @@ def summarize_case(label: str, by_rank: list[dict[str, Any]], *, warmup_steps: i
         return Row(label, skip=by_rank[0]["skip"])
     row = Row(label)
     med: dict[str, list[float]] = {}
+    cpu: dict[str, list[float]] = {}
     for e in ENGINES:
         # per run: every rank's step times
         runs = zip(*(r["times"][e] for r in by_rank), strict=True)
         med[e] = [run_step_time(list(per_rank), warmup_steps) for per_rank in runs][warmup_pairs:]
+        runs = zip(*(r["cpu"][e] for r in by_rank), strict=True)
+        cpu[e] = [run_step_time(list(per_rank), warmup_steps, combine=sum)
+                  for per_rank in runs][warmup_pairs:]
+        row.cpu_s[e] = statistics.median(cpu[e])
         recs: list[RankRecord] = [r["measured"][e] for r in by_rank]
         row.payload[e] = sum(v["bytes"] for rec in recs for k, v in rec.comm["by_role"].items()
                              if k not in NON_PAYLOAD)
@@ -200,6 +222,7 @@ def summarize_case(label: str, by_rank: list[dict[str, Any]], *, warmup_steps: i
     row.explicit_s = statistics.median(med["explicit"])
     row.torch_s = statistics.median(med["torch"])
     row.ratios = [a / b for a, b in zip(med["explicit"], med["torch"], strict=True)]
+    row.cpu_ratios = [a / b for a, b in zip(cpu["explicit"], cpu["torch"], strict=True)]
     le = by_rank[0]["measured"]["explicit"].objective
     lt = by_rank[0]["measured"]["torch"].objective
     row.losses_agree = all(abs(a - b) <= 1e-4 * max(1.0, abs(a))
@@ -290,6 +313,19 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def cpu_table(rows: list[Row]) -> str:
+    """CPU time (both ranks, waiting excluded): each engine's own work, less hit by other jobs."""
+    lines = ["| strategy | explicit CPU ms/step | torch CPU ms/step "
+             "| explicit ÷ torch: median [min, max] |", "|---|---|---|---|"]
+    for r in rows:
+        if r.skip:
+            continue
+        med, lo, hi = r.cpu_ratio or (float("nan"),) * 3
+        lines.append(f"| {r.label} | {r.cpu_s['explicit'] * 1e3:.2f} | "
+                     f"{r.cpu_s['torch'] * 1e3:.2f} | **{med:.2f}** [{lo:.2f}, {hi:.2f}] |")
+    return "\n".join(lines)
+
+
 def settings_line(base: dict[str, Any], cases: list[Case]) -> str:
     t, m = base["train"], base["model"]
     return (f"P={base['world_size']} ranks on {base.get('device', 'cpu')}, "
@@ -326,6 +362,11 @@ def markdown(rows: list[Row], info: dict[str, Any], base: dict[str, Any], cases:
         f"{info['warmup_pairs']} warm-up pair(s); one thread per rank.",
         "",
         table(rows),
+        "",
+        "CPU time of the same timing runs (both ranks' processes, all their threads; time spent "
+        "waiting does not count), which shows each engine's own work even on a busy machine:",
+        "",
+        cpu_table(rows),
         "",
         "Step time is the median over a run's steps of the slowest rank (as in result.json), "
         "then the median over runs; the ratio is per pair, then median, min and max over pairs. "
