@@ -331,9 +331,9 @@ def settings_line(base: dict[str, Any], cases: list[Case]) -> str:
     return (f"P={base['world_size']} ranks on {base.get('device', 'cpu')}, "
             f"model.dims={list(m['dims'])}, {m['activation']}, {m['loss']}, λ={m['weight_decay']}, "
             f"B={t['batch_size']}, {t['dtype']}, {t['steps']} steps per run "
-            f"(first {t['warmup_steps']} left out), pipeline M="
-            + ", ".join(f"{c.label}: {c.overrides.get('train.microbatches', t['microbatches'])}"
-                        for c in cases if "pipeline" in c.label))
+            f"(first {t['warmup_steps']} left out); micro-batches M: "
+            + ", ".join(f"{c.label} {c.overrides.get('train.microbatches', t['microbatches'])}"
+                        for c in cases))
 
 
 def markdown(rows: list[Row], info: dict[str, Any], base: dict[str, Any], cases: list[Case],
@@ -373,7 +373,9 @@ def markdown(rows: list[Row], info: dict[str, Any], base: dict[str, Any], cases:
         "Payload is the training traffic per step summed over ranks (what each rank sends or hands "
         "to a collective, DESIGN §5): the ledger's for the explicit engine, the dispatch-mode "
         "observer's for torch. Peak memory is the largest rank's, from the memory probe "
-        "(n/a: no probe on this branch yet).",
+        "(n/a: no probe on this branch yet). The torch engines are timed without the "
+        "dispatch-mode observer that counts their bytes (a Python call per aten op, which is not "
+        "torch's own cost); the explicit engine keeps its ledger, which is part of it.",
         "",
         *notes,
         "",
