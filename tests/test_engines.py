@@ -193,7 +193,7 @@ def test_what_torch_engines_cannot_do_is_refused_before_anything_runs():
 
     with pytest.raises(ConfigError, match=r"width 5 \(layer 1\) divisible by world_size=2"):
         make_config(**dict(BASE, strategy="tensor", **{"model.dims": [6, 5, 3]}))
-    with pytest.raises(ConfigError, match=r"train.microbatches=2: .*Schedule1F1B needs >= world_size=3"):
+    with pytest.raises(ConfigError, match=r"microbatches=2: .*Schedule1F1B needs >= world_size=3"):
         make_config(**dict(BASE, strategy="pipeline", world_size=3,
                            **{"model.dims": [6, 5, 4, 3], "strategy.schedule": "1f1b",
                               "train.microbatches": 2}))
