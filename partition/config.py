@@ -349,3 +349,22 @@ def _check_cross(cfg: RunConfig) -> None:
             raise ConfigError("world_size", cfg.world_size,
                               f"tensor layout {layout} splits widths {widths} of model.dims; "
                               f"every rank needs at least one unit of the narrowest, {min(widths)}")
+    if cfg.engine == "torch":
+        _check_torch_engine(cfg)
+
+
+def _check_torch_engine(cfg: RunConfig) -> None:
+    """What PyTorch's own engines (partition/engines) cannot do, refused before any rank starts."""
+    P, M = cfg.world_size, cfg.train.microbatches
+    if cfg.strategy.name == "pipeline" and cfg.strategy.schedule == "1f1b" and M < P:
+        raise ConfigError("train.microbatches", M,
+                          f"engine=torch's Schedule1F1B needs >= world_size={P} micro-batches")
+    if cfg.strategy.name == "tensor" and cfg.strategy.layout == "megatron":
+        # A column-parallel layer followed by a row-parallel one: DTensor.from_local rebuilds
+        # the row layer's input assuming even shards.
+        dims, L = cfg.model.dims, cfg.spec.num_layers
+        for l in range(0, L - 1, 2):
+            if dims[l + 1] % P:
+                raise ConfigError("model.dims", list(dims),
+                                  f"engine=torch tensor parallel needs width {dims[l + 1]} "
+                                  f"(layer {l + 1}) divisible by world_size={P}")

@@ -20,6 +20,11 @@ def build_runner(cfg: RunConfig, topo: Topology, comm: Comm | None, data: Datase
         return SingleRunner(cfg, topo, data, full)
     if comm is None:
         raise ValueError(f"strategy {name!r} needs a process group")
+    if cfg.engine == "torch":
+        # PyTorch's own pipelining / DTensor / DDP as peers (`single` has no torch engine).
+        from partition.engines import build_torch_runner
+
+        return build_torch_runner(cfg, topo, comm, data, full)
     if name == "pipeline":
         from partition.strategies.pipeline import PipelineRunner
 
