@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import os
+import re
 import shutil
 import sys
 from typing import Any, NoReturn
@@ -80,6 +82,27 @@ def expand(overrides: list[str]) -> list[list[str]]:
         else:
             choices.append([o.input_line])
     return [list(c) for c in itertools.product(*choices)]
+
+
+SWEEPS_DIR = "outputs/sweeps"
+
+
+def default_sweep_dir(overrides: list[str]) -> str:
+    """outputs/sweeps/<the overrides, readable>-<hash of them>.
+
+    The same command line always lands in the same folder, so rerunning a sweep
+    resumes it (jobs already `ok` are skipped). Hydra's own overrides (hydra.*,
+    hydra/launcher=…) do not change what runs and are left out.
+    """
+    plain = [o for o in overrides if not o.lstrip("+~").startswith("hydra")]
+    digest = hashlib.sha1("\0".join(plain).encode()).hexdigest()[:8]
+    slug = "_".join(plain).replace("=", "-").replace(",", "+")
+    slug = re.sub(r"[^A-Za-z0-9._+-]", "", slug)[:80].strip("._-") or "defaults"
+    return f"{SWEEPS_DIR}/{slug}-{digest}"
+
+
+def has_override(overrides: list[str], key: str) -> bool:
+    return any(o.lstrip("+~").split("=", 1)[0] == key for o in overrides)
 
 
 def check_groups(overrides: list[str]) -> None:

@@ -13,24 +13,37 @@ from __future__ import annotations
 import os
 import sys
 
-from experiments.cli import compose_config, fail, preflight, summary_line
+from experiments.cli import (compose_config, default_sweep_dir, fail, has_override, preflight,
+                             split_args, summary_line)
 
 
-def _task(cfg) -> None:  # noqa: ANN001 - a DictConfig from Hydra
+def _task(cfg) -> str:  # noqa: ANN001 - a DictConfig from Hydra
+    """One job; returns its status for the sweep callback ('skipped' if it had finished)."""
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
     from omegaconf import OmegaConf
 
     from partition.config import ConfigError, parse_config
     from partition.launch import check_dataset, run
+    from partition.sweep import run_or_skip, skip_line
 
-    run_dir = HydraConfig.get().runtime.output_dir
+    hc = HydraConfig.get()
+    run_dir = hc.runtime.output_dir
     try:
         rc = parse_config(OmegaConf.to_container(cfg, resolve=True))
         check_dataset(rc)
     except ConfigError as e:
         fail(str(e), remove=run_dir)
+    if hc.mode == RunMode.MULTIRUN:
+        # A sweep resumes: jobs that already finished ok are not run again, and a job
+        # that fails is recorded in its result.json while the sweep goes on.
+        result, skipped = run_or_skip(rc, run_dir)
+        line = summary_line(result, run_dir)
+        print(skip_line(line) if skipped else line, flush=True)
+        return "skipped" if skipped else result["status"]
     result = run(rc, run_dir)
     print(summary_line(result, run_dir), flush=True)
+    return result["status"]
 
 
 def _hydra_main() -> None:
@@ -74,6 +87,12 @@ def main() -> None:
         _torchrun_main([a for a in args if not a.startswith("-")])
         return
     preflight(args)
+    flags, overrides = split_args(args)
+    if any(f in ("-m", "--multirun") for f in flags) and not has_override(overrides,
+                                                                           "hydra.sweep.dir"):
+        # Not Hydra's timestamped default: the same sweep must land in the same folder
+        # for a rerun to skip the jobs that already finished.
+        sys.argv.append(f"hydra.sweep.dir='{default_sweep_dir(overrides)}'")
     _hydra_main()
 
 
