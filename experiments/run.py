@@ -13,8 +13,15 @@ from __future__ import annotations
 import os
 import sys
 
-from experiments.cli import (compose_config, default_sweep_dir, fail, has_override, preflight,
-                             split_args, summary_line)
+from experiments.cli import (
+    compose_config,
+    default_sweep_dir,
+    fail,
+    has_override,
+    preflight,
+    split_args,
+    summary_line,
+)
 
 
 def _task(cfg) -> str:  # noqa: ANN001 - a DictConfig from Hydra

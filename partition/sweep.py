@@ -107,9 +107,9 @@ class Progress:
             self.durations.append(seconds)
 
     def end_line(self, now: float, where: str) -> str:
-        counts = ", ".join(f"{n} {s}" for s, n in sorted(self.statuses.items()))
-        return (f"[{self.tag}] {self.finished} {self.unit}s in {clock(now - self.started)} ({counts or 'none'})"
-                f" -> {where}")
+        counts = ", ".join(f"{n} {s}" for s, n in sorted(self.statuses.items())) or "none"
+        took = clock(now - self.started)
+        return f"[{self.tag}] {self.finished} {self.unit}s in {took} ({counts}) -> {where}"
 
 
 def run_or_skip(cfg: RunConfig, run_dir: str) -> tuple[dict[str, Any], bool]:

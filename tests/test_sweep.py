@@ -179,7 +179,8 @@ def test_torchrun_two_nodes_on_one_machine(tmp_path):
     run_dir = tmp_path / "run"
     cmd = [torchrun, "--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
            f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=two-nodes", "--max_restarts=0",
-           "-m", "experiments.run", "strategy=pipeline", "world_size=2", "train.batch_size=32", *TINY,
+           "-m", "experiments.run", "strategy=pipeline", "world_size=2",
+           "train.batch_size=32", *TINY,
            f"hydra.run.dir={run_dir}"]
     nodes = [subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for _ in range(2)]
