@@ -29,6 +29,8 @@ import pandas as pd
 from partition.results import load_results
 
 STRATEGY_ORDER = {"single": 0, "pipeline": 1, "tensor": 2, "data": 3}
+# Identical curves (every strategy computes the same update) stay visible on top of each other.
+LINESTYLE = {"single": "-", "pipeline": "--", "tensor": "-.", "data": ":"}
 MISSING = "—"
 
 # (column, header) of the compact table printed on the terminal.
@@ -248,7 +250,7 @@ def fmt_bytes(x: Any) -> str:
         return MISSING
     if abs(v) < 10 * 1024:
         return f"{int(v):,} B"
-    if abs(v) < 10 * 1024**2:
+    if abs(v) < 1024**2:
         return f"{v / 1024:.1f} KiB"
     return f"{v / 1024**2:.1f} MiB"
 
@@ -342,7 +344,7 @@ def write_plots(df: pd.DataFrame, out: str) -> Plots:
     # 1. Peak memory per device against batch size, one line per strategy (and P).
     mem = df[df["peak_bytes"].notna() | df["pred_peak_bytes"].notna()]
     if len(mem):
-        fig, ax = plt.subplots(figsize=(7, 4.5))
+        fig, ax = plt.subplots(figsize=(9, 4.5))
         for label, g in mem.groupby(mem.apply(_label, axis=1), sort=False):
             g = g.sort_values("B")
             color = None
@@ -353,7 +355,7 @@ def write_plots(df: pd.DataFrame, out: str) -> Plots:
             p = g[g["pred_peak_bytes"].notna()]
             if len(p):
                 ax.plot(p["B"], [_mib(x) for x in p["pred_peak_bytes"]], "s--", mfc="none",
-                        color=color, label=f"{label} (predicted)")
+                        color=color, label=None if len(m) else label)
             oom = g[g["status"] == "oom"]
             for _, r in oom.iterrows():
                 y = _mib(r["peak_bytes"]) or _mib(r["pred_peak_bytes"])
@@ -366,8 +368,9 @@ def write_plots(df: pd.DataFrame, out: str) -> Plots:
                         xycoords=("axes fraction", "data"), va="bottom", fontsize=8, color="red")
         ax.set_xlabel("batch size B")
         ax.set_ylabel("peak memory per device (MiB)")
-        ax.set_title("Peak memory per device (× = oom)")
-        ax.legend(fontsize=7)
+        ax.set_title("Peak memory per device (filled: measured, hollow: predicted, × oom)",
+                     fontsize=10)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
         save(fig, "memory_vs_batch.png")
     else:
         res.notes.append("memory_vs_batch.png skipped: no run has a measured or predicted "
@@ -376,15 +379,22 @@ def write_plots(df: pd.DataFrame, out: str) -> Plots:
     # 2. Bytes per step per device against the hidden width.
     byt = df[df["bytes_per_step"].notna() & df["hidden"].notna()]
     if len(byt):
-        fig, ax = plt.subplots(figsize=(7, 4.5))
         with_b = byt["B"].nunique() > 1
-        for label, g in byt.groupby(byt.apply(_label, axis=1, with_b=with_b), sort=False):
-            g = g.sort_values("hidden")
-            ax.plot(g["hidden"], [x / 1024 for x in g["bytes_per_step"]], "o-", label=label)
-        ax.set_xlabel("hidden width (largest of model.dims[1:-1])")
+        labels = byt.apply(_label, axis=1, with_b=with_b)
+        fig, ax = plt.subplots(figsize=(9, 4.5))
+        if byt["hidden"].nunique() == 1:  # one width: a bar per strategy says it better
+            ax.bar(range(len(byt)), [x / 1024 for x in byt["bytes_per_step"]],
+                   color=[f"C{STRATEGY_ORDER.get(s, 4)}" for s in byt["strategy"]])
+            ax.set_xticks(range(len(byt)), list(labels), rotation=30, ha="right", fontsize=8)
+            ax.set_xlabel(f"hidden width {int(byt['hidden'].iloc[0])}")
+        else:
+            for label, g in byt.groupby(labels, sort=False):
+                g = g.sort_values("hidden")
+                ax.plot(g["hidden"], [x / 1024 for x in g["bytes_per_step"]], "o-", label=label)
+            ax.set_xlabel("hidden width (largest of model.dims[1:-1])")
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
         ax.set_ylabel("training bytes per step per device (KiB)")
         ax.set_title("Bytes crossing device boundaries per step")
-        ax.legend(fontsize=7)
         save(fig, "bytes_vs_width.png")
     else:
         res.notes.append("bytes_vs_width.png skipped: no finished run with communication "
@@ -408,18 +418,19 @@ def write_plots(df: pd.DataFrame, out: str) -> Plots:
     # 4. J against step, and against examples seen (a smaller minibatch takes more steps).
     cur = df[df["loss_curve"].apply(lambda c: bool(c) and any(x is not None for x in c))]
     if len(cur):
-        fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 4.2), sharey=True)
         for _, r in cur.iterrows():
             ys = r["loss_curve"]
             label = f"{_label(r, with_b=True)} M={r['M']}"
-            a1.plot(range(len(ys)), ys, ".-", label=label)
-            a2.plot([(i + 1) * r["B"] for i in range(len(ys))], ys, ".-", label=label)
+            ls = LINESTYLE.get(r["strategy"], "-")
+            a1.plot(range(len(ys)), ys, marker=".", ls=ls, label=label)
+            a2.plot([(i + 1) * r["B"] for i in range(len(ys))], ys, marker=".", ls=ls, label=label)
         a1.set_xlabel("step")
         a2.set_xlabel("examples seen")
         a1.set_ylabel("J (loss + λ/2 ‖W‖²)")
         a1.set_title("J vs step")
         a2.set_title("J vs examples seen")
-        a2.legend(fontsize=7)
+        a2.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
         save(fig, "loss.png")
     else:
         res.notes.append("loss.png skipped: no run has a loss curve")

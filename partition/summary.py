@@ -71,14 +71,15 @@ def summarize(df: pd.DataFrame) -> list[str]:
     """Markdown lines: the setting, then advantages, disadvantages and what is missing."""
     if not len(df):
         return ["No results: nothing to summarise."]
-    part_all = df[df["strategy"] != "single"]
+    known = df[df["strategy"].notna() & df["B"].notna()]  # a row without these says nothing
+    part_all = known[known["strategy"] != "single"]
     if not len(part_all):
         return ["No partitioned run in these results: nothing to compare with a smaller "
                 "minibatch."]
     counts = part_all["B"].value_counts()
     B = int(max(b for b, n in counts.items() if n == counts.max()))
     part = _rows(part_all[part_all["B"] == B])
-    singles = df[df["strategy"] == "single"]
+    singles = known[known["strategy"] == "single"]
     full = _rows(singles[(singles["B"] == B) & (singles["M"] == 1)])
     accum = _rows(singles[(singles["B"] == B) & (singles["M"] > 1)])
     small = _rows(singles[singles["B"] < B])
