@@ -56,6 +56,24 @@ def split_args(args: list[str]) -> tuple[list[str], list[str]]:
     return flags, overrides
 
 
+def is_inspecting(args: list[str]) -> bool:
+    """--help, --cfg, --info …: the user asks Hydra about the config; nothing will run."""
+    return any(f in _INSPECT_FLAGS for f in split_args(args)[0])
+
+
+def insert_override(args: list[str], override: str) -> list[str]:
+    """`args` with one more override, placed next to the others: Hydra's argument parser
+    takes the overrides as one contiguous run, so appending after a flag would break."""
+    it = enumerate(args)
+    for i, a in it:
+        if a.startswith("-"):
+            if a in _VALUE_FLAGS and "=" not in a:
+                next(it, None)
+        else:
+            return [*args[:i], override, *args[i:]]
+    return [*args, override]
+
+
 def groups() -> dict[str, list[str]]:
     """Config groups and their options, from conf/ (strategy: single, pipeline, …)."""
     out = {}
@@ -137,7 +155,7 @@ def preflight(args: list[str]) -> None:
     from partition.launch import check_dataset
 
     flags, overrides = split_args(args)
-    if any(f in _INSPECT_FLAGS for f in flags):
+    if is_inspecting(args):
         return  # the user is asking Hydra about the config; nothing will run
     seen_data: set[tuple] = set()
     for job in expand(overrides):

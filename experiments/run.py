@@ -18,6 +18,8 @@ from experiments.cli import (
     default_sweep_dir,
     fail,
     has_override,
+    insert_override,
+    is_inspecting,
     preflight,
     split_args,
     summary_line,
@@ -95,11 +97,12 @@ def main() -> None:
         return
     preflight(args)
     flags, overrides = split_args(args)
-    if any(f in ("-m", "--multirun") for f in flags) and not has_override(overrides,
-                                                                           "hydra.sweep.dir"):
+    if (any(f in ("-m", "--multirun") for f in flags) and not is_inspecting(args)
+            and not has_override(overrides, "hydra.sweep.dir")):
         # Not Hydra's timestamped default: the same sweep must land in the same folder
         # for a rerun to skip the jobs that already finished.
-        sys.argv.append(f"hydra.sweep.dir='{default_sweep_dir(overrides)}'")
+        sweep_dir = f"hydra.sweep.dir='{default_sweep_dir(overrides)}'"
+        sys.argv[1:] = insert_override(args, sweep_dir)
     _hydra_main()
 
 

@@ -14,7 +14,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from partition.sweep import Progress
+from partition.sweep import Progress, statuses_under
 
 
 def sweep_size(config: DictConfig) -> int | None:
@@ -87,5 +87,8 @@ class SweepProgress(Callback):
         if self.progress is None:
             return
         where = str(OmegaConf.select(config, "hydra.sweep.dir"))
+        if not self.progress.finished:
+            # A remote launcher (Slurm) ran the jobs elsewhere: count what they wrote.
+            self.progress.statuses.update(statuses_under(where))
         print(self.progress.end_line(time.monotonic(), where), flush=True)
         print(f"[sweep] table and plots: python -m experiments.report {where}", flush=True)

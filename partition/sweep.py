@@ -59,6 +59,19 @@ def failed_result_error(exc: BaseException) -> dict[str, Any]:
     return {"rank": None, "type": type(exc).__name__, "message": msg[0] if msg else ""}
 
 
+def statuses_under(folder: str) -> Counter:
+    """How many result.json files under `folder` say each status."""
+    out: Counter = Counter()
+    for root, _, files in os.walk(folder):
+        if RESULT_FILE in files:
+            try:
+                with open(os.path.join(root, RESULT_FILE)) as fh:
+                    out[json.load(fh).get("status", "unknown")] += 1
+            except (OSError, ValueError):
+                out["unreadable"] += 1
+    return out
+
+
 def clock(seconds: float | None) -> str:
     """0:07, 1:02:03 — what a person reads in a progress line."""
     if seconds is None:
