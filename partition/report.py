@@ -61,7 +61,7 @@ def _get(d: Any, path: str, default: Any = None) -> Any:
     return d
 
 
-def _num(x: Any) -> float | None:
+def num(x: Any) -> float | None:
     """A finite number, or None (missing, null, NaN, a dict without a median)."""
     if isinstance(x, dict):
         x = x.get("median", x.get("total"))
@@ -71,7 +71,7 @@ def _num(x: Any) -> float | None:
 
 
 def _max(xs: Iterable[Any]) -> float | None:
-    vals = [v for v in (_num(x) for x in xs) if v is not None]
+    vals = [v for v in (num(x) for x in xs) if v is not None]
     return max(vals) if vals else None
 
 
@@ -81,8 +81,8 @@ def _training_bytes(comm: Any) -> float | None:
         return None
     roles = comm.get("by_role")
     if isinstance(roles, dict):
-        return float(sum(_num(_get(v, "bytes")) or 0 for k, v in roles.items() if k != "metric"))
-    parts = [_num(comm.get("sent_bytes")), _num(comm.get("collective_bytes"))]
+        return float(sum(num(_get(v, "bytes")) or 0 for k, v in roles.items() if k != "metric"))
+    parts = [num(comm.get("sent_bytes")), num(comm.get("collective_bytes"))]
     return None if all(p is None for p in parts) else float(sum(p or 0 for p in parts))
 
 
@@ -135,14 +135,14 @@ def result_row(res: dict[str, Any]) -> dict[str, Any]:
     def pred_rank(i: int) -> dict[str, Any]:
         return pranks[i] if i < len(pranks) else {}
 
-    peaks = [_num(_get(r, "memory.peak_bytes")) for r in ranks]
-    ppeaks = [_num(_get(pred_rank(i), "memory.peak_bytes")) for i in range(max(len(ranks),
+    peaks = [num(_get(r, "memory.peak_bytes")) for r in ranks]
+    ppeaks = [num(_get(pred_rank(i), "memory.peak_bytes")) for i in range(max(len(ranks),
                                                                                 len(pranks)))]
     tbytes = [_training_bytes(r.get("comm")) for r in ranks]
     pbytes = [_training_bytes(pred_rank(i).get("comm")) for i in range(max(len(ranks),
                                                                            len(pranks)))]
-    step_s = _num(_get(tr, "step_time_s.median"))
-    pred_step = _num(pred.get("step_time_s", pred.get("step_s")))
+    step_s = num(_get(tr, "step_time_s.median"))
+    pred_step = num(pred.get("step_time_s", pred.get("step_s")))
     return {
         "name": os.path.basename(res.get("path") or "") or None,
         "strategy": strategy,
@@ -170,14 +170,14 @@ def result_row(res: dict[str, Any]) -> dict[str, Any]:
         "step_s": step_s,
         "pred_step_s": pred_step,
         "time_err": _rel_err(step_s, pred_step),
-        "bubble": _num(tr.get("bubble_fraction_measured")),
-        "pred_bubble": _num(pred.get("bubble_fraction")),
-        "steps": len(loss) if loss else _num(tr.get("steps_done")),
+        "bubble": num(tr.get("bubble_fraction_measured")),
+        "pred_bubble": num(pred.get("bubble_fraction")),
+        "steps": len(loss) if loss else num(tr.get("steps_done")),
         "planned_examples": steps_cfg * B if isinstance(steps_cfg, int) and B else None,
-        "examples": _num(tr.get("examples_seen")),
-        "final_loss": _num(tr.get("final_loss", loss[-1] if loss else None)),
-        "grad_err": _num(_get(res, "check.grad_max_rel_err")),
-        "loss_curve": [_num(x) for x in loss],
+        "examples": num(tr.get("examples_seen")),
+        "final_loss": num(tr.get("final_loss", loss[-1] if loss else None)),
+        "grad_err": num(_get(res, "check.grad_max_rel_err")),
+        "loss_curve": [num(x) for x in loss],
         "path": res.get("path"),
     }
 
@@ -216,7 +216,7 @@ def _baseline_id(df: pd.DataFrame, row: pd.Series) -> int | None:
 
 
 def _ratio(a: Any, b: Any) -> float | None:
-    a, b = _num(a), _num(b)
+    a, b = num(a), num(b)
     return a / b if a is not None and b else None
 
 
@@ -232,7 +232,7 @@ def _add_baselines(df: pd.DataFrame) -> None:
         mem_x.append(_ratio(row["peak_bytes"], base["peak_bytes"]))
         time_x.append(_ratio(row["step_s"], base["step_s"]))
         same_examples = row["examples"] is not None and row["examples"] == base["examples"]
-        fl, bl = _num(row["final_loss"]), _num(base["final_loss"])
+        fl, bl = num(row["final_loss"]), num(base["final_loss"])
         dloss.append(fl - bl if same_examples and fl is not None and bl is not None else None)
     df["base"], df["mem_x"], df["time_x"], df["loss_delta"] = bases, mem_x, time_x, dloss
 
@@ -245,7 +245,7 @@ def load_table(folders: Iterable[str], *, sort: bool = True) -> pd.DataFrame:
 
 
 def fmt_bytes(x: Any) -> str:
-    v = _num(x)
+    v = num(x)
     if v is None:
         return MISSING
     if abs(v) < 10 * 1024:
@@ -303,7 +303,7 @@ def to_text(df: pd.DataFrame) -> str:
 # ---------------------------------------------------------------- plots
 
 
-def _label(row: pd.Series, *, with_b: bool = False) -> str:
+def run_label(row: pd.Series, *, with_b: bool = False) -> str:
     s = str(row["strategy"])
     if row["variant"]:
         s += f" {row['variant']}"
@@ -315,7 +315,7 @@ def _label(row: pd.Series, *, with_b: bool = False) -> str:
 
 
 def _mib(x: Any) -> float | None:
-    v = _num(x)
+    v = num(x)
     return None if v is None else v / 1024**2
 
 
@@ -345,7 +345,7 @@ def write_plots(df: pd.DataFrame, out: str) -> Plots:
     mem = df[df["peak_bytes"].notna() | df["pred_peak_bytes"].notna()]
     if len(mem):
         fig, ax = plt.subplots(figsize=(9, 4.5))
-        for label, g in mem.groupby(mem.apply(_label, axis=1), sort=False):
+        for label, g in mem.groupby(mem.apply(run_label, axis=1), sort=False):
             g = g.sort_values("B")
             color = None
             m = g[g["peak_bytes"].notna()]
@@ -361,7 +361,7 @@ def write_plots(df: pd.DataFrame, out: str) -> Plots:
                 y = _mib(r["peak_bytes"]) or _mib(r["pred_peak_bytes"])
                 if y is not None:
                     ax.plot([r["B"]], [y], "x", ms=12, mew=2, color="red")
-        limits = {_num(x) for x in df["memory_limit"] if _num(x)}
+        limits = {num(x) for x in df["memory_limit"] if num(x)}
         for lim in sorted(limits):
             ax.axhline(lim / 1024**2, color="red", ls=":", lw=1)
             ax.annotate(f"memory_limit {fmt_bytes(lim)}", (0.01, lim / 1024**2),
@@ -380,7 +380,7 @@ def write_plots(df: pd.DataFrame, out: str) -> Plots:
     byt = df[df["bytes_per_step"].notna() & df["hidden"].notna()]
     if len(byt):
         with_b = byt["B"].nunique() > 1
-        labels = byt.apply(_label, axis=1, with_b=with_b)
+        labels = byt.apply(run_label, axis=1, with_b=with_b)
         fig, ax = plt.subplots(figsize=(9, 4.5))
         if byt["hidden"].nunique() == 1:  # one width: a bar per strategy says it better
             ax.bar(range(len(byt)), [x / 1024 for x in byt["bytes_per_step"]],
@@ -404,7 +404,7 @@ def write_plots(df: pd.DataFrame, out: str) -> Plots:
     tim = df[df["step_s"].notna()]
     if len(tim):
         fig, ax = plt.subplots(figsize=(7, 0.9 + 0.32 * len(tim)))
-        labels = [f"{_label(r, with_b=True)} M={r['M']}" for _, r in tim.iterrows()]
+        labels = [f"{run_label(r, with_b=True)} M={r['M']}" for _, r in tim.iterrows()]
         colors = [f"C{STRATEGY_ORDER.get(s, 4)}" for s in tim["strategy"]]
         ax.barh(range(len(tim)), [x * 1e3 for x in tim["step_s"]], color=colors)
         ax.set_yticks(range(len(tim)), labels, fontsize=8)
@@ -421,7 +421,7 @@ def write_plots(df: pd.DataFrame, out: str) -> Plots:
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 4.2), sharey=True)
         for _, r in cur.iterrows():
             ys = r["loss_curve"]
-            label = f"{_label(r, with_b=True)} M={r['M']}"
+            label = f"{run_label(r, with_b=True)} M={r['M']}"
             ls = LINESTYLE.get(r["strategy"], "-")
             a1.plot(range(len(ys)), ys, marker=".", ls=ls, label=label)
             a2.plot([(i + 1) * r["B"] for i in range(len(ys))], ys, marker=".", ls=ls, label=label)

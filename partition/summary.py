@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from partition.report import _label, _num, fmt_bytes
+from partition.report import fmt_bytes, num, run_label
 
 # Two J values closer than this (relative) are the same update computed two ways.
 SAME_J_RTOL = 1e-4
@@ -24,10 +24,10 @@ MISSING_MEM = "peak not measured"
 
 def _mem(r: pd.Series) -> tuple[float | None, str]:
     """The peak per device and where it comes from: measured first, else predicted."""
-    v = _num(r["peak_bytes"])
+    v = num(r["peak_bytes"])
     if v is not None:
         return v, "measured"
-    v = _num(r["pred_peak_bytes"])
+    v = num(r["pred_peak_bytes"])
     return (v, "predicted") if v is not None else (None, "")
 
 
@@ -44,7 +44,7 @@ def _ms(x: float | None) -> str:
 
 def _time_for(r: pd.Series, examples: int | None) -> float | None:
     """Time to see `examples` examples at this run's pace: median step time × examples / B."""
-    step, B = _num(r["step_s"]), _num(r["B"])
+    step, B = num(r["step_s"]), num(r["B"])
     if step is None or not B or not examples:
         return None
     return step * examples / B
@@ -83,10 +83,10 @@ def summarize(df: pd.DataFrame) -> list[str]:
     full = _rows(singles[(singles["B"] == B) & (singles["M"] == 1)])
     accum = _rows(singles[(singles["B"] == B) & (singles["M"] > 1)])
     small = _rows(singles[singles["B"] < B])
-    planned = {_num(r["planned_examples"]) for r in part} - {None}
+    planned = {num(r["planned_examples"]) for r in part} - {None}
     E = int(max(planned)) if planned else None
     # The loss is only comparable after the same number of examples.
-    small_same = [r for r in small if E is not None and _num(r["planned_examples"]) == E]
+    small_same = [r for r in small if E is not None and num(r["planned_examples"]) == E]
     small = small_same or small
 
     adv: list[str] = []
@@ -107,13 +107,13 @@ def summarize(df: pd.DataFrame) -> list[str]:
     fits = [(r, _mem(r)[0]) for r in ok_part if _mem(r)[0] is not None]
     best = min(fits, key=lambda t: t[1]) if fits else None
     full_v = _mem(f0)[0] if f0 is not None else None
-    limit = _num(f0["memory_limit"]) if f0 is not None else None
+    limit = num(f0["memory_limit"]) if f0 is not None else None
     if f0 is None:
         missing.append(f"single device, full batch B={B}: no run")
     elif f0["status"] == "oom" and ok_part:
         need = f", needs {_mem_text(f0)}" if full_v is not None else ""
         lim = f" under memory_limit={fmt_bytes(limit)}" if limit else ""
-        where = (f"; the lowest is {_label(best[0])} at {fmt_bytes(best[1])} per device"
+        where = (f"; the lowest is {run_label(best[0])} at {fmt_bytes(best[1])} per device"
                  if best else "")
         adv.append(f"**Memory per device**: the full batch B={B} does not fit one device "
                    f"(oom{lim}{need}); partitioned, {len(ok_part)} of {len(part)} runs train it "
@@ -121,25 +121,25 @@ def summarize(df: pd.DataFrame) -> list[str]:
     elif full_v is not None and best is not None:
         ratio = best[1] / full_v
         (adv if ratio < 1 else dis).append(
-            f"**Memory per device**: {_label(best[0])} holds {fmt_bytes(best[1])} per device, "
+            f"**Memory per device**: {run_label(best[0])} holds {fmt_bytes(best[1])} per device, "
             f"{ratio:.2f}× the single device's {_mem_text(f0)} for the full batch.")
     oom_part = [r for r in part if r["status"] == "oom"]
     if oom_part:
         dis.append("**Memory per device**: still oom when partitioned: "
-                   + "; ".join(f"{_label(r)} ({_mem_text(r)})" for r in oom_part) + ".")
+                   + "; ".join(f"{run_label(r)} ({_mem_text(r)})" for r in oom_part) + ".")
     if s0 is not None and best is not None:
         sv = _mem(s0)[0]
         if s0["status"] == "oom":
             adv.append(f"**Memory vs smaller minibatch**: even B={s0['B']} is oom on one "
-                       f"device; {_label(best[0])} fits at {fmt_bytes(best[1])} per device.")
+                       f"device; {run_label(best[0])} fits at {fmt_bytes(best[1])} per device.")
         elif sv is not None:
             if sv <= best[1]:
                 dis.append(f"**Memory vs smaller minibatch**: one device with B={s0['B']} needs "
                            f"{fmt_bytes(sv)}, no more than the best partition's "
-                           f"{fmt_bytes(best[1])} per device ({_label(best[0])}, which needs "
+                           f"{fmt_bytes(best[1])} per device ({run_label(best[0])}, which needs "
                            f"{best[0]['P']} devices).")
             else:
-                adv.append(f"**Memory vs smaller minibatch**: {_label(best[0])} needs "
+                adv.append(f"**Memory vs smaller minibatch**: {run_label(best[0])} needs "
                            f"{fmt_bytes(best[1])} per device, less than the {fmt_bytes(sv)} of "
                            f"one device with B={s0['B']}.")
     if not fits and not any(_mem(r)[0] is not None for r in full + small + accum):
@@ -147,12 +147,12 @@ def summarize(df: pd.DataFrame) -> list[str]:
                        "(memory.peak_bytes empty)")
 
     # ---- bytes moved
-    moved = [(r, _num(r["bytes_per_step"])) for r in ok_part if _num(r["bytes_per_step"])
+    moved = [(r, num(r["bytes_per_step"])) for r in ok_part if num(r["bytes_per_step"])
              is not None]
     if moved:
         lo, hi = min(m for _, m in moved), max(m for _, m in moved)
         span = fmt_bytes(lo) if lo == hi else f"{fmt_bytes(lo)} to {fmt_bytes(hi)}"
-        each = ", ".join(f"{_label(r)} {fmt_bytes(m)}" for r, m in moved)
+        each = ", ".join(f"{run_label(r)} {fmt_bytes(m)}" for r, m in moved)
         zero = [x for x in (s0, a0) if x is not None and x["status"] == "ok"]
         names = ["the smaller minibatch" if x is s0 else "gradient accumulation" for x in zero]
         alt = f" — {' and '.join(names)} move{'s' if len(names) == 1 else ''} 0 B" if zero else ""
@@ -176,13 +176,13 @@ def summarize(df: pd.DataFrame) -> list[str]:
         refs = [(name, x) for name, x in (("smaller minibatch", s0), ("accumulation", a0),
                                           ("full batch", f0))
                 if x is not None and x["status"] == "ok" and _time_for(x, E) is not None]
-        parts = ", ".join(f"{_label(r)} {_ms(t)}" for r, t in timed)
+        parts = ", ".join(f"{run_label(r)} {_ms(t)}" for r, t in timed)
         if refs:
             name, x = refs[0]
             tx = _time_for(x, E)
             line = (f"**Time for {E:,} examples** (median step time × {E:,}/B, this machine): "
-                    f"fastest partitioned {_label(fastest[0])} {_ms(fastest[1])} vs {name} "
-                    f"B={x['B']} {_ms(tx)} ({_ms(_num(x['step_s']))} per step); "
+                    f"fastest partitioned {run_label(fastest[0])} {_ms(fastest[1])} vs {name} "
+                    f"B={x['B']} {_ms(tx)} ({_ms(num(x['step_s']))} per step); "
                     f"all partitioned: {parts}.")
             (adv if fastest[1] < tx else dis).append(line)
         else:
@@ -195,20 +195,20 @@ def summarize(df: pd.DataFrame) -> list[str]:
     if pipes:
         items = []
         for r in pipes:
-            meas, pred = _num(r["bubble"]), _num(r["pred_bubble"])
+            meas, pred = num(r["bubble"]), num(r["pred_bubble"])
             m = "—" if meas is None else f"{meas:.0%}"
             p = "—" if pred is None else f"{pred:.0%}"
-            items.append(f"{_label(r)} M={r['M']} spends {m} of a step not computing "
+            items.append(f"{run_label(r)} M={r['M']} spends {m} of a step not computing "
                          f"(predicted bubble (P−1)/(M+P−1) = {p})")
         dis.append("**Bubble**: " + "; ".join(items) + ".")
 
     # ---- loss after the same examples
     ref = next((x for x in (f0, a0) if x is not None and x["status"] == "ok"
-                and _num(x["final_loss"]) is not None), None)
-    jp = [(r, _num(r["final_loss"])) for r in ok_part if _num(r["final_loss"]) is not None]
+                and num(x["final_loss"]) is not None), None)
+    jp = [(r, num(r["final_loss"])) for r in ok_part if num(r["final_loss"]) is not None]
     if jp:
         if ref is not None:
-            jr = _num(ref["final_loss"])
+            jr = num(ref["final_loss"])
             dj = max(abs(j - jr) for _, j in jp)
             what = "full batch" if ref is f0 else f"gradient accumulation M={ref['M']}"
             if dj <= SAME_J_RTOL * max(1.0, abs(jr)):
@@ -225,8 +225,8 @@ def summarize(df: pd.DataFrame) -> list[str]:
         js = _tail_mean(s0, B) if s0 is not None and s0["status"] == "ok" else None
         if small_same and js is not None:
             jpm = sum(j for _, j in jp) / len(jp)
-            steps_p = _num(jp[0][0]["steps"])
-            k = f"{_num(s0['steps']) / steps_p:.0f}× as many" if steps_p else "more"
+            steps_p = num(jp[0][0]["steps"])
+            k = f"{num(s0['steps']) / steps_p:.0f}× as many" if steps_p else "more"
             tail = B // s0["B"]
             line = (f"**Loss after the same {E:,} examples**: J over the last {B:,} examples "
                     f"seen is {js:.4f} for the smaller minibatch B={s0['B']} ({k} steps; the "
@@ -240,12 +240,12 @@ def summarize(df: pd.DataFrame) -> list[str]:
 
     for x in (s0, a0):
         if x is not None and x["status"] != "ok":
-            missing.append(f"{_label(x)} B={x['B']} M={x['M']}: {_status_text(x)}")
+            missing.append(f"{run_label(x)} B={x['B']} M={x['M']}: {_status_text(x)}")
     if a0 is None:
         missing.append(f"gradient accumulation at B={B}: no run")
     for r in part:
         if r["status"] not in ("ok", "oom"):
-            missing.append(f"{_label(r)} M={r['M']}: {_status_text(r)}")
+            missing.append(f"{run_label(r)} M={r['M']}: {_status_text(r)}")
 
     out = head + ["", "Advantages of partitioning:"]
     out += [f"- {x}" for x in adv] or ["- none shown by these numbers"]

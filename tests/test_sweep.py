@@ -166,6 +166,7 @@ def test_progress_lines():
     assert clock(3725) == "1:02:05"
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_torchrun_two_nodes_on_one_machine(tmp_path):
     """Two `torchrun --nnodes=2` agents (one process each) meet at a c10d rendezvous on
