@@ -42,12 +42,20 @@ COMPACT = [
     ("mem_err", "mem err"), ("comm_err", "comm err"), ("time_err", "time err"),
     ("base", "base"), ("mem_x", "mem ×base"), ("time_x", "time ×base"),
 ]
-# The Markdown file has these too.
-FULL = COMPACT[:9] + [("pred_peak_bytes", "pred peak"), ("infer_peak_bytes", "infer peak"),
-                      ("params_bytes", "params/dev")] + COMPACT[9:10] + [
-    ("pred_bytes_per_step", "pred bytes"), ("wire_bytes", "wire/dev")] + COMPACT[10:11] + [
-    ("pred_step_s", "pred step")] + COMPACT[11:12] + [("pred_bubble", "pred bubble")] + \
-    COMPACT[12:] + [("loss_delta", "ΔJ vs base"), ("error", "error")]
+# results.md: the same with the predictions and the details next to the measurements.
+FULL = [
+    ("id", "id"), ("name", "run"), ("strategy", "strategy"), ("P", "P"), ("B", "B"),
+    ("M", "M"), ("variant", "variant"), ("status", "status"),
+    ("peak_bytes", "peak/dev"), ("pred_peak_bytes", "pred peak"),
+    ("infer_peak_bytes", "infer peak"), ("params_bytes", "params/dev"),
+    ("bytes_per_step", "bytes/step/dev"), ("pred_bytes_per_step", "pred bytes"),
+    ("wire_bytes", "wire/dev"), ("step_s", "step"), ("pred_step_s", "pred step"),
+    ("bubble", "bubble"), ("pred_bubble", "pred bubble"), ("final_loss", "J final"),
+    ("examples", "examples"), ("grad_err", "grad err"), ("mem_err", "mem err"),
+    ("comm_err", "comm err"), ("time_err", "time err"), ("base", "base"),
+    ("mem_x", "mem ×base"), ("time_x", "time ×base"), ("loss_delta", "ΔJ vs base"),
+    ("error", "error"),
+]
 
 
 # ---------------------------------------------------------------- reading one result
@@ -129,20 +137,18 @@ def result_row(res: dict[str, Any]) -> dict[str, Any]:
         variant = None
     dims = run.get("dims") or _get(cfg, "model.dims") or []
     steps_cfg = _get(cfg, "train.steps")
-    loss = [x for x in (tr.get("loss") or [])]
+    loss = list(tr.get("loss") or [])
 
     # Measured next to predicted, rank by rank (predicted.ranks mirrors ranks).
-    def pred_rank(i: int) -> dict[str, Any]:
-        return pranks[i] if i < len(pranks) else {}
-
+    pr = [pranks[i] if i < len(pranks) else {} for i in range(max(len(ranks), len(pranks)))]
     peaks = [num(_get(r, "memory.peak_bytes")) for r in ranks]
-    ppeaks = [num(_get(pred_rank(i), "memory.peak_bytes")) for i in range(max(len(ranks),
-                                                                                len(pranks)))]
+    ppeaks = [num(_get(p, "memory.peak_bytes")) for p in pr]
     tbytes = [_training_bytes(r.get("comm")) for r in ranks]
-    pbytes = [_training_bytes(pred_rank(i).get("comm")) for i in range(max(len(ranks),
-                                                                           len(pranks)))]
+    pbytes = [_training_bytes(p.get("comm")) for p in pr]
     step_s = num(_get(tr, "step_time_s.median"))
-    pred_step = num(pred.get("step_time_s", pred.get("step_s")))
+    # The cost model's step time, under whichever of these names it is recorded.
+    pred_step = next((num(pred[k]) for k in ("step_time_s", "step_s", "time_s") if k in pred),
+                     None)
     return {
         "name": os.path.basename(res.get("path") or "") or None,
         "strategy": strategy,
