@@ -17,7 +17,7 @@ from partition.results import write_json
 
 MiB = 1024**2
 D, H, Q, B = 784, 2048, 10, 1024
-LIMIT = 36 * MiB
+LIMIT = 42 * MiB
 
 
 def fake_result(strategy: str, P: int, batch: int = B, M: int = 1, *, variant: str | None = None,
@@ -77,9 +77,9 @@ SAME = [2.3, 2.1, 1.9, 1.7]  # the full-batch trajectory, however it is computed
 # The compare experiment's cases, as fixtures: (folder, result).
 CASES = [
     ("01-single-full-batch", fake_result(
-        "single", 1, status="oom", pred_peak=40 * MiB, step_s=None,
-        error={"rank": 0, "type": "OutOfMemory",
-               "message": f"needs 41943040 bytes, memory_limit={LIMIT}"})),
+        "single", 1, status="oom", pred_peak=47 * MiB, step_s=None,
+        error={"rank": 0, "type": "MemoryLimitExceeded",
+               "message": f"needs 49283072 bytes, memory_limit={LIMIT}"})),
     ("02-single-smaller-minibatch", fake_result(
         "single", 1, batch=256, steps=16, peak=19 * MiB, pred_peak=19 * MiB, step_s=0.02,
         loss=[2.3 - 0.05 * i for i in range(16)])),
@@ -127,7 +127,7 @@ def test_table_has_a_row_per_case_with_oom_where_expected(tmp_path):
     assert row["04-pipeline-gpipe-P2", "bytes_per_step"] == ACT
     assert row["06-tensor-megatron-P2", "bytes_per_step"] == B * Q * 4
     assert row["01-single-full-batch", "peak_bytes"] is None  # oom: nothing measured
-    assert row["01-single-full-batch", "pred_peak_bytes"] == 40 * MiB
+    assert row["01-single-full-batch", "pred_peak_bytes"] == 47 * MiB
     assert row["04-pipeline-gpipe-P2", "mem_err"] == pytest.approx(1 / 28)
     assert row["06-tensor-megatron-P2", "comm_err"] == 0.0
     assert row["04-pipeline-gpipe-P2", "pred_bubble"] == pytest.approx(1 / 5)
@@ -170,7 +170,7 @@ def test_report_files_and_generated_summary(tmp_path):
     dis = text.split("Disadvantages of partitioning:")[1].split("Missing:")[0]
     missing = text.split("Missing:")[1]
     # Memory: the full batch is oom, partitioned runs fit; the lowest is named with its number.
-    assert "does not fit one device (oom under memory_limit=36.0 MiB, needs 40.0 MiB predicted)" \
+    assert "does not fit one device (oom under memory_limit=42.0 MiB, needs 47.0 MiB predicted)" \
         in adv
     assert "5 of 6 runs" in adv and "tensor megatron P=2 at 21.0 MiB per device" in adv
     # ... but the smaller minibatch needs even less, on one device: a disadvantage.
@@ -273,7 +273,7 @@ def test_compare_cases_see_the_same_examples():
     assert cfgs["05-pipeline-1f1b-P2"].strategy.schedule == "1f1b"
     assert cfgs["09-tensor-rowwise-P4"].strategy.layout == "rowwise"
     assert cfgs["09-tensor-rowwise-P4"].world_size == 4
-    assert all(rc.memory_limit == 36 * MiB for rc in cfgs.values())
+    assert all(rc.memory_limit == 42 * MiB for rc in cfgs.values())
     assert all(rc.model.dims == (784, 2048, 10) for rc in cfgs.values())
     # Overrides apply to every case; compare.only and compare.world_sizes narrow the list.
     _, few = plan(["compare.world_sizes=[2]", "compare.only=[single-full-batch,data]",
