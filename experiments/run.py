@@ -38,12 +38,15 @@ def _task(cfg) -> str:  # noqa: ANN001 - a DictConfig from Hydra
 
     hc = HydraConfig.get()
     run_dir = hc.runtime.output_dir
+    sweeping = hc.mode == RunMode.MULTIRUN
     try:
         rc = parse_config(OmegaConf.to_container(cfg, resolve=True))
         check_dataset(rc)
     except ConfigError as e:
+        if sweeping:  # the pre-flight checked every job; if one still fails, record it, go on
+            return record_failed_job(run_dir, e)
         fail(str(e), remove=run_dir)
-    if hc.mode == RunMode.MULTIRUN:
+    if sweeping:
         # A sweep resumes: jobs that already finished ok are not run again, and a job
         # that fails is recorded in its result.json while the sweep goes on.
         result, skipped = run_or_skip(rc, run_dir)
@@ -53,6 +56,17 @@ def _task(cfg) -> str:  # noqa: ANN001 - a DictConfig from Hydra
     result = run(rc, run_dir)
     print(summary_line(result, run_dir), flush=True)
     return result["status"]
+
+
+def record_failed_job(run_dir: str, exc: Exception) -> str:
+    """A sweep job that could not even be configured: a result.json that says so."""
+    from partition.results import RESULT_FILE, write_json
+    from partition.sweep import failed_result_error
+
+    err = failed_result_error(exc)
+    write_json(os.path.join(run_dir, RESULT_FILE), {"status": "failed", "error": err})
+    print(f"[failed] {err['type']}: {err['message']} -> {run_dir}", flush=True)
+    return "failed"
 
 
 def _hydra_main() -> None:

@@ -198,3 +198,16 @@ def test_torchrun_two_nodes_on_one_machine(tmp_path):
     assert res["status"] == "ok" and res["run"]["ranks"] == 2
     roles = [r["comm"]["by_role"] for r in res["ranks"]]
     assert roles[0]["activation"]["bytes"] == roles[1]["activation_grad"]["bytes"] == 32 * 8 * 4
+
+
+def test_a_job_that_cannot_be_configured_is_recorded(tmp_path, capsys):
+    from experiments.run import record_failed_job
+    from partition.config import ConfigError
+    from partition.report import load_table
+
+    assert record_failed_job(str(tmp_path), ConfigError("data.path", "x.npz", "no such file")) \
+        == "failed"
+    assert "[failed] ConfigError: data.path=x.npz: no such file" in capsys.readouterr().out
+    df = load_table([str(tmp_path)])
+    assert list(df["status"]) == ["failed"]
+    assert df.loc[0, "error"] == "ConfigError: data.path=x.npz: no such file"
