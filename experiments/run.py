@@ -5,7 +5,9 @@
     torchrun --nproc_per_node=2 -m experiments.run strategy=pipeline world_size=2
 
 Bad input ends before anything starts or is written: one line naming the key and
-the value, exit status 2.
+the value, exit status 2. A multirun lands in outputs/sweeps/<overrides>-<hash>
+(or hydra.sweep.dir), so running it again skips the jobs already `ok`; a job that
+fails is recorded in its result.json and the sweep goes on.
 """
 
 from __future__ import annotations
