@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import os
 import re
@@ -67,6 +68,24 @@ def split_args(args: list[str]) -> tuple[list[str], list[str]]:
     return flags, overrides
 
 
+def is_inspecting(args: list[str]) -> bool:
+    """--help, --cfg, --info …: the user asks Hydra about the config; nothing will run."""
+    return any(f in _INSPECT_FLAGS for f in split_args(args)[0])
+
+
+def insert_override(args: list[str], override: str) -> list[str]:
+    """`args` with one more override, placed next to the others: Hydra's argument parser
+    takes the overrides as one contiguous run, so appending after a flag would break."""
+    it = enumerate(args)
+    for i, a in it:
+        if a.startswith("-"):
+            if a in _VALUE_FLAGS and "=" not in a:
+                next(it, None)
+        else:
+            return [*args[:i], override, *args[i:]]
+    return [*args, override]
+
+
 def groups() -> dict[str, list[str]]:
     """Config groups and their options, from conf/ (strategy: single, pipeline, …)."""
     out = {}
@@ -110,6 +129,27 @@ def expand(overrides: list[str]) -> list[list[str]]:
         else:
             choices.append([o.input_line])
     return [list(c) for c in itertools.product(*choices)]
+
+
+SWEEPS_DIR = "outputs/sweeps"
+
+
+def default_sweep_dir(overrides: list[str]) -> str:
+    """outputs/sweeps/<the overrides, readable>-<hash of them>.
+
+    The same command line always lands in the same folder, so rerunning a sweep
+    resumes it (jobs already `ok` are skipped). Hydra's own overrides (hydra.*,
+    hydra/launcher=…) do not change what runs and are left out.
+    """
+    plain = [o for o in overrides if not o.lstrip("+~").startswith("hydra")]
+    digest = hashlib.sha1("\0".join(plain).encode()).hexdigest()[:8]
+    slug = "_".join(plain).replace("=", "-").replace(",", "+")
+    slug = re.sub(r"[^A-Za-z0-9._+-]", "", slug)[:80].strip("._-") or "defaults"
+    return f"{SWEEPS_DIR}/{slug}-{digest}"
+
+
+def has_override(overrides: list[str], key: str) -> bool:
+    return any(o.lstrip("+~").split("=", 1)[0] == key for o in overrides)
 
 
 def check_groups(overrides: list[str]) -> None:
@@ -161,7 +201,7 @@ def preflight(args: list[str]) -> None:
     from partition.launch import check_dataset
 
     flags, overrides = split_args(args)
-    if any(f in _INSPECT_FLAGS for f in flags):
+    if is_inspecting(args):
         return  # the user is asking Hydra about the config; nothing will run
     seen_data: set[tuple] = set()
     for job in expand(overrides):

@@ -6,7 +6,10 @@
 
 Bad input ends before anything starts or is written: one line naming the key and
 the value, exit status 2. A run that fails (a rank raised, died or hung) still
-writes its result.json, with the root cause; the exit status is then 1.
+writes its result.json, with the root cause; the exit status is then 1. A multirun
+lands in outputs/sweeps/<overrides>-<hash> (or hydra.sweep.dir), so running it again
+skips the jobs already `ok`; a job that fails is recorded in its result.json and the
+sweep goes on.
 """
 
 from __future__ import annotations
@@ -14,38 +17,80 @@ from __future__ import annotations
 import os
 import sys
 
-from experiments.cli import compose_config, fail, preflight, summary_line, to_plain
+from experiments.cli import (
+    compose_config,
+    default_sweep_dir,
+    fail,
+    has_override,
+    insert_override,
+    is_inspecting,
+    preflight,
+    split_args,
+    summary_line,
+    to_plain,
+)
 
 
 def _task(cfg) -> str:  # noqa: ANN001 - a DictConfig from Hydra
+    """One job; returns its status for the sweep callback ('skipped' if it had finished)."""
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
     from omegaconf import OmegaConf
 
     from partition.config import ConfigError, parse_config
     from partition.launch import check_dataset, run
+    from partition.sweep import run_or_skip, skip_line
 
-    run_dir = HydraConfig.get().runtime.output_dir
+    hc = HydraConfig.get()
+    run_dir = hc.runtime.output_dir
+    sweeping = hc.mode == RunMode.MULTIRUN
     try:
         rc = parse_config(OmegaConf.to_container(cfg, resolve=True))
         check_dataset(rc)
     except ConfigError as e:
+        if sweeping:  # the pre-flight checked every job; if one still fails, record it, go on
+            return record_failed_job(run_dir, e)
         fail(str(e), remove=run_dir)
+    if sweeping:
+        # A sweep resumes: jobs that already finished ok are not run again, and a job
+        # that fails is recorded in its result.json while the sweep goes on.
+        result, skipped = run_or_skip(rc, run_dir)
+        line = summary_line(result, run_dir)
+        print(skip_line(line) if skipped else line, flush=True)
+        return "skipped" if skipped else result["status"]
     result = run(rc, run_dir)
     print(summary_line(result, run_dir), flush=True)
     return result["status"]
+
+
+def record_failed_job(run_dir: str, exc: Exception) -> str:
+    """A sweep job that could not even be configured: a result.json that says so."""
+    from partition.results import RESULT_FILE, write_json
+    from partition.sweep import failed_result_error
+
+    err = failed_result_error(exc)
+    write_json(os.path.join(run_dir, RESULT_FILE), {"status": "failed", "error": err})
+    print(f"[failed] {err['type']}: {err['message']} -> {run_dir}", flush=True)
+    return "failed"
 
 
 def _hydra_main() -> None:
     import hydra
 
     conf = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
-    statuses: list[str] = []
+    single_run: list[str] = []
 
     def task(cfg) -> None:  # noqa: ANN001
-        statuses.append(_task(cfg))
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        status = _task(cfg)
+        if HydraConfig.get().mode == RunMode.RUN:
+            single_run.append(status)
 
     hydra.main(version_base="1.3", config_path=conf, config_name="config")(task)()
-    if "failed" in statuses:  # every job has run (a sweep goes on past a failure)
+    # One run that failed says so in its exit status; a sweep lists its failures instead.
+    if single_run == ["failed"]:
         sys.exit(1)
 
 
@@ -101,6 +146,13 @@ def main() -> None:
         _torchrun_main([a for a in args if not a.startswith("-")])
         return
     preflight(args)
+    flags, overrides = split_args(args)
+    if (any(f in ("-m", "--multirun") for f in flags) and not is_inspecting(args)
+            and not has_override(overrides, "hydra.sweep.dir")):
+        # Not Hydra's timestamped default: the same sweep must land in the same folder
+        # for a rerun to skip the jobs that already finished.
+        sweep_dir = f"hydra.sweep.dir='{default_sweep_dir(overrides)}'"
+        sys.argv[1:] = insert_override(args, sweep_dir)
     try:
         _hydra_main()
     except KeyboardInterrupt:  # the run's result.json says so; no traceback here

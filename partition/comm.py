@@ -199,16 +199,49 @@ class Comm:
 
     def all_gather(self, t: torch.Tensor, shapes: list[tuple[int, ...]], *, role: str,
                    phase: str) -> list[torch.Tensor]:
-        """Gather every rank's `t` (shapes may differ between ranks: uneven shards)."""
-        outs = [torch.empty(s, dtype=t.dtype, device=self.device) for s in shapes]
+        """Gather every rank's `t`; `shapes[i]` is rank i's shape.
+
+        Shapes may differ between ranks (uneven shards), but gloo's all-gather takes
+        only equal pieces: uneven pieces are zero-padded to the largest shape, and
+        the padded piece is what is recorded, since that is what crosses.
+        """
+        t = t.contiguous()
+        big = tuple(max(s[i] for s in shapes) for i in range(t.dim()))
+        if all(tuple(s) == big for s in shapes):
+            piece = t
+        else:
+            piece = torch.zeros(big, dtype=t.dtype, device=t.device)
+            piece[tuple(slice(0, d) for d in t.shape)] = t
+        bufs = [torch.empty(big, dtype=t.dtype, device=self.device) for _ in shapes]
         t0 = time.perf_counter()
-        dist.all_gather(outs, t.contiguous(), group=self.group)
-        n = nbytes(t)
-        received = sum(nbytes(o) for i, o in enumerate(outs) if i != self.rank)
-        self._rec("all_gather", role, phase, peer=None, sent=n, received=received, collective=n,
-                  wire=ring_wire_bytes("all_gather", n, self.world_size),
-                  seconds=time.perf_counter() - t0)
+        dist.all_gather(bufs, piece, group=self.group)
+        dt = time.perf_counter() - t0
+        outs = [b if tuple(s) == big else b[tuple(slice(0, d) for d in s)]
+                for b, s in zip(bufs, shapes, strict=True)]
+        n = nbytes(piece)
+        self._rec("all_gather", role, phase, peer=None, sent=n,
+                  received=(self.world_size - 1) * n, collective=n,
+                  wire=ring_wire_bytes("all_gather", n, self.world_size), seconds=dt)
         return outs
+
+    def reduce_scatter(self, chunks: list[torch.Tensor], *, role: str,
+                       phase: str) -> torch.Tensor:
+        """Sum chunk i over the group onto rank i; return this rank's sum.
+
+        `chunks` (one per rank, shapes may differ: uneven shards) together are this
+        rank's whole partial tensor, so the payload is their total; what reaches this
+        rank is the others' P−1 contributions to its own chunk.
+        """
+        ins = [c.contiguous() for c in chunks]
+        out = torch.empty_like(ins[self.rank])
+        t0 = time.perf_counter()
+        dist.reduce_scatter(out, ins, op=dist.ReduceOp.SUM, group=self.group)
+        n = sum(nbytes(c) for c in ins)
+        self._rec("reduce_scatter", role, phase, peer=None, sent=n,
+                  received=(self.world_size - 1) * nbytes(out), collective=n,
+                  wire=ring_wire_bytes("reduce_scatter", n, self.world_size),
+                  seconds=time.perf_counter() - t0)
+        return out
 
     # ------------------------------------------------------------ outside training steps
 

@@ -359,3 +359,39 @@ def _check_cross(cfg: RunConfig) -> None:
     if cfg.strategy.name == "data" and cfg.train.batch_size < cfg.world_size:
         raise ConfigError("train.batch_size", cfg.train.batch_size,
                           f"data parallel needs at least one example per rank (world_size={cfg.world_size})")
+    if cfg.strategy.name == "data":
+        fewest = cfg.train.batch_size // cfg.world_size  # rows on the last ranks
+        if cfg.train.microbatches > fewest:
+            raise ConfigError("train.microbatches", cfg.train.microbatches,
+                              f"data parallel splits each rank's rows into micro-batches; the "
+                              f"smallest share of train.batch_size={cfg.train.batch_size} over "
+                              f"world_size={cfg.world_size} is {fewest} rows")
+    if cfg.strategy.name == "tensor":
+        # Imported here: the strategies package imports this module.
+        from partition.strategies.tensor.plan import split_widths
+
+        layout = cfg.strategy.layout
+        widths = split_widths(layout, cfg.model.dims)
+        if widths and cfg.world_size > min(widths):
+            raise ConfigError("world_size", cfg.world_size,
+                              f"tensor layout {layout} splits widths {widths} of model.dims; "
+                              f"every rank needs at least one unit of the narrowest, {min(widths)}")
+    if cfg.engine == "torch":
+        _check_torch_engine(cfg)
+
+
+def _check_torch_engine(cfg: RunConfig) -> None:
+    """What PyTorch's own engines (partition/engines) cannot do, refused before any rank starts."""
+    P, M = cfg.world_size, cfg.train.microbatches
+    if cfg.strategy.name == "pipeline" and cfg.strategy.schedule == "1f1b" and M < P:
+        raise ConfigError("train.microbatches", M,
+                          f"engine=torch's Schedule1F1B needs >= world_size={P} micro-batches")
+    if cfg.strategy.name == "tensor" and cfg.strategy.layout == "megatron":
+        # A column-parallel layer followed by a row-parallel one: DTensor.from_local rebuilds
+        # the row layer's input assuming even shards.
+        dims, L = cfg.model.dims, cfg.spec.num_layers
+        for l in range(0, L - 1, 2):
+            if dims[l + 1] % P:
+                raise ConfigError("model.dims", list(dims),
+                                  f"engine=torch tensor parallel needs width {dims[l + 1]} "
+                                  f"(layer {l + 1}) divisible by world_size={P}")

@@ -79,7 +79,8 @@ def load_npz(path: str, spec: MLPSpec) -> Dataset:
         with np.load(path, allow_pickle=False) as f:
             missing = [k for k in ("X", "y") if k not in f.files]
             if missing:
-                raise ConfigError(key, path, f"missing array(s) {', '.join(missing)} (has {', '.join(f.files) or 'none'})")
+                has = ", ".join(f.files) or "none"
+                raise ConfigError(key, path, f"missing array(s) {', '.join(missing)} (has {has})")
             X, y = f["X"], f["y"]
     except ConfigError:
         raise

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -297,6 +298,11 @@ def write_outputs(cfg: RunConfig, run_dir: str, records: list[RankRecord], *, se
     return result
 
 
+def clear_errors(run_dir: str) -> None:
+    """Error records of an earlier attempt in this folder would be taken for this run's."""
+    shutil.rmtree(errors_dir(run_dir), ignore_errors=True)
+
+
 def _tidy(run_dir: str) -> None:
     """Drop what a rank prepared but never used: empty stack dumps and log files."""
     prune_empty(errors_dir(run_dir))
@@ -314,6 +320,7 @@ def run(cfg: RunConfig, run_dir: str) -> dict[str, Any]:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     os.makedirs(run_dir, exist_ok=True)
+    clear_errors(run_dir)
     t0 = time.perf_counter()
     if cfg.ranks == 1 and cfg.strategy.name == "single" and not cfg.fault.enabled:
         topo = single_process(cfg.device)
@@ -388,7 +395,10 @@ def torchrun_rank(cfg: RunConfig, choose_dir) -> tuple[Topology, dict[str, Any] 
     init_process_group(topo, timeout_s=cfg.timeout_s)
     ledger = Ledger()
     comm = Comm(rank=topo.rank, world_size=topo.world_size, ledger=ledger, device=topo.device)
-    run_dir = comm.broadcast_object(choose_dir() if topo.rank == 0 else None)
+    if topo.rank == 0:
+        run_dir = choose_dir()
+        clear_errors(run_dir)  # before the broadcast: no rank has written there yet
+    run_dir = comm.broadcast_object(run_dir if topo.rank == 0 else None)
     with StackDump(run_dir, topo.rank, watchdog_s=_watchdog_s(cfg, topo)) as dump:
         try:
             rec = run_rank(cfg, topo, comm, ledger, on_step=dump.arm)

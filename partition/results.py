@@ -90,7 +90,10 @@ def build_result(cfg: RunConfig, records: list[Any], *, seconds: float,
     statuses = {r.status for r in records}
     if status == "ok" and "diverged" in statuses:
         status = "diverged"
-    steady = (lambda xs: xs[warm:] if len(xs) > warm else xs)
+
+    def steady(xs: list[float]) -> list[float]:
+        return xs[warm:] if len(xs) > warm else xs
+
     # A step ends when the slowest rank ends it: per step, the max over ranks.
     step_times = [max(ts) for ts in zip(*(r.step_s for r in records))] if records else []
     ranks = []

@@ -18,7 +18,7 @@ from partition.data import Dataset, load_dataset
 from partition.model import Grads, Layer, weight_names
 from partition.reference import reference_grads
 from partition.strategies import build_runner
-from partition.strategies.base import Runner
+from partition.strategies.base import Runner, saved_layers
 from partition.topology import Topology
 from partition.weights import Shard, initial_weights, layer_shards
 
@@ -143,5 +143,5 @@ def run_rank(cfg: RunConfig, topo: Topology, comm: Comm | None, ledger: Ledger, 
     rec.comm["seconds"] = statistics.median(rec.comm_s[i] for i in steady)
     rec.memory = {**runner.state_bytes(), "peak_bytes": None, "predict_peak_bytes": None,
                   "activations_bytes": None}
-    rec.shards = layer_shards(runner.layers)
+    rec.shards = layer_shards(saved_layers(runner))
     return rec

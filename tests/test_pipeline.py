@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from conftest import config_dict, make_config, spawn
+
 from partition.comm import Comm, Ledger, Observer
 from partition.config import parse_config
 from partition.model import MLPSpec

@@ -20,10 +20,23 @@ def build_runner(cfg: RunConfig, topo: Topology, comm: Comm | None, data: Datase
         return SingleRunner(cfg, topo, data, full)
     if comm is None:
         raise ValueError(f"strategy {name!r} needs a process group")
+    if cfg.engine == "torch":
+        # PyTorch's own pipelining / DTensor / DDP as peers (`single` has no torch engine).
+        from partition.engines import build_torch_runner
+
+        return build_torch_runner(cfg, topo, comm, data, full)
     if name == "pipeline":
         from partition.strategies.pipeline import PipelineRunner
 
         return PipelineRunner(cfg, topo, comm, data, full)
+    if name == "tensor":
+        from partition.strategies.tensor import TensorRunner
+
+        return TensorRunner(cfg, topo, comm, data, full)
+    if name == "data":
+        from partition.strategies.data import DataRunner
+
+        return DataRunner(cfg, topo, comm, data, full)
     raise ValueError(f"strategy {name!r} is not implemented yet")
 
 

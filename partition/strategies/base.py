@@ -35,6 +35,15 @@ class Runner(Protocol):
     def state_bytes(self) -> dict[str, int]: ...
 
 
+def saved_layers(runner: Runner) -> list[Layer]:
+    """The layers this rank returns for weights.npz.
+
+    A runner whose ranks hold replicas (data parallel; a replicated tensor layer)
+    sets `saved_layers` so that one copy comes back instead of P; otherwise all.
+    """
+    return getattr(runner, "saved_layers", runner.layers)
+
+
 def state_bytes(layers: list[Layer], optimizer_bytes: int) -> dict[str, int]:
     """params, grads (one buffer per parameter) and optimizer state, exact."""
     p = tensors_bytes([t for l in layers for t in l.tensors()])

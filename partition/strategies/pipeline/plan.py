@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 from partition.model import MLPSpec
 
@@ -35,7 +35,7 @@ def plan_stages(spec: MLPSpec, stages: int, balance: tuple[int, ...] | None = No
 def _min_max_split(sizes: tuple[int, ...], parts: int) -> list[int]:
     """Layers per part minimising the largest part's total (exact, by dynamic programming)."""
 
-    @lru_cache(maxsize=None)
+    @cache
     def best(i: int, k: int) -> tuple[int, tuple[int, ...]]:
         # Split sizes[i:] into k non-empty parts: (largest part, counts).
         n = len(sizes) - i

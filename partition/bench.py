@@ -1,0 +1,386 @@
+"""The explicit engine against PyTorch's own, strategy by strategy (`python -m experiments.bench`).
+
+For each case both engines train the same net on the same data on P ranks:
+
+- one *measuring* run each through `train.run_rank`, exactly as `experiments.run` does
+  (ledger or dispatch-mode observer for the bytes, the memory probe where there is one);
+- then timing runs, alternating explicit and torch (A B A B …) so that drift on a
+  shared machine hits both alike. A timing run is `train.run_rank`'s loop (the same
+  clock around `runner.step`, per step the slowest rank, the median over the steps
+  after warm-up) with the measuring instruments off: the torch engines' observer
+  costs a Python call per aten op, which is not torch's cost.
+
+The ranks are started once for the whole benchmark (torch's elastic launcher, as for
+a run); every run builds its runner afresh from the same initial weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import gc
+import os
+import platform
+import statistics
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from partition.comm import Comm, Ledger
+from partition.config import RunConfig, parse_config
+from partition.data import load_dataset
+from partition.results import atomic_write
+from partition.strategies import build_runner
+from partition.topology import Topology, destroy, from_env, init_process_group
+from partition.train import RankRecord, run_rank
+from partition.weights import initial_weights
+
+ENGINES = ("explicit", "torch")
+# Roles that are not the strategy's training traffic: the J reduction, torch's one-off votes.
+NON_PAYLOAD = ("metric", "metadata")
+
+
+@dataclass(frozen=True)
+class Case:
+    label: str
+    overrides: dict[str, Any]  # dotted keys onto the base config
+
+
+DEFAULT_CASES = (
+    Case("pipeline gpipe", {"strategy.name": "pipeline", "strategy.schedule": "gpipe",
+                            "train.microbatches": 4}),
+    Case("pipeline 1f1b", {"strategy.name": "pipeline", "strategy.schedule": "1f1b",
+                           "train.microbatches": 4}),
+    Case("tensor", {"strategy.name": "tensor"}),
+    Case("data", {"strategy.name": "data"}),
+)
+
+
+def with_overrides(base: dict[str, Any], dotted: dict[str, Any]) -> dict[str, Any]:
+    d = copy.deepcopy(base)
+    for key, value in dotted.items():
+        node = d
+        parts = key.split(".")
+        for p in parts[:-1]:
+            if not isinstance(node.get(p), dict):
+                node[p] = {"name": node[p]} if isinstance(node.get(p), str) else {}
+            node = node[p]
+        node[parts[-1]] = value
+    return d
+
+
+def case_configs(base: dict[str, Any], case: Case) -> dict[str, RunConfig]:
+    return {e: parse_config(with_overrides(base, {**case.overrides, "engine": e}))
+            for e in ENGINES}
+
+
+# ---------------------------------------------------------------- on every rank
+
+
+def _not_implemented(e: Exception) -> bool:
+    return isinstance(e, (ValueError, NotImplementedError)) and "not implemented" in str(e)
+
+
+def timed_run(cfg: RunConfig, topo: Topology, comm: Comm, data: Any,
+              full: dict[str, torch.Tensor]) -> tuple[list[float], list[float]]:
+    """Wall and CPU seconds per step on this rank: run_rank's loop and clock, instruments off.
+
+    CPU time (this process, all its threads — gloo's included) does not count time spent
+    waiting, so it shows each engine's own work even when other jobs share the cores.
+    """
+    runner = build_runner(cfg, topo, comm, data, full)
+    if hasattr(runner, "observe"):
+        runner.observe = False  # torch engines: no dispatch-mode observer while timing
+    wall, cpu = [], []
+    for step in range(cfg.train.steps):
+        comm.ledger.step = step
+        if topo.device.type == "cuda":
+            torch.cuda.synchronize(topo.device)
+        c0, t0 = time.process_time(), time.perf_counter()
+        runner.step(step, want_grads=False)
+        if topo.device.type == "cuda":
+            torch.cuda.synchronize(topo.device)
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+        comm.ledger.step = None
+    comm.ledger.records.clear()
+    return wall, cpu
+
+
+def _fresh_comm(topo: Topology) -> tuple[Comm, Ledger]:
+    ledger = Ledger()
+    return Comm(rank=topo.rank, world_size=topo.world_size, ledger=ledger,
+                device=topo.device), ledger
+
+
+def bench_case(cfgs: dict[str, RunConfig], topo: Topology, *, pairs: int,
+               warmup_pairs: int) -> dict[str, Any]:
+    """One case on this rank: a measuring run per engine, then the alternating timing runs."""
+    cfg0 = cfgs["explicit"]
+    data = load_dataset(cfg0.data, cfg0.spec, seed=cfg0.seed)
+    full = initial_weights(cfg0.spec, init=cfg0.model.init, init_path=cfg0.model.init_path,
+                           seed=cfg0.seed)
+    measured: dict[str, RankRecord] = {}
+    for e in ENGINES:
+        comm, ledger = _fresh_comm(topo)
+        try:
+            measured[e] = run_rank(cfgs[e], topo, comm, ledger, data=data)
+        except Exception as exc:  # every rank raises the same, before any crossing
+            if _not_implemented(exc):
+                return {"skip": f"{e} engine: {exc}"}
+            raise
+    times: dict[str, list[list[float]]] = {e: [] for e in ENGINES}
+    cpu: dict[str, list[list[float]]] = {e: [] for e in ENGINES}
+    comm, _ = _fresh_comm(topo)
+    for _ in range(warmup_pairs + pairs):
+        for e in ENGINES:
+            gc.collect()
+            comm.barrier()  # both ranks start each run together
+            w, c = timed_run(cfgs[e], topo, comm, data, full)
+            times[e].append(w)
+            cpu[e].append(c)
+    return {"measured": measured, "times": times, "cpu": cpu}
+
+
+def bench_rank(base: dict[str, Any], cases: list[Case], pairs: int,
+               warmup_pairs: int) -> dict[str, Any]:
+    """Entry point of a spawned rank."""
+    device = base.get("device", "cpu")
+    topo = from_env(device)
+    init_process_group(topo, timeout_s=float(base.get("timeout_s", 60)))
+    try:
+        return {c.label: bench_case(case_configs(base, c), topo, pairs=pairs,
+                                    warmup_pairs=warmup_pairs) for c in cases}
+    finally:
+        destroy()
+
+
+# ---------------------------------------------------------------- summarising
+
+
+@dataclass
+class Row:
+    label: str
+    skip: str | None = None
+    explicit_s: float | None = None  # median step time over the timing runs
+    torch_s: float | None = None
+    ratios: list[float] = field(default_factory=list)  # explicit ÷ torch, one per pair
+    cpu_s: dict[str, float] = field(default_factory=dict)  # CPU s per step, all ranks together
+    cpu_ratios: list[float] = field(default_factory=list)
+    payload: dict[str, int] = field(default_factory=dict)  # training bytes per step, all ranks
+    other_bytes: dict[str, int] = field(default_factory=dict)  # metric + metadata
+    peak: dict[str, int | None] = field(default_factory=dict)  # largest rank's peak, bytes
+    losses_agree: bool | None = None
+
+    @property
+    def ratio(self) -> tuple[float, float, float] | None:
+        return _spread(self.ratios)
+
+    @property
+    def cpu_ratio(self) -> tuple[float, float, float] | None:
+        return _spread(self.cpu_ratios)
+
+
+def _spread(xs: list[float]) -> tuple[float, float, float] | None:
+    return (statistics.median(xs), min(xs), max(xs)) if xs else None
+
+
+def run_step_time(per_rank: list[list[float]], warmup_steps: int, *, combine=max) -> float:  # noqa: ANN001
+    """A run's step time as result.json has it: per step the slowest rank (`combine`=max),
+    median after warm-up. CPU time adds the ranks up instead (`combine`=sum)."""
+    steps = [combine(ts) for ts in zip(*per_rank, strict=True)]
+    steady = steps[warmup_steps:] if len(steps) > warmup_steps else steps
+    return statistics.median(steady)
+
+
+def summarize_case(label: str, by_rank: list[dict[str, Any]], *, warmup_steps: int,
+                   warmup_pairs: int) -> Row:
+    if "skip" in by_rank[0]:
+        return Row(label, skip=by_rank[0]["skip"])
+    row = Row(label)
+    med: dict[str, list[float]] = {}
+    cpu: dict[str, list[float]] = {}
+    for e in ENGINES:
+        # per run: every rank's step times
+        runs = zip(*(r["times"][e] for r in by_rank), strict=True)
+        med[e] = [run_step_time(list(per_rank), warmup_steps) for per_rank in runs][warmup_pairs:]
+        runs = zip(*(r["cpu"][e] for r in by_rank), strict=True)
+        cpu[e] = [run_step_time(list(per_rank), warmup_steps, combine=sum)
+                  for per_rank in runs][warmup_pairs:]
+        row.cpu_s[e] = statistics.median(cpu[e])
+        recs: list[RankRecord] = [r["measured"][e] for r in by_rank]
+        row.payload[e] = sum(v["bytes"] for rec in recs for k, v in rec.comm["by_role"].items()
+                             if k not in NON_PAYLOAD)
+        row.other_bytes[e] = sum(v["bytes"] for rec in recs for k, v in rec.comm["by_role"].items()
+                                 if k in NON_PAYLOAD)
+        peaks = [rec.memory.get("peak_bytes") for rec in recs]
+        row.peak[e] = None if any(p is None for p in peaks) else max(peaks)
+    row.explicit_s = statistics.median(med["explicit"])
+    row.torch_s = statistics.median(med["torch"])
+    row.ratios = [a / b for a, b in zip(med["explicit"], med["torch"], strict=True)]
+    row.cpu_ratios = [a / b for a, b in zip(cpu["explicit"], cpu["torch"], strict=True)]
+    le = by_rank[0]["measured"]["explicit"].objective
+    lt = by_rank[0]["measured"]["torch"].objective
+    row.losses_agree = all(abs(a - b) <= 1e-4 * max(1.0, abs(a))
+                           for a, b in zip(le, lt, strict=True))
+    return row
+
+
+# ---------------------------------------------------------------- the whole benchmark
+
+
+def spawn_bench(base: dict[str, Any], cases: list[Case], *, pairs: int,
+                warmup_pairs: int) -> list[dict[str, Any]]:
+    """Start world_size ranks once with torch's elastic launcher; results by rank."""
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    from partition.launch import free_port
+
+    world = int(base["world_size"])
+    with tempfile.TemporaryDirectory(prefix="partition-bench-") as logs:
+        lc = LaunchConfig(
+            min_nodes=1, max_nodes=1, nproc_per_node=world,
+            run_id=f"bench-{uuid.uuid4().hex[:8]}", rdzv_backend="c10d",
+            rdzv_endpoint=f"127.0.0.1:{free_port()}", rdzv_configs={"timeout": 60},
+            max_restarts=0, monitor_interval=0.05, start_method="spawn",
+            logs_specs=DefaultLogsSpecs(log_dir=logs), local_addr="127.0.0.1",
+        )
+        out = elastic_launch(lc, bench_rank)(base, cases, pairs, warmup_pairs)
+    return [out[r] for r in sorted(out)]
+
+
+def run_bench(base: dict[str, Any], cases: list[Case] | None = None, *, pairs: int = 10,
+              warmup_pairs: int = 1) -> tuple[list[Row], dict[str, Any]]:
+    if pairs < 1:
+        raise ValueError(f"pairs must be >= 1, got {pairs}")
+    cases = list(cases or DEFAULT_CASES)
+    for c in cases:  # bad settings fail here, before any rank starts
+        case_configs(base, c)
+    load_before = os.getloadavg()
+    t0 = time.time()
+    by_rank = spawn_bench(base, cases, pairs=pairs, warmup_pairs=warmup_pairs)
+    warm = int(base["train"]["warmup_steps"])
+    rows = [summarize_case(c.label, [r[c.label] for r in by_rank], warmup_steps=warm,
+                           warmup_pairs=warmup_pairs) for c in cases]
+    info = machine() | {"load_before": load_before, "load_after": os.getloadavg(),
+                        "seconds": time.time() - t0, "pairs": pairs,
+                        "warmup_pairs": warmup_pairs}
+    return rows, info
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "os": platform.platform(),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "host": platform.node(),
+            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+
+
+# ---------------------------------------------------------------- the table
+
+
+def _mib(n: int | None) -> str:
+    return "n/a" if n is None else f"{n / 2**20:.2f} MiB"
+
+
+def table(rows: list[Row]) -> str:
+    head = ("| strategy | explicit ms/step | torch ms/step | explicit ÷ torch: median [min, max] "
+            "| payload B/step explicit | torch | peak memory explicit | torch |")
+    lines = [head, "|" + "---|" * 8]
+    for r in rows:
+        if r.skip:
+            lines.append(f"| {r.label} | skipped: {r.skip} |" + " |" * 6)
+            continue
+        med, lo, hi = r.ratio or (float("nan"),) * 3
+        pe, pt = r.payload["explicit"], r.payload["torch"]
+        lines.append(
+            f"| {r.label} | {r.explicit_s * 1e3:.2f} | {r.torch_s * 1e3:.2f} | "
+            f"**{med:.2f}** [{lo:.2f}, {hi:.2f}] | {pe:,} | {pt:,} | "
+            f"{_mib(r.peak['explicit'])} | {_mib(r.peak['torch'])} |")
+    return "\n".join(lines)
+
+
+def cpu_table(rows: list[Row]) -> str:
+    """CPU time (both ranks, waiting excluded): each engine's own work, less hit by other jobs."""
+    lines = ["| strategy | explicit CPU ms/step | torch CPU ms/step "
+             "| explicit ÷ torch: median [min, max] |", "|---|---|---|---|"]
+    for r in rows:
+        if r.skip:
+            continue
+        med, lo, hi = r.cpu_ratio or (float("nan"),) * 3
+        lines.append(f"| {r.label} | {r.cpu_s['explicit'] * 1e3:.2f} | "
+                     f"{r.cpu_s['torch'] * 1e3:.2f} | **{med:.2f}** [{lo:.2f}, {hi:.2f}] |")
+    return "\n".join(lines)
+
+
+def settings_line(base: dict[str, Any], cases: list[Case]) -> str:
+    t, m = base["train"], base["model"]
+    return (f"P={base['world_size']} ranks on {base.get('device', 'cpu')}, "
+            f"model.dims={list(m['dims'])}, {m['activation']}, {m['loss']}, λ={m['weight_decay']}, "
+            f"B={t['batch_size']}, {t['dtype']}, {t['steps']} steps per run "
+            f"(first {t['warmup_steps']} left out); micro-batches M: "
+            + ", ".join(f"{c.label} {c.overrides.get('train.microbatches', t['microbatches'])}"
+                        for c in cases))
+
+
+def markdown(rows: list[Row], info: dict[str, Any], base: dict[str, Any], cases: list[Case],
+             command: str) -> str:
+    notes = []
+    for r in rows:
+        if r.skip:
+            continue
+        extra = {e: r.other_bytes[e] for e in ENGINES}
+        notes.append(f"- {r.label}: besides the payload, the J reduction (and torch's metadata) "
+                     f"moved {extra['explicit']:,} B (explicit) and {extra['torch']:,} B (torch) "
+                     f"per step; J agreed between the engines: {r.losses_agree}.")
+    return "\n".join([
+        "# Benchmarks: the explicit engine against PyTorch's own",
+        "",
+        f"`{command}` — {info['date']}",
+        "",
+        f"Machine: {info['cpu']}, {info['cores']} cores, {info['os']}; Python {info['python']}, "
+        f"torch {info['torch']}. Load average before / after: "
+        f"{', '.join(f'{x:.1f}' for x in info['load_before'])} / "
+        f"{', '.join(f'{x:.1f}' for x in info['load_after'])} "
+        "(other work shared the cores: absolute times are noisy, the ratios of alternated runs "
+        "less so).",
+        "",
+        f"Settings: {settings_line(base, cases)}. {info['pairs']} timed pairs (A B A B …) after "
+        f"{info['warmup_pairs']} warm-up pair(s); one thread per rank.",
+        "",
+        table(rows),
+        "",
+        "CPU time of the same timing runs (both ranks' processes, all their threads; time spent "
+        "waiting does not count), which shows each engine's own work even on a busy machine:",
+        "",
+        cpu_table(rows),
+        "",
+        "Step time is the median over a run's steps of the slowest rank (as in result.json), "
+        "then the median over runs; the ratio is per pair, then median, min and max over pairs. "
+        "Payload is the training traffic per step summed over ranks (what each rank sends or hands "
+        "to a collective, DESIGN §5): the ledger's for the explicit engine, the dispatch-mode "
+        "observer's for torch. Peak memory is the largest rank's, from the memory probe "
+        "(n/a: no probe on this branch yet). The torch engines are timed without the "
+        "dispatch-mode observer that counts their bytes (a Python call per aten op, which is not "
+        "torch's own cost); the explicit engine keeps its ledger, which is part of it.",
+        "",
+        *notes,
+        "",
+    ])
+
+
+def write_markdown(path: str, text: str) -> None:
+    atomic_write(path, lambda fh: fh.write(text.encode()))

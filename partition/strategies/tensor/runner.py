@@ -1,0 +1,174 @@
+"""Executing a tensor-parallel plan (plan.py): one rank's shards, forward and backward.
+
+Every rank reads the whole batch (replicated input, nothing crosses for it), runs
+its shards of every layer, and meets the others only in the collectives the layout
+needs (see plan.py for what crosses and why). With M micro-batches each one runs
+forward then backward before the next (gradient accumulation), so every crossing
+happens once per micro-batch and the update is the full batch's.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from partition.comm import Comm
+from partition.config import RunConfig
+from partition.data import Dataset
+from partition.model import (
+    SGD,
+    Cache,
+    Layer,
+    activation_backward,
+    activation_forward,
+    add_decay,
+    correct_count,
+    linear,
+    linear_backward,
+    loss_grad,
+    loss_sum,
+    make_layer,
+    zero_grads,
+)
+from partition.strategies.base import StepOut, state_bytes
+from partition.strategies.tensor.plan import LayerShard, plan_layers, split_evenly
+from partition.topology import Topology
+
+
+class TensorRunner:
+    def __init__(self, cfg: RunConfig, topo: Topology, comm: Comm, data: Dataset,
+                 full: dict[str, torch.Tensor]) -> None:
+        self.cfg, self.topo, self.comm, self.data = cfg, topo, comm, data
+        self.spec = cfg.spec
+        self.dtype = getattr(torch, cfg.train.dtype)
+        self.P, self.rank = topo.world_size, topo.rank
+        self.plan: list[LayerShard] = plan_layers(cfg.strategy.layout, self.spec.dims,
+                                                  self.P, self.rank)
+        self.layers: list[Layer] = [
+            make_layer(full, s.layer, dtype=self.dtype, device=topo.device, rows=s.rows,
+                       cols=s.cols, bias_owner=s.bias_owner)
+            for s in self.plan
+        ]
+        # Replicas are returned (and counted in s) by one rank only.
+        self.saved_layers = [l for l, s in zip(self.layers, self.plan, strict=True) if s.primary]
+        self.grads = zero_grads(self.layers)
+        self.opt = SGD(cfg.train.lr, cfg.train.momentum)
+        # rowwise: every rank's row range of every layer's output (all-gather shapes,
+        # reduce-scatter chunks).
+        self.splits = [split_evenly(self.spec.dims[l + 1], self.P) if s.kind == "rowwise" else None
+                       for l, s in enumerate(self.plan)]
+
+    # ------------------------------------------------------------ collectives (none at P = 1)
+
+    def _all_reduce(self, t: torch.Tensor, *, role: str, phase: str) -> torch.Tensor:
+        if self.P == 1:
+            return t
+        return self.comm.all_reduce(t.contiguous(), role=role, phase=phase)
+
+    def _gather(self, t: torch.Tensor, splits: list[tuple[int, int]]) -> torch.Tensor:
+        """Whole activation from every rank's column slice: (B, n_r) -> (B, n)."""
+        if self.P == 1:
+            return t
+        shapes = [(t.shape[0], hi - lo) for lo, hi in splits]
+        return torch.cat(self.comm.all_gather(t, shapes, role="gather", phase="forward"), dim=1)
+
+    def _reduce_scatter(self, t: torch.Tensor, splits: list[tuple[int, int]]) -> torch.Tensor:
+        """Sum the ranks' partial (B, n) and keep this rank's columns: (B, n) -> (B, n_r)."""
+        if self.P == 1:
+            return t
+        chunks = [t[:, lo:hi] for lo, hi in splits]
+        return self.comm.reduce_scatter(chunks, role="input_grad", phase="backward")
+
+    # ------------------------------------------------------------ one micro-batch
+
+    def _forward(self, x: torch.Tensor, *, keep: bool) -> tuple[torch.Tensor, list[Cache]]:
+        """x: the whole (mb, d) input on every rank -> the whole (mb, q) output on every rank."""
+        last = self.spec.num_layers - 1
+        caches: list[Cache] = []
+        for layer, sh, splits in zip(self.layers, self.plan, self.splits, strict=True):
+            # column: (mb, n_in) -> (mb, |R_r|); row: (mb, |R_r|) -> (mb, n_out) partial;
+            # replicated: (mb, n_in) -> (mb, n_out); rowwise: (mb, n_in) -> (mb, |R_r|)
+            z = linear(x, layer)
+            if sh.kind == "row":
+                z = self._all_reduce(z, role="partial_output", phase="forward")
+            if keep:
+                caches.append(Cache(x, None if layer.index == last else z))
+            h = z if layer.index == last else activation_forward(self.spec.activation, z)
+            x = self._gather(h, splits) if sh.kind == "rowwise" else h
+        return x, caches
+
+    def _backward(self, caches: list[Cache], g: torch.Tensor) -> None:
+        """g = dJ/do, whole on every rank (every rank computed the same loss gradient)."""
+        last = self.spec.num_layers - 1
+        for i in range(len(self.layers) - 1, -1, -1):
+            layer, sh, cache = self.layers[i], self.plan[i], caches[i]
+            if layer.index == last:
+                # rowwise: this rank's output columns of the whole dJ/do
+                dz = g[:, slice(*sh.rows)] if sh.kind == "rowwise" else g
+            else:
+                dz = activation_backward(self.spec.activation, cache.z, g)
+            dx = linear_backward(dz, cache.x, layer, self.grads[i], need_input_grad=i > 0)
+            caches[i] = None  # type: ignore[call-overload]  # free as we go
+            if dx is None:
+                break
+            if sh.kind == "column":
+                # (mb, |R_r|) @ (|R_r|, n_in): a partial sum of the pair's input gradient
+                dx = self._all_reduce(dx, role="input_grad", phase="backward")
+            elif sh.kind == "rowwise":
+                dx = self._reduce_scatter(dx, self.splits[i - 1])
+            # row: dx is already this rank's slice of dJ/dh; replicated: dx is whole
+            g = dx
+
+    # ------------------------------------------------------------ the step
+
+    def step(self, step: int, *, want_grads: bool) -> StepOut:
+        t_start = time.perf_counter()
+        n_rec = len(self.comm.ledger.records)
+        t = self.cfg.train
+        B, M = t.batch_size, t.microbatches
+        for g in self.grads:
+            for x in g.tensors():
+                x.zero_()
+        X, y = self.data.batch(step, B, shuffle=self.cfg.data.shuffle, seed=self.cfg.seed,
+                               dtype=self.dtype, device=self.topo.device)
+        loss_total, correct = 0.0, 0
+        ce = self.spec.loss == "cross_entropy"
+        for xm, ym in zip(X.chunk(M), y.chunk(M), strict=True):
+            o, caches = self._forward(xm, keep=True)
+            loss_total += float(loss_sum(self.spec.loss, o, ym))
+            correct += correct_count(o, ym) if ce else 0
+            g = loss_grad(self.spec.loss, o, ym, B)
+            del o
+            self._backward(caches, g)
+        del X, y
+        sq = sum(float((l.W * l.W).sum()) for l in self.saved_layers)
+        add_decay(self.layers, self.grads, self.spec.weight_decay)  # λW: local to each shard
+        grads = [g.clone() for g in self.grads] if want_grads else None
+        self.opt.step(self.layers, self.grads)
+
+        # The loss is the same on every rank (each has the whole o): rank 0 contributes it;
+        # s needs every rank's shards.
+        mine = self.rank == 0
+        metric = torch.tensor([loss_total if mine else 0.0, sq, float(correct) if mine else 0.0],
+                              dtype=torch.float64, device=self.topo.device)
+        self.comm.all_reduce(metric, role="metric", phase="metric")
+        loss_sum_all, sq_all, correct_all = metric.tolist()
+        L = loss_sum_all / B
+        comm_s = sum(r.seconds for r in self.comm.ledger.records[n_rec:])
+        return StepOut(
+            objective=L + 0.5 * self.spec.weight_decay * sq_all, data_loss=L,
+            correct=int(correct_all) if ce else None, grads=grads, in_flight_max=1,
+            # everything in the step that was not inside a collective
+            compute_s=max(0.0, time.perf_counter() - t_start - comm_s),
+        )
+
+    def predict(self, step: int) -> torch.Tensor:
+        """A prediction forward (nothing kept); the whole output is on every rank."""
+        X, _ = self.data.batch(step, self.cfg.train.batch_size, shuffle=self.cfg.data.shuffle,
+                               seed=self.cfg.seed, dtype=self.dtype, device=self.topo.device)
+        out, _ = self._forward(X, keep=False)
+        return out
+
+    def state_bytes(self) -> dict[str, int]:
+        return state_bytes(self.layers, self.opt.state_bytes(self.layers))

@@ -1,0 +1,259 @@
+"""The closing summary of a comparison, generated from the results table.
+
+It answers the seed's exercise — partition the graph over P devices, or train on a
+smaller minibatch? — with the numbers in the table (`partition.report.build_table`).
+Which list a point lands in (advantage or disadvantage of partitioning) is decided by
+those numbers, not written in advance; a case the table lacks is said to be missing.
+
+The cases are recognised from the rows themselves: the partitioned runs (any
+strategy but `single`) at their most common batch size B; the single-device run at
+that B with M = 1 (the full batch) and with M > 1 (gradient accumulation); and the
+single-device runs at a smaller B (the smaller minibatch).
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from partition.report import fmt_bytes, num, run_label
+
+# Two J values closer than this (relative) are the same update computed two ways.
+SAME_J_RTOL = 1e-4
+MISSING_MEM = "peak not measured"
+
+
+def _mem(r: pd.Series) -> tuple[float | None, str]:
+    """The peak per device and where it comes from: measured first, else predicted."""
+    v = num(r["peak_bytes"])
+    if v is not None:
+        return v, "measured"
+    v = num(r["pred_peak_bytes"])
+    return (v, "predicted") if v is not None else (None, "")
+
+
+def _mem_text(r: pd.Series) -> str:
+    v, kind = _mem(r)
+    if v is None:
+        return MISSING_MEM
+    return fmt_bytes(v) + (" predicted" if kind == "predicted" else "")
+
+
+def _ms(x: float | None) -> str:
+    return "—" if x is None else f"{x * 1e3:.1f} ms"
+
+
+def _time_for(r: pd.Series, examples: int | None) -> float | None:
+    """Time to see `examples` examples at this run's pace: median step time × examples / B."""
+    step, B = num(r["step_s"]), num(r["B"])
+    if step is None or not B or not examples:
+        return None
+    return step * examples / B
+
+
+def _tail_mean(r: pd.Series, examples: int) -> float | None:
+    """Mean J over the steps that saw the last `examples` examples: a smaller minibatch's
+    last few steps cover the same rows as the full batch's last step (data.shuffle=false)."""
+    curve = [x for x in (r["loss_curve"] or []) if x is not None]
+    k = max(1, examples // int(r["B"]))
+    return sum(curve[-k:]) / k if len(curve) >= k else None
+
+
+def _status_text(r: pd.Series) -> str:
+    err = f": {r['error']}" if r["error"] else ""
+    return f"{r['status']}{err}"
+
+
+def _rows(df: pd.DataFrame) -> list[pd.Series]:
+    return [r for _, r in df.iterrows()]
+
+
+def summarize(df: pd.DataFrame) -> list[str]:
+    """Markdown lines: the setting, then advantages, disadvantages and what is missing."""
+    if not len(df):
+        return ["No results: nothing to summarise."]
+    known = df[df["strategy"].notna() & df["B"].notna()]  # a row without these says nothing
+    part_all = known[known["strategy"] != "single"]
+    if not len(part_all):
+        return ["No partitioned run in these results: nothing to compare with a smaller "
+                "minibatch."]
+    counts = part_all["B"].value_counts()
+    B = int(max(b for b, n in counts.items() if n == counts.max()))
+    part = _rows(part_all[part_all["B"] == B])
+    singles = known[known["strategy"] == "single"]
+    full = _rows(singles[(singles["B"] == B) & (singles["M"] == 1)])
+    accum = _rows(singles[(singles["B"] == B) & (singles["M"] > 1)])
+    small = _rows(singles[singles["B"] < B])
+    planned = {num(r["planned_examples"]) for r in part} - {None}
+    E = int(max(planned)) if planned else None
+    # The loss is only comparable after the same number of examples.
+    small_same = [r for r in small if E is not None and num(r["planned_examples"]) == E]
+    small = small_same or small
+
+    adv: list[str] = []
+    dis: list[str] = []
+    missing: list[str] = []
+
+    head = [f"Partitioning over P devices versus a smaller minibatch: full batch B={B}"
+            + (f", {E:,} examples per run" if E else "")
+            + (f"; smaller minibatch B={', '.join(str(r['B']) for r in small)}" if small else "")
+            + "."]
+
+    f0 = full[0] if full else None
+    s0 = min(small, key=lambda r: r["B"]) if small else None
+    a0 = accum[0] if accum else None
+    ok_part = [r for r in part if r["status"] == "ok"]
+
+    # ---- memory per device
+    fits = [(r, _mem(r)[0]) for r in ok_part if _mem(r)[0] is not None]
+    best = min(fits, key=lambda t: t[1]) if fits else None
+    full_v = _mem(f0)[0] if f0 is not None else None
+    limit = num(f0["memory_limit"]) if f0 is not None else None
+    if f0 is None:
+        missing.append(f"single device, full batch B={B}: no run")
+    elif f0["status"] == "oom" and ok_part:
+        need = f", needs {_mem_text(f0)}" if full_v is not None else ""
+        lim = f" under memory_limit={fmt_bytes(limit)}" if limit else ""
+        where = (f"; the lowest is {run_label(best[0])} at {fmt_bytes(best[1])} per device"
+                 if best else "")
+        adv.append(f"**Memory per device**: the full batch B={B} does not fit one device "
+                   f"(oom{lim}{need}); partitioned, {len(ok_part)} of {len(part)} runs train it "
+                   f"with the full batch{where}.")
+    elif full_v is not None and best is not None:
+        ratio = best[1] / full_v
+        (adv if ratio < 1 else dis).append(
+            f"**Memory per device**: {run_label(best[0])} holds {fmt_bytes(best[1])} per device, "
+            f"{ratio:.2f}× the single device's {_mem_text(f0)} for the full batch.")
+    oom_part = [r for r in part if r["status"] == "oom"]
+    if oom_part:
+        dis.append("**Memory per device**: still oom when partitioned: "
+                   + "; ".join(f"{run_label(r)} ({_mem_text(r)})" for r in oom_part) + ".")
+    if s0 is not None and best is not None:
+        sv = _mem(s0)[0]
+        if s0["status"] == "oom":
+            adv.append(f"**Memory vs smaller minibatch**: even B={s0['B']} is oom on one "
+                       f"device; {run_label(best[0])} fits at {fmt_bytes(best[1])} per device.")
+        elif sv is not None:
+            if sv <= best[1]:
+                dis.append(f"**Memory vs smaller minibatch**: one device with B={s0['B']} needs "
+                           f"{fmt_bytes(sv)}, no more than the best partition's "
+                           f"{fmt_bytes(best[1])} per device ({run_label(best[0])}, which needs "
+                           f"{best[0]['P']} devices).")
+            else:
+                adv.append(f"**Memory vs smaller minibatch**: {run_label(best[0])} needs "
+                           f"{fmt_bytes(best[1])} per device, less than the {fmt_bytes(sv)} of "
+                           f"one device with B={s0['B']}.")
+    if not fits and not any(_mem(r)[0] is not None for r in full + small + accum):
+        missing.append("peak memory per device: not measured in these results "
+                       "(memory.peak_bytes empty)")
+
+    # ---- bytes moved
+    moved = [(r, num(r["bytes_per_step"])) for r in ok_part if num(r["bytes_per_step"])
+             is not None]
+    if moved:
+        lo, hi = min(m for _, m in moved), max(m for _, m in moved)
+        span = fmt_bytes(lo) if lo == hi else f"{fmt_bytes(lo)} to {fmt_bytes(hi)}"
+        each = ", ".join(f"{run_label(r)} {fmt_bytes(m)}" for r, m in moved)
+        zero = [x for x in (s0, a0) if x is not None and x["status"] == "ok"]
+        names = ["the smaller minibatch" if x is s0 else "gradient accumulation" for x in zero]
+        alt = f" — {' and '.join(names)} move{'s' if len(names) == 1 else ''} 0 B" if zero else ""
+        (dis if hi > 0 else adv).append(
+            f"**Bytes moved**: each step, partitioned runs move {span} per device between "
+            f"devices ({each}){alt}.")
+        tl = {r["variant"]: (r, m) for r, m in moved if r["strategy"] == "tensor"
+              and r["P"] == moved[0][0]["P"]}
+        if "megatron" in tl and "rowwise" in tl and tl["megatron"][1] > 0:
+            k = tl["rowwise"][1] / tl["megatron"][1]
+            dis.append(f"**Layout matters**: tensor rowwise moves {k:.1f}× the bytes of the "
+                       f"Megatron pairing at P={tl['megatron'][0]['P']} "
+                       f"({fmt_bytes(tl['rowwise'][1])} vs {fmt_bytes(tl['megatron'][1])}).")
+    elif part:
+        missing.append("bytes moved: no finished partitioned run")
+
+    # ---- time to see the same examples
+    timed = [(r, _time_for(r, E)) for r in ok_part if _time_for(r, E) is not None]
+    if timed:
+        fastest = min(timed, key=lambda t: t[1])
+        refs = [(name, x) for name, x in (("smaller minibatch", s0), ("accumulation", a0),
+                                          ("full batch", f0))
+                if x is not None and x["status"] == "ok" and _time_for(x, E) is not None]
+        parts = ", ".join(f"{run_label(r)} {_ms(t)}" for r, t in timed)
+        if refs:
+            name, x = refs[0]
+            tx = _time_for(x, E)
+            line = (f"**Time for {E:,} examples** (median step time × {E:,}/B, this machine): "
+                    f"fastest partitioned {run_label(fastest[0])} {_ms(fastest[1])} vs {name} "
+                    f"B={x['B']} {_ms(tx)} ({_ms(num(x['step_s']))} per step); "
+                    f"all partitioned: {parts}.")
+            (adv if fastest[1] < tx else dis).append(line)
+        else:
+            missing.append("time: no finished single-device run to compare with")
+    elif part:
+        missing.append("step time: no finished partitioned run")
+
+    # ---- pipeline bubble
+    pipes = [r for r in ok_part if r["strategy"] == "pipeline"]
+    if pipes:
+        items = []
+        for r in pipes:
+            meas, pred = num(r["bubble"]), num(r["pred_bubble"])
+            m = "—" if meas is None else f"{meas:.0%}"
+            p = "—" if pred is None else f"{pred:.0%}"
+            items.append(f"{run_label(r)} M={r['M']} spends {m} of a step not computing "
+                         f"(predicted bubble (P−1)/(M+P−1) = {p})")
+        dis.append("**Bubble**: " + "; ".join(items) + ".")
+
+    # ---- loss after the same examples
+    ref = next((x for x in (f0, a0) if x is not None and x["status"] == "ok"
+                and num(x["final_loss"]) is not None), None)
+    jp = [(r, num(r["final_loss"])) for r in ok_part if num(r["final_loss"]) is not None]
+    if jp:
+        if ref is not None:
+            jr = num(ref["final_loss"])
+            dj = max(abs(j - jr) for _, j in jp)
+            what = "full batch" if ref is f0 else f"gradient accumulation M={ref['M']}"
+            if dj <= SAME_J_RTOL * max(1.0, abs(jr)):
+                adv.append(f"**Same update**: after the same examples every partitioned run "
+                           f"ends at J = {jr:.4f}, as single-device {what} does (largest "
+                           f"|ΔJ| = {dj:.1e}): partitioning changes where the work runs, not "
+                           f"the optimisation.")
+            else:
+                dis.append(f"**Not the same update**: partitioned runs end up to {dj:.1e} away "
+                           f"from single-device {what}'s J = {jr:.4f}.")
+        else:
+            missing.append("loss reference: no finished single-device run at the full batch "
+                           "(full or accumulated)")
+        js = _tail_mean(s0, B) if s0 is not None and s0["status"] == "ok" else None
+        if small_same and js is not None:
+            jpm = sum(j for _, j in jp) / len(jp)
+            steps_p = num(jp[0][0]["steps"])
+            k = f"{num(s0['steps']) / steps_p:.0f}× as many" if steps_p else "more"
+            tail = B // s0["B"]
+            line = (f"**Loss after the same {E:,} examples**: J over the last {B:,} examples "
+                    f"seen is {js:.4f} for the smaller minibatch B={s0['B']} ({k} steps; the "
+                    f"mean of its last {tail}) and {jpm:.4f} for the partitioned full batch.")
+            (dis if js < jpm else adv).append(line)
+        elif not small_same:
+            missing.append(f"smaller minibatch that sees the same {E:,} examples: no run"
+                           if E else "smaller minibatch: no run")
+    elif part:
+        missing.append("loss: no finished partitioned run")
+
+    for x in (s0, a0):
+        if x is not None and x["status"] != "ok":
+            missing.append(f"{run_label(x)} B={x['B']} M={x['M']}: {_status_text(x)}")
+    if a0 is None:
+        missing.append(f"gradient accumulation at B={B}: no run")
+    for r in part:
+        if r["status"] not in ("ok", "oom"):
+            missing.append(f"{run_label(r)} M={r['M']}: {_status_text(r)}")
+
+    out = head + ["", "Advantages of partitioning:"]
+    out += [f"- {x}" for x in adv] or ["- none shown by these numbers"]
+    out += ["", "Disadvantages of partitioning:"]
+    out += [f"- {x}" for x in dis] or ["- none shown by these numbers"]
+    if missing:
+        out += ["", "Missing:"] + [f"- {x}" for x in missing]
+    return out
+
+
+__all__ = ["summarize"]
