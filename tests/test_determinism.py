@@ -14,8 +14,13 @@ def _comm_bytes(result: dict) -> list[dict]:
     return [{k: v for k, v in r["comm"].items() if k != "seconds"} for r in result["ranks"]]
 
 
-@pytest.mark.parametrize(("strategy", "world", "micro"), [("single", 1, 2), ("pipeline", 2, 2)],
-                         ids=["single", "pipeline-P2"])
+CASES = [("single", 1, 2), ("pipeline", 2, 2),
+         pytest.param("tensor", 2, 2, marks=pytest.mark.slow),
+         pytest.param("data", 2, 2, marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize(("strategy", "world", "micro"), CASES,
+                         ids=["single", "pipeline-P2", "tensor-P2", "data-P2"])
 def test_same_config_same_bits(tmp_path, strategy, world, micro):
     cfg = make_config(strategy=strategy, world_size=world, **{
         "model.dims": [20, 16, 4], "model.bias": True, "model.weight_decay": 1e-3,

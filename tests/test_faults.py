@@ -104,21 +104,41 @@ def check_fault(tmp_path, strategy: str, world: int, rank: int, kind: str, *,
     return result
 
 
+def _ids(cases: list[tuple]) -> list[str]:
+    return [f"{s}-P{w}-rank{r}" + (f"-{k[0]}" if k else "") for s, w, r, *k in cases]
+
+
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize(("strategy", "world", "rank"), CASES,
-                         ids=[f"{s}-P{w}-rank{r}" for s, w, r in CASES])
+@pytest.mark.parametrize(("strategy", "world", "rank"), CASES, ids=_ids(CASES))
 def test_fault(tmp_path, strategy, world, rank, kind):
     # While the hung group waits (timeout_s), check that it talks over loopback only.
     check_fault(tmp_path, strategy, world, rank, kind,
                 watch_sockets=kind == "hang" and world == 2)
 
 
+# Collectives instead of send/recv: a peer hung or dead in the middle of an all-reduce.
+COLLECTIVE = [("tensor", 2, 1, "hang"), ("data", 4, 3, "exit")]
+COLLECTIVE_ALL = [(s, w, w - 1, k) for s in ("tensor", "data") for w in (2, 4) for k in KINDS]
+
+
+@pytest.mark.parametrize(("strategy", "world", "rank", "kind"), COLLECTIVE, ids=_ids(COLLECTIVE))
+def test_fault_in_collectives(tmp_path, strategy, world, rank, kind):
+    check_fault(tmp_path, strategy, world, rank, kind)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("strategy", "world", "rank", "kind"), COLLECTIVE_ALL,
+                         ids=_ids(COLLECTIVE_ALL))
+def test_fault_in_collectives_every_kind(tmp_path, strategy, world, rank, kind):
+    check_fault(tmp_path, strategy, world, rank, kind)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("repeat", range(10))
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize(("strategy", "world", "rank"), CASES[:2],
-                         ids=[f"{s}-P{w}-rank{r}" for s, w, r in CASES[:2]])
+@pytest.mark.parametrize(("strategy", "world", "rank"), CASES[:2], ids=_ids(CASES[:2]))
 def test_fault_repeated(tmp_path, strategy, world, rank, kind, repeat):
+    """The issue's 10-fold repeat: the right rank named every time."""
     check_fault(tmp_path, strategy, world, rank, kind)
 
 
