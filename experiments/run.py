@@ -80,13 +80,14 @@ def _hydra_main() -> None:
     conf = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
     single_run: list[str] = []
 
-    def task(cfg) -> None:  # noqa: ANN001
+    def task(cfg) -> str:  # noqa: ANN001
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
 
         status = _task(cfg)
         if HydraConfig.get().mode == RunMode.RUN:
             single_run.append(status)
+        return status  # the sweep's progress callback counts these
 
     hydra.main(version_base="1.3", config_path=conf, config_name="config")(task)()
     # One run that failed says so in its exit status; a sweep lists its failures instead.

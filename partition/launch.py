@@ -228,7 +228,10 @@ def _loopback_rendezvous(params: Any) -> Any:  # noqa: ANN401 - torch's handler 
 def _quiet_elastic() -> Iterator[None]:
     """The elastic agent logs every worker failure with a traceback on our stderr; the
     run folder keeps each rank's own account instead, and result.json the root cause."""
-    logs = [logging.getLogger(n) for n in ("torch.distributed.elastic", "torch.multiprocessing")]
+    prefixes = ("torch.distributed.elastic", "torch.multiprocessing")
+    # Some of its loggers carry their own level (elastic's get_logger): set each one.
+    names = [n for n in logging.root.manager.loggerDict if n.startswith(prefixes)]
+    logs = [logging.getLogger(n) for n in {*prefixes, *names}]
     levels = [log.level for log in logs]
     for log in logs:
         log.setLevel(logging.CRITICAL)
@@ -309,6 +312,11 @@ def _tidy(run_dir: str) -> None:
     prune_empty(os.path.join(run_dir, LOGS_DIR))
 
 
+def _interrupted(signal_name: str) -> dict[str, Any]:
+    return {"rank": None, "type": "Interrupted", "cause": "interrupted",
+            "message": f"the launcher received {signal_name}; every rank was stopped"}
+
+
 def run(cfg: RunConfig, run_dir: str) -> dict[str, Any]:
     """One run from a plain process: `single` in-process, anything else in spawned ranks.
 
@@ -328,6 +336,10 @@ def run(cfg: RunConfig, run_dir: str) -> dict[str, Any]:
             rec = run_rank(cfg, topo, None, Ledger())
         except ConfigError:
             raise
+        except KeyboardInterrupt:
+            write_outputs(cfg, run_dir, [], seconds=time.perf_counter() - t0, status="failed",
+                          error=_interrupted("SIGINT"))
+            raise
         except Exception as e:
             record_error(run_dir, 0, e)
             err = diagnose(run_dir, ranks=1, timeout_s=cfg.timeout_s)
@@ -340,8 +352,7 @@ def run(cfg: RunConfig, run_dir: str) -> dict[str, Any]:
         _tidy(run_dir)
         name = signal.Signals(e.sigval).name
         write_outputs(cfg, run_dir, [], seconds=time.perf_counter() - t0, status="failed",
-                      error={"rank": None, "type": "Interrupted", "cause": "interrupted",
-                             "message": f"the launcher received {name}; every rank was stopped"})
+                      error=_interrupted(name))
         raise KeyboardInterrupt(name) from None  # past Hydra, which would report an Exception
     except ChildFailedError as e:
         gone = time.time()  # every rank has ended: the agent stops and reaps them all first
@@ -356,6 +367,13 @@ def run(cfg: RunConfig, run_dir: str) -> dict[str, Any]:
             error["teardown_s"] = gone - err.time
         return write_outputs(cfg, run_dir, [], seconds=time.perf_counter() - t0,
                              status="failed", error=error)
+    except Exception as e:  # the launcher itself (rendezvous, spawning): no rank to blame
+        _tidy(run_dir)
+        msg = str(e).strip().splitlines()
+        return write_outputs(cfg, run_dir, [], seconds=time.perf_counter() - t0,
+                             status="failed",
+                             error={"rank": None, "type": type(e).__name__, "cause": "launcher",
+                                    "message": msg[0] if msg else ""})
     _tidy(run_dir)
     return write_outputs(cfg, run_dir, records, seconds=time.perf_counter() - t0)
 

@@ -157,11 +157,15 @@ def _sockets(pid: int) -> list[tuple[str, str]]:
         return []
     out = []
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with open(table) as fh:
-            for line in fh.readlines()[1:]:
-                f = line.split()
-                if f[9] in inodes:
-                    out.append((f[1].split(":")[0], f[3]))
+        try:  # sockets come and go while we read; a failed read is just a missed sample
+            with open(table) as fh:
+                lines = fh.readlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            f = line.split()
+            if f[9] in inodes:
+                out.append((f[1].split(":")[0], f[3]))
     return out
 
 
