@@ -286,9 +286,11 @@ def diagnose(run_dir: str, *, ranks: int, timeout_s: float,
             noticed = min(noticed or exit_times[r], exit_times[r])
         how = ("exited with status " + str(code) if code is not None and code >= 0
                else f"was killed by {_signal_name(code)}" if code is not None
-               else "ended")
-        return make(r, "ProcessExited", f"rank {r} {how} without raising an error", "exited",
-                    noticed, None)
+               else "died")
+        msg = f"rank {r} {how} without raising an error"
+        if code is None and exit_codes:  # the agent reports one exit: a peer's came first
+            msg += " (its exit status went unreported)"
+        return make(r, "ProcessExited", msg, "exited", noticed, None)
 
     hung = [r for r, o in outcome.items() if o["outcome"] == "hung"]
     if hung or silent:

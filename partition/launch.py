@@ -103,7 +103,7 @@ STARTUP_TIMEOUT_S = 300.0
 
 
 def wait_for_peers(timeout_s: float) -> None:
-    """Meet every rank of this node's group on the agent's store before joining the group.
+    """Meet every rank of the run on the agent's store before joining the process group.
 
     `timeout_s` is how long a rank waits for a *silent* peer, and it is also the
     process group's timeout while it connects: a peer still importing torch on a

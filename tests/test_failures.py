@@ -116,6 +116,8 @@ def test_silent_death_is_the_cause_not_its_peers_knock_on(tmp_path):
     assert err.time == 10.0  # when its peer noticed
     err = diagnose(str(tmp_path), ranks=4, timeout_s=5, exit_codes={2: 1})  # agent saw rank 2
     assert err.rank == 3
+    assert err.message == ("rank 3 died without raising an error "
+                           "(its exit status went unreported)")
 
 
 def test_killed_by_signal(tmp_path):

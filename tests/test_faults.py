@@ -82,7 +82,11 @@ def check_fault(tmp_path, strategy: str, world: int, rank: int, kind: str, *,
     if kind == "raise":
         assert err["message"] == f"fault injected on rank {rank} at step 3"
     if kind == "exit":
-        assert err["message"] == f"rank {rank} exited with status 3 without raising an error"
+        # The elastic agent reports the exit status of one rank only: the first it noticed,
+        # which may be a peer's knock-on exit a few milliseconds later.
+        assert err["message"] in (
+            f"rank {rank} exited with status 3 without raising an error",
+            f"rank {rank} died without raising an error (its exit status went unreported)")
     if kind == "hang":
         assert "inject_fault" in err["message"]
     # The knock-on failures of the peers are listed, never chosen.
