@@ -85,6 +85,9 @@ class Measurement:
     category_peaks: dict[str, int] = field(default_factory=dict)  # each category's own peak
     seeded: dict[str, int] = field(default_factory=dict)  # params / grads / optimizer bytes
     allocator_peak_bytes: int | None = None  # CUDA: max_memory_allocated, the authoritative peak
+    tracked_peak_bytes: int = 0  # the storage tracker's own peak (what the cost model replays)
+    # CUDA: allocated at the start beyond the tracked state — cuBLAS workspace, leftovers.
+    untracked_bytes: int | None = None
 
     @property
     def activations_bytes(self) -> int:
@@ -99,6 +102,7 @@ class StorageTracker(TorchDispatchMode):
                  where: str = TRAINING, expected: int | None = None) -> None:
         super().__init__()
         self.device = torch.device(device)
+        self._dtype, self._dindex = self.device.type, self.device.index or 0
         self.rank, self.limit, self.where, self.expected = rank, limit, where, expected
         self.live: dict[int, _Entry] = {}
         self._refs: dict[int, weakref.ref] = {}
@@ -112,13 +116,11 @@ class StorageTracker(TorchDispatchMode):
 
     # ------------------------------------------------------------ bookkeeping
 
-    def _same_device(self, t: torch.Tensor) -> bool:
-        d = t.device
-        return d.type == self.device.type and (d.index or 0) == (self.device.index or 0)
-
     def _storage(self, t: Any) -> torch.UntypedStorage | None:
-        if (not isinstance(t, torch.Tensor) or t.layout != torch.strided
-                or not self._same_device(t)):
+        if not isinstance(t, torch.Tensor) or t.layout != torch.strided:
+            return None
+        d = t.device
+        if d.type != self._dtype or (d.index or 0) != self._dindex:
             return None
         return t.untyped_storage()
 
@@ -210,7 +212,8 @@ class StorageTracker(TorchDispatchMode):
         if func.namespace == "c10d":
             self.tag("comm", [t for t in tree_leaves((args, kwargs, out))
                               if isinstance(t, torch.Tensor)])
-        for t in tree_leaves(out):
+        # Most ops return one tensor: skip pytree for them (this runs for every op).
+        for t in (out,) if isinstance(out, torch.Tensor) else tree_leaves(out):
             st = self._storage(t)
             if st is not None and id(st) not in self.live:
                 self._add(st, "temporaries")
@@ -299,36 +302,43 @@ class MemoryProbe:
             total = torch.cuda.get_device_properties(self.device).total_memory
             self._fraction = min(1.0, limit / total)
             torch.cuda.set_per_process_memory_fraction(self._fraction, self.device)
+        if enabled or (limit is not None and not self.cuda):
+            # The first dispatch through any Python mode imports torch's compiler stack
+            # (about 2 s): pay it here, at set-up, not inside a measured step.
+            with StorageTracker(self.device):
+                torch.empty(0, device=self.device)
 
     @contextmanager
     def measure(self, runner: Any, where: str = TRAINING, *, exclude: tuple[str, ...] = (),
-                enforce: bool = True) -> Iterator[Measurement | None]:
+                enforce: bool = True, record: bool = True) -> Iterator[Measurement | None]:
         """Measure one phase of `runner`; yields the Measurement (filled on exit) or None.
 
         `exclude`: seeded categories that the phase does not need and the reported
         peak leaves out (prediction needs no grads or optimizer state).
         `enforce=False`: measure without the limit (the prediction forward that train.py
         adds as a measurement must not end a run whose training fits).
+        `record=False`: only enforce the limit (yields None).
         """
+        enabled = self.enabled and record
         if not enforce:
-            if not self.enabled:
+            if not enabled:
                 yield None
                 return
             with self._unlimited(), self.measure(runner, where, exclude=exclude) as m:
                 yield m
             return
-        if not self.enabled and (self.limit is None or self.cuda):
+        if not enabled and (self.limit is None or self.cuda):
             # Nothing to measure; on CUDA the allocator alone enforces a limit.
             try:
                 yield None
             except torch.cuda.OutOfMemoryError as e:
                 raise self._oom(e, where) from None
             return
-        m = Measurement(where) if self.enabled else None
+        m = Measurement(where) if enabled else None
         tracker = StorageTracker(self.device, rank=self.rank,
                                  limit=None if self.cuda else self.limit, where=where,
                                  expected=self.expected.get(where))
-        if self.cuda:
+        if self.cuda and m is not None:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
         stages = stages_of(runner)
@@ -338,6 +348,9 @@ class MemoryProbe:
                 for cat, ts in state_tensors(runner).items():
                     tracker.seed(cat, ts)
                 seeded = {c: tracker.totals[c] for c in _SEEDED}
+                if self.cuda and m is not None:
+                    m.untracked_bytes = (torch.cuda.memory_allocated(self.device)
+                                         - tracker.live_bytes)
                 tracker.check_seeded()
                 for st in stages:
                     st.probe = tracker
@@ -356,7 +369,7 @@ class MemoryProbe:
                 for c in exclude:
                     m.breakdown[c] = 0
                 m.category_peaks = dict(tracker.category_peaks)
-                m.peak_bytes = tracker.peak - drop
+                m.peak_bytes = m.tracked_peak_bytes = tracker.peak - drop
                 if self.cuda:
                     torch.cuda.synchronize(self.device)
                     m.allocator_peak_bytes = torch.cuda.max_memory_allocated(self.device) - drop
@@ -396,6 +409,9 @@ def memory_record(train: Measurement | None, predict: Measurement | None,
         "activations_bytes": train.activations_bytes if train else None,
         "breakdown": train.breakdown if train else None,
         "predict_breakdown": predict.breakdown if predict else None,
+        # CUDA only: peak_bytes is the allocator's; these say what it holds beyond the
+        # tensors the tracker saw (512-byte rounding, the cuBLAS workspace).
         "tracked_peak_bytes": None if train is None or train.allocator_peak_bytes is None
-        else sum(train.breakdown.values()),
+        else train.tracked_peak_bytes,
+        "untracked_bytes": train.untracked_bytes if train else None,
     }

@@ -199,7 +199,7 @@ def test_kept_activations_scale_with_batch_and_depth():
 
 
 def test_pipeline_relieves_memory_only_with_microbatches():
-    """The seed's W1 is 99 % of the parameters, so stage 0 of a P=2 pipeline holds nearly
+    """The seed's W1 is 98.7 % of the parameters, so stage 0 of a P=2 pipeline holds nearly
     all of them — and with M=1 also the whole batch's activations plus the buffers it
     sends and receives: its peak is *above* the single device's. Micro-batches fix it."""
     single = costs.rank_costs(seed_cfg())[0].train.peak_bytes

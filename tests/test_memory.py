@@ -289,6 +289,10 @@ def test_limit_between_pipeline_and_single(tmp_path):
               str(tmp_path / "pipe"))
     assert res["status"] == "ok"
     assert max(r["memory"]["peak_bytes"] for r in res["ranks"]) == pipe <= limit
+    # result.json: the prediction next to the measurement, and their agreement.
+    assert res["predicted"]["bubble_fraction"] == pytest.approx(1 / 5)
+    assert res["predicted"]["flops_per_step"] > 0 and res["predicted"]["step_time_s"] > 0
+    assert res["prediction_error"]["max_abs"] == {"comm": 0.0, "state": 0.0, "peaks": 0.0}
 
 
 @pytest.mark.slow
