@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
 import socket
 import time
 import traceback
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,12 +26,16 @@ import numpy as np
 from partition.comm import Comm, Ledger
 from partition.config import ConfigError, RunConfig, parse_config
 from partition.data import load_dataset
+from partition.memory import MemoryLimitExceeded
 from partition.results import RESULT_FILE, WEIGHTS_FILE, build_result, write_json
 from partition.topology import Topology, destroy, from_env, init_process_group, single_process
 from partition.train import RankRecord, run_rank
 from partition.weights import assemble, initial_weights, save_weights
 
 ERRORS_DIR = "errors"
+# Error types that mean "the device is too small": the run's status is `oom`.
+OOM_TYPES = ("MemoryLimitExceeded", "OutOfMemoryError")
+OOM_EXIT_CODE = 75  # a rank that ran out of memory leaves with this, at once
 
 
 @dataclass(frozen=True)
@@ -67,6 +74,22 @@ def _record_error(run_dir: str, rank: int, exc: BaseException) -> None:
         json.dump(payload, fh, indent=2)
 
 
+def _oom_elsewhere(run_dir: str, rank: int) -> bool:
+    """Another rank has already recorded that it ran out of memory."""
+    err = first_error(run_dir)
+    return err is not None and err.rank != rank and err.type in OOM_TYPES
+
+
+def _leave(code: int) -> None:
+    """Exit this rank process now, without a traceback and without waiting on peers:
+    its sockets close, so peers blocked on it fail at once instead of at the timeout."""
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def rank_entry(cfg_dict: dict[str, Any], run_dir: str) -> RankRecord:
     """Entry point of a spawned rank (the elastic agent sets RANK, WORLD_SIZE, MASTER_*)."""
     cfg = parse_config(cfg_dict)
@@ -77,8 +100,14 @@ def rank_entry(cfg_dict: dict[str, Any], run_dir: str) -> RankRecord:
         comm = Comm(rank=topo.rank, world_size=topo.world_size, ledger=ledger,
                     device=topo.device)
         return run_rank(cfg, topo, comm, ledger)
+    except MemoryLimitExceeded as e:
+        _record_error(run_dir, topo.rank, e)
+        _leave(OOM_EXIT_CODE)
+        raise  # not reached
     except BaseException as e:
         _record_error(run_dir, topo.rank, e)
+        if _oom_elsewhere(run_dir, topo.rank):  # a knock-on of a peer's oom: nothing to add
+            _leave(1)
         raise
     finally:
         destroy()
@@ -111,8 +140,32 @@ def spawn_ranks(cfg: RunConfig, run_dir: str) -> list[RankRecord]:
         logs_specs=DefaultLogsSpecs(log_dir=os.path.join(run_dir, "logs")),
         local_addr="127.0.0.1",
     )
-    results = elastic_launch(lc, rank_entry)(cfg.to_dict(), run_dir)
+    with _quiet_launcher():
+        results = elastic_launch(lc, rank_entry)(cfg.to_dict(), run_dir)
     return [results[r] for r in sorted(results)]
+
+
+_LAUNCHER_LOGGERS = ("torch.distributed.elastic", "torch.multiprocessing.spawn")
+
+
+@contextmanager
+def _quiet_launcher() -> Iterator[None]:
+    """Keep torch's launcher from printing a traceback of its own polling code per failed rank.
+
+    What failed, and where, is in result.json (the root-cause rank) and in
+    errors/rank<N>.json (each rank's own traceback); the caller prints one line.
+    """
+    names = [n for n in list(logging.Logger.manager.loggerDict)
+             if n.startswith(_LAUNCHER_LOGGERS)] + list(_LAUNCHER_LOGGERS)
+    loggers = [logging.getLogger(n) for n in dict.fromkeys(names)]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for lg, lv in zip(loggers, levels, strict=True):
+            lg.setLevel(lv)
 
 
 def write_outputs(cfg: RunConfig, run_dir: str, records: list[RankRecord], *, seconds: float,
@@ -133,6 +186,10 @@ def run(cfg: RunConfig, run_dir: str) -> dict[str, Any]:
 
     os.makedirs(run_dir, exist_ok=True)
     t0 = time.perf_counter()
+    refused = precheck_memory(cfg)
+    if refused is not None:
+        return write_outputs(cfg, run_dir, [], seconds=time.perf_counter() - t0,
+                             status="oom", error=refused)
     if cfg.ranks == 1 and cfg.strategy.name == "single":
         topo = single_process(cfg.device)
         try:
@@ -143,7 +200,7 @@ def run(cfg: RunConfig, run_dir: str) -> dict[str, Any]:
             _record_error(run_dir, 0, e)
             err = first_error(run_dir)
             return write_outputs(cfg, run_dir, [], seconds=time.perf_counter() - t0,
-                                 status="failed", error=err.as_dict() if err else None)
+                                 status=run_status(err), error=err.as_dict() if err else None)
         return write_outputs(cfg, run_dir, [rec], seconds=time.perf_counter() - t0)
     try:
         records = spawn_ranks(cfg, run_dir)
@@ -154,8 +211,36 @@ def run(cfg: RunConfig, run_dir: str) -> dict[str, Any]:
             err = RankError(rank, failure.timestamp, "ProcessExited",
                             f"exit code {failure.exitcode}")
         return write_outputs(cfg, run_dir, [], seconds=time.perf_counter() - t0,
-                             status="failed", error=err.as_dict())
+                             status=run_status(err), error=err.as_dict())
     return write_outputs(cfg, run_dir, records, seconds=time.perf_counter() - t0)
+
+
+def run_status(err: RankError | None) -> str:
+    """`oom` when the root cause is a rank out of memory, else `failed`."""
+    return "oom" if err is not None and err.type in OOM_TYPES else "failed"
+
+
+def precheck_memory(cfg: RunConfig) -> dict[str, Any] | None:
+    """With cost.precheck: the error record of a run refused up front because the cost
+    model's predicted peak of some rank already exceeds memory_limit; else None."""
+    if not cfg.cost.precheck or cfg.memory_limit is None:
+        return None
+    import torch
+
+    from partition import costs
+
+    cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    try:
+        over = costs.peak_over_limit(cfg, device="cuda" if cuda else "cpu")
+    except ValueError:
+        return None  # no model for this strategy: let the run find out
+    if over is None:
+        return None
+    rank, peak = over
+    where = "training step (predicted; refused before starting, cost.precheck=true)"
+    err = MemoryLimitExceeded(rank=rank, needed=peak, limit=cfg.memory_limit, where=where,
+                              device="cuda" if cuda else "cpu")
+    return {"rank": rank, "type": type(err).__name__, "message": str(err)}
 
 
 def check_dataset(cfg: RunConfig) -> None:
@@ -186,6 +271,10 @@ def torchrun_rank(cfg: RunConfig, choose_dir) -> tuple[Topology, dict[str, Any] 
         run_dir = comm.broadcast_object(choose_dir() if topo.rank == 0 else None)
         try:
             rec = run_rank(cfg, topo, comm, ledger)
+        except MemoryLimitExceeded as e:
+            _record_error(run_dir, topo.rank, e)
+            _leave(OOM_EXIT_CODE)  # peers fail fast on the closed sockets
+            raise  # not reached
         except BaseException as e:
             _record_error(run_dir, topo.rank, e)
             raise
