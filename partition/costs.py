@@ -346,12 +346,16 @@ def kept_activation_bytes(cfg: RunConfig, rank: int) -> int:
 
 def independent_estimate(cfg: RunConfig) -> int:
     """The seed's hand count for one device, full batch: params + grads + input X +
-    kept activations (z, h of each hidden layer) + their gradients (dh, dz)."""
+    kept activations (z, h of each hidden layer) + the gradient dJ/dh reaching the top
+    hidden layer. That is the live set when the backward leaves the output layer; a
+    moment later dJ/dz is made, but h (the output layer's cached input) has just gone,
+    so the count stays (relu's backward is one fused pass: no mask tensors)."""
     item = ITEMSIZE[cfg.train.dtype]
     B, dims = cfg.train.batch_size, cfg.model.dims
     p = sum(cfg.spec.layer_params(l) for l in range(cfg.spec.num_layers)) * item
     hidden = sum(dims[1:-1])
-    return 2 * p + B * dims[0] * item + 2 * B * hidden * item + 2 * B * hidden * item
+    top = dims[-2] if len(dims) > 2 else 0
+    return 2 * p + B * dims[0] * item + 2 * B * hidden * item + B * top * item
 
 
 # ---------------------------------------------------------------- the replay
@@ -582,13 +586,8 @@ class _Replay:
     def act_backward(self, n: int) -> int | None:
         """activation_backward: the temporaries each φ' needs, leaving dz."""
         s, it = self.sim, self.item
-        if self.act == "relu":  # dh * (z > 0).to(dtype)
-            b = s.alloc(n)
-            m = s.alloc(n * it)
-            s.drop(b)
-            p = s.alloc(n * it)
-            s.drop(m)
-            return p
+        if self.act == "relu":  # threshold_backward(dh, z, 0): one fused pass, no mask
+            return s.alloc(n * it)
         if self.act == "tanh":  # t = tanh(z); dh * (1 - t * t)
             t = s.alloc(n * it)
             t2 = s.alloc(n * it)
