@@ -213,54 +213,33 @@ def pipeline_messages(cfg: RunConfig, rank: int) -> list[CommRecord]:
 
 
 def tensor_messages(cfg: RunConfig, rank: int) -> list[CommRecord]:
-    """DESIGN §3, per micro-batch. TO BE CROSS-CHECKED with the tensor runner.
+    """The tensor runner's collectives, from its plan (`tensor.plan.tensor_calls`: the
+    byte formulas live there once). megatron: all-reduce of each pair's partial output
+    (forward) and of the input gradient of every pair after the first (backward).
+    rowwise: all-gather of every layer's output slice, zero-padded to ⌈n/P⌉ (forward),
+    reduce-scatter of every layer's input gradient but the first's (backward)."""
+    from partition.strategies.tensor.plan import tensor_calls
 
-    megatron: all-reduce of each pair's partial output (B·n_{2k+2}·b, forward) and of
-    the input gradient of every pair after the first (B·n_{2k}·b, backward); the seed
-    moves B·q·b in one all-reduce and nothing backward. rowwise: all-gather of every
-    layer's output slice (o included: the loss needs it whole), reduce-scatter of every
-    layer's input gradient but the first's.
-    """
-    P, M, dims = cfg.world_size, cfg.train.microbatches, cfg.model.dims
-    rows, item, L = cfg.train.batch_size // M, ITEMSIZE[cfg.train.dtype], len(dims) - 1
-    out: list[CommRecord] = []
-    if P > 1:
-        for _ in range(M):
-            if cfg.strategy.layout == "megatron":
-                for k in range(L // 2):
-                    out.append(_all_reduce("partial_output", "forward",
-                                           rows * dims[2 * k + 2] * item, P))
-                for k in range(1, L // 2):
-                    out.append(_all_reduce("input_grad", "backward", rows * dims[2 * k] * item, P))
-            else:
-                for l in range(1, L + 1):
-                    parts = [rows * _width(r) * item for r in split_evenly(dims[l], P)]
-                    n = parts[rank]
-                    out.append(CommRecord(None, "all_gather", "gather", "forward", None, P, n,
-                                          sum(parts) - n, n,
-                                          ring_wire_bytes("all_gather", n, P), 0.0))
-                for l in range(1, L):
-                    n = rows * dims[l] * item
-                    mine = rows * _width(split_evenly(dims[l], P)[rank]) * item
-                    out.append(CommRecord(None, "reduce_scatter", "input_grad", "backward", None,
-                                          P, n, (P - 1) * mine, n,
-                                          ring_wire_bytes("reduce_scatter", n, P), 0.0))
-    out.append(_all_reduce("metric", "metric", METRIC_BYTES, P))
-    return out
+    P = cfg.world_size
+    calls = tensor_calls(cfg.strategy.layout, cfg.model.dims, world=P, rank=rank,
+                         batch=cfg.train.batch_size, micro=cfg.train.microbatches,
+                         itemsize=ITEMSIZE[cfg.train.dtype])
+    return [CommRecord(None, c.op, c.role, c.phase, None, P, c.payload, c.received, c.payload,
+                       c.wire, 0.0) for c in calls]
+
+
+_DATA_PHASE = {"weight_grad": "update", "metric": "metric"}
 
 
 def data_messages(cfg: RunConfig, rank: int) -> list[CommRecord]:
-    """One all-reduce of every weight gradient (Σ params·b, bucketed), phase update.
+    """The data runner's all-reduces (`strategies.data.data_traffic`): the flat gradient
+    bucket (Σ params·b, one call, phase update) and the metric."""
+    from partition.strategies.data import data_traffic
 
-    TO BE CROSS-CHECKED with the data runner (per-tensor all-reduces: same bytes, 2L calls).
-    """
-    P, item = cfg.world_size, ITEMSIZE[cfg.train.dtype]
-    out = []
-    if P > 1:
-        n = sum(cfg.spec.layer_params(l) for l in range(cfg.spec.num_layers)) * item
-        out.append(_all_reduce("weight_grad", "update", n, P))
-    out.append(_all_reduce("metric", "metric", METRIC_BYTES, P))
-    return out
+    P = cfg.world_size
+    traffic = data_traffic(cfg.spec, world=P, itemsize=ITEMSIZE[cfg.train.dtype])
+    return [CommRecord(None, "all_reduce", role, _DATA_PHASE[role], None, P, t.bytes, 0,
+                       t.bytes, t.wire, 0.0) for role, t in traffic.items()]
 
 
 def with_times(records: list[CommRecord], params: CostParams) -> list[CommRecord]:

@@ -120,12 +120,16 @@ def test_tensor_megatron_deep_and_rowwise_bytes():
     assert roles["input_grad"] == {"bytes": B * dims[2] * 8, "messages": 1}
     row = make_config(strategy="tensor", world_size=P, **{
         "model.dims": [9, 8, 7], "train.batch_size": B, "strategy.layout": "rowwise"})
+    # gloo's all-gather takes equal pieces: every rank hands in ⌈n/P⌉ columns (zero-padded)
+    padded = -(-8 // P) + -(-7 // P)
     for r in range(P):
-        mine = [costs._width(costs.split_evenly(n, P)[r]) for n in (8, 7)]
+        mine = costs._width(costs.split_evenly(8, P)[r])  # its slice of dJ/dh (reduce-scatter)
         s = summarize(costs.MODELS["tensor"](row, r).messages)
-        assert s["by_role"]["gather"] == {"bytes": B * sum(mine) * 8, "messages": 2}
+        assert s["by_role"]["gather"] == {"bytes": B * padded * 8, "messages": 2}
         assert s["by_role"]["input_grad"] == {"bytes": B * 8 * 8, "messages": 1}
-        assert s["recv_bytes"] == B * (8 + 7 - sum(mine)) * 8 + (P - 1) * B * mine[0] * 8
+        assert s["recv_bytes"] == (P - 1) * B * padded * 8 + (P - 1) * B * mine * 8
+        assert s["wire_bytes"] == (P - 1) * B * padded * 8 + (P - 1) * B * 8 * 8 // P \
+            + 2 * (P - 1) * 24 // P
 
 
 def test_data_parallel_bytes():
