@@ -145,6 +145,28 @@ def test_data_parallel_bytes():
     assert costs.data_rows(10, 4, 0) == 3 and costs.data_rows(10, 4, 3) == 2
 
 
+@pytest.mark.parametrize("layout", ["megatron", "rowwise"])
+@pytest.mark.parametrize("dims", [[9, 7, 5], [9, 7, 6, 5], [9, 8, 7, 6, 5]])
+@pytest.mark.parametrize("P", [2, 3])
+def test_tensor_messages_are_the_plans(layout, dims, P):
+    """The model's records are the runner's plan (tensor_calls): per role the formulas of
+    plan.py, which the tensor tests check against the ledger."""
+    from partition.strategies.tensor.plan import tensor_traffic
+
+    cfg = make_config(strategy="tensor", world_size=P, **{
+        "model.dims": dims, "train.batch_size": 12, "train.microbatches": 2,
+        "strategy.layout": layout})
+    plan = tensor_traffic(layout, dims, world=P, batch=12, micro=2, itemsize=8)
+    for r in range(P):
+        recs = costs.MODELS["tensor"](cfg, r).messages
+        got = {}
+        for x in recs:
+            b, m, w = got.get(x.role, (0, 0, 0))
+            got[x.role] = (b + x.sent, m + 1, w + x.wire)
+        assert got == {k: (v.bytes, v.messages, v.wire) for k, v in plan.items()}
+        assert {x.op for x in recs if x.role == "gather"} <= {"all_gather"}
+
+
 # ---------------------------------------------------------------- memory: closed forms vs replay
 
 
@@ -160,6 +182,12 @@ MEM_CASES = [
                                                "train.microbatches": 2,
                                                "strategy.schedule": "1f1b",
                                                "model.activation": "sigmoid"}),
+    dict(strategy="tensor", world_size=3, **{"model.dims": [20, 31, 13, 5],
+                                             "train.microbatches": 2}),
+    dict(strategy="tensor", world_size=2, **{"model.dims": [20, 31, 13, 5],
+                                             "strategy.layout": "rowwise"}),
+    dict(strategy="data", world_size=3, **{"model.dims": [20, 30, 12, 5],
+                                           "train.microbatches": 2}),
 ]
 
 
