@@ -19,14 +19,14 @@ Python reference to it goes — so the peak includes what a closed formula misse
 backward's masks and products, the loss's temporaries, the buffers a schedule keeps
 in local variables, the update's W⊙W). The closed forms are kept next to it
 (`kept_activation_bytes`, `independent_estimate`) and the tests check the two agree.
-The replay mirrors `model.py`, `strategies/stage.py`, `strategies/single.py` and
-`strategies/pipeline/runner.py` line by line; a change there that moves a tensor's
-lifetime shows up as a failing prediction test, which is the point.
-
-`tensor` and `data` follow DESIGN §3 and the shard plan (first ranks take the extra
-unit of an uneven width); they are TO BE CROSS-CHECKED against measurement once those
-strategies' runners land (their memory replays assume they reuse `forward_layers` /
-`backward_layers` on local shard widths, as the data runner does through `Stage`).
+The replay mirrors `model.py`, `strategies/stage.py`, `strategies/single.py`,
+`strategies/pipeline/runner.py`, `strategies/tensor/runner.py` and `strategies/data.py`
+line by line; a change there that moves a tensor's lifetime shows up as a failing
+prediction test, which is the point. The tensor and data messages come from those
+runners' own plans (`tensor_calls`, `data_traffic`), so each formula is written once.
+Measured against the replay on CPU: exact for single, pipeline and data; for tensor the
+training peak can exceed it by a collective's buffers that gloo's worker thread lets go
+of late (see tests/test_memory.py), everything else exact.
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ def stage_layers(cfg: RunConfig, rank: int) -> list[LocalLayer]:
 
 def tensor_layers(dims: tuple[int, ...], world: int, rank: int, layout: str, *,
                   bias: bool) -> list[LocalLayer]:
-    """Tensor-parallel shards (DESIGN §3). TO BE CROSS-CHECKED with the tensor runner.
+    """Tensor-parallel shards (DESIGN §3), as `tensor.plan.plan_layers` gives them.
 
     megatron: pairs (2k, 2k+1): W_{2k} by rows (its hidden units R_r), W_{2k+1} by the
     matching columns; the row-parallel bias lives on rank 0; an odd last layer is
