@@ -19,14 +19,14 @@ Python reference to it goes — so the peak includes what a closed formula misse
 backward's masks and products, the loss's temporaries, the buffers a schedule keeps
 in local variables, the update's W⊙W). The closed forms are kept next to it
 (`kept_activation_bytes`, `independent_estimate`) and the tests check the two agree.
-The replay mirrors `model.py`, `strategies/stage.py`, `strategies/single.py` and
-`strategies/pipeline/runner.py` line by line; a change there that moves a tensor's
-lifetime shows up as a failing prediction test, which is the point.
-
-`tensor` and `data` follow DESIGN §3 and the shard plan (first ranks take the extra
-unit of an uneven width); they are TO BE CROSS-CHECKED against measurement once those
-strategies' runners land (their memory replays assume they reuse `forward_layers` /
-`backward_layers` on local shard widths, as the data runner does through `Stage`).
+The replay mirrors `model.py`, `strategies/stage.py`, `strategies/single.py`,
+`strategies/pipeline/runner.py`, `strategies/tensor/runner.py` and `strategies/data.py`
+line by line; a change there that moves a tensor's lifetime shows up as a failing
+prediction test, which is the point. The tensor and data messages come from those
+runners' own plans (`tensor_calls`, `data_traffic`), so each formula is written once.
+Measured against the replay on CPU: exact for single, pipeline and data; for tensor the
+training peak can exceed it by a collective's buffers that gloo's worker thread lets go
+of late (see tests/test_memory.py), everything else exact.
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ def stage_layers(cfg: RunConfig, rank: int) -> list[LocalLayer]:
 
 def tensor_layers(dims: tuple[int, ...], world: int, rank: int, layout: str, *,
                   bias: bool) -> list[LocalLayer]:
-    """Tensor-parallel shards (DESIGN §3). TO BE CROSS-CHECKED with the tensor runner.
+    """Tensor-parallel shards (DESIGN §3), as `tensor.plan.plan_layers` gives them.
 
     megatron: pairs (2k, 2k+1): W_{2k} by rows (its hidden units R_r), W_{2k+1} by the
     matching columns; the row-parallel bias lives on rank 0; an odd last layer is
@@ -213,54 +213,33 @@ def pipeline_messages(cfg: RunConfig, rank: int) -> list[CommRecord]:
 
 
 def tensor_messages(cfg: RunConfig, rank: int) -> list[CommRecord]:
-    """DESIGN §3, per micro-batch. TO BE CROSS-CHECKED with the tensor runner.
+    """The tensor runner's collectives, from its plan (`tensor.plan.tensor_calls`: the
+    byte formulas live there once). megatron: all-reduce of each pair's partial output
+    (forward) and of the input gradient of every pair after the first (backward).
+    rowwise: all-gather of every layer's output slice, zero-padded to ⌈n/P⌉ (forward),
+    reduce-scatter of every layer's input gradient but the first's (backward)."""
+    from partition.strategies.tensor.plan import tensor_calls
 
-    megatron: all-reduce of each pair's partial output (B·n_{2k+2}·b, forward) and of
-    the input gradient of every pair after the first (B·n_{2k}·b, backward); the seed
-    moves B·q·b in one all-reduce and nothing backward. rowwise: all-gather of every
-    layer's output slice (o included: the loss needs it whole), reduce-scatter of every
-    layer's input gradient but the first's.
-    """
-    P, M, dims = cfg.world_size, cfg.train.microbatches, cfg.model.dims
-    rows, item, L = cfg.train.batch_size // M, ITEMSIZE[cfg.train.dtype], len(dims) - 1
-    out: list[CommRecord] = []
-    if P > 1:
-        for _ in range(M):
-            if cfg.strategy.layout == "megatron":
-                for k in range(L // 2):
-                    out.append(_all_reduce("partial_output", "forward",
-                                           rows * dims[2 * k + 2] * item, P))
-                for k in range(1, L // 2):
-                    out.append(_all_reduce("input_grad", "backward", rows * dims[2 * k] * item, P))
-            else:
-                for l in range(1, L + 1):
-                    parts = [rows * _width(r) * item for r in split_evenly(dims[l], P)]
-                    n = parts[rank]
-                    out.append(CommRecord(None, "all_gather", "gather", "forward", None, P, n,
-                                          sum(parts) - n, n,
-                                          ring_wire_bytes("all_gather", n, P), 0.0))
-                for l in range(1, L):
-                    n = rows * dims[l] * item
-                    mine = rows * _width(split_evenly(dims[l], P)[rank]) * item
-                    out.append(CommRecord(None, "reduce_scatter", "input_grad", "backward", None,
-                                          P, n, (P - 1) * mine, n,
-                                          ring_wire_bytes("reduce_scatter", n, P), 0.0))
-    out.append(_all_reduce("metric", "metric", METRIC_BYTES, P))
-    return out
+    P = cfg.world_size
+    calls = tensor_calls(cfg.strategy.layout, cfg.model.dims, world=P, rank=rank,
+                         batch=cfg.train.batch_size, micro=cfg.train.microbatches,
+                         itemsize=ITEMSIZE[cfg.train.dtype])
+    return [CommRecord(None, c.op, c.role, c.phase, None, P, c.payload, c.received, c.payload,
+                       c.wire, 0.0) for c in calls]
+
+
+_DATA_PHASE = {"weight_grad": "update", "metric": "metric"}
 
 
 def data_messages(cfg: RunConfig, rank: int) -> list[CommRecord]:
-    """One all-reduce of every weight gradient (Σ params·b, bucketed), phase update.
+    """The data runner's all-reduces (`strategies.data.data_traffic`): the flat gradient
+    bucket (Σ params·b, one call, phase update) and the metric."""
+    from partition.strategies.data import data_traffic
 
-    TO BE CROSS-CHECKED with the data runner (per-tensor all-reduces: same bytes, 2L calls).
-    """
-    P, item = cfg.world_size, ITEMSIZE[cfg.train.dtype]
-    out = []
-    if P > 1:
-        n = sum(cfg.spec.layer_params(l) for l in range(cfg.spec.num_layers)) * item
-        out.append(_all_reduce("weight_grad", "update", n, P))
-    out.append(_all_reduce("metric", "metric", METRIC_BYTES, P))
-    return out
+    P = cfg.world_size
+    traffic = data_traffic(cfg.spec, world=P, itemsize=ITEMSIZE[cfg.train.dtype])
+    return [CommRecord(None, "all_reduce", role, _DATA_PHASE[role], None, P, t.bytes, 0,
+                       t.bytes, t.wire, 0.0) for role, t in traffic.items()]
 
 
 def with_times(records: list[CommRecord], params: CostParams) -> list[CommRecord]:
@@ -346,12 +325,16 @@ def kept_activation_bytes(cfg: RunConfig, rank: int) -> int:
 
 def independent_estimate(cfg: RunConfig) -> int:
     """The seed's hand count for one device, full batch: params + grads + input X +
-    kept activations (z, h of each hidden layer) + their gradients (dh, dz)."""
+    kept activations (z, h of each hidden layer) + the gradient dJ/dh reaching the top
+    hidden layer. That is the live set when the backward leaves the output layer; a
+    moment later dJ/dz is made, but h (the output layer's cached input) has just gone,
+    so the count stays (relu's backward is one fused pass: no mask tensors)."""
     item = ITEMSIZE[cfg.train.dtype]
     B, dims = cfg.train.batch_size, cfg.model.dims
     p = sum(cfg.spec.layer_params(l) for l in range(cfg.spec.num_layers)) * item
     hidden = sum(dims[1:-1])
-    return 2 * p + B * dims[0] * item + 2 * B * hidden * item + 2 * B * hidden * item
+    top = dims[-2] if len(dims) > 2 else 0
+    return 2 * p + B * dims[0] * item + 2 * B * hidden * item + B * top * item
 
 
 # ---------------------------------------------------------------- the replay
@@ -582,13 +565,8 @@ class _Replay:
     def act_backward(self, n: int) -> int | None:
         """activation_backward: the temporaries each φ' needs, leaving dz."""
         s, it = self.sim, self.item
-        if self.act == "relu":  # dh * (z > 0).to(dtype)
-            b = s.alloc(n)
-            m = s.alloc(n * it)
-            s.drop(b)
-            p = s.alloc(n * it)
-            s.drop(m)
-            return p
+        if self.act == "relu":  # threshold_backward(dh, z, 0): one fused pass, no mask
+            return s.alloc(n * it)
         if self.act == "tanh":  # t = tanh(z); dh * (1 - t * t)
             t = s.alloc(n * it)
             t2 = s.alloc(n * it)
@@ -606,9 +584,11 @@ class _Replay:
 
     def backward(self, layers: list[LocalLayer], rows: int,
                  caches: list[tuple[int | None, int | None]], g_in: int | None, *,
-                 need_input_grad: bool, dx_cat: str = "comm") -> int | None:
+                 need_input_grad: bool, dx_cat: str = "comm",
+                 crossing: frozenset[int] = frozenset()) -> int | None:
         """backward_layers: the caller holds g_in throughout; a layer's cache goes when
-        the loop's `cache` variable moves to the next layer down."""
+        the loop's `cache` variable moves to the next layer down. `crossing`: positions
+        whose input gradient is all-reduced in place (tensor megatron), so `comm`."""
         s, it = self.sim, self.item
         g, g_owned = g_in, False
         dz, dz_owned = None, False
@@ -628,7 +608,8 @@ class _Replay:
             if lay.bias:
                 s.drop(s.alloc(lay.n_out * it))  # grads.b += dz.sum(0)
             want = need_input_grad or i > 0
-            new_g = s.alloc(rows * lay.n_in * it, dx_cat if i == 0 else "temporaries") \
+            cat = dx_cat if i == 0 else "comm" if i in crossing else "temporaries"
+            new_g = s.alloc(rows * lay.n_in * it, cat) \
                 if want else None
             if g_owned:
                 s.drop(g)
@@ -802,7 +783,7 @@ def pipeline_predict(rp: _Replay, cfg: RunConfig, rank: int, layers: list[LocalL
     s.drop(out, x, idx)
 
 
-# ------------------------------------------------------------ data (TO BE CROSS-CHECKED)
+# ------------------------------------------------------------ data
 
 
 def data_train(rp: _Replay, cfg: RunConfig, rank: int, layers: list[LocalLayer]) -> None:
@@ -835,41 +816,152 @@ def data_predict(rp: _Replay, cfg: RunConfig, rank: int, layers: list[LocalLayer
     s.drop(X, y, out)
 
 
-# ------------------------------------------------------------ tensor (TO BE CROSS-CHECKED)
+# ------------------------------------------------------------ tensor
+
+
+def _primary(layer: LocalLayer, rank: int) -> bool:
+    """Counted in s (and saved) here: a replicated layer only on rank 0."""
+    return layer.note != "replicated" or rank == 0
 
 
 def tensor_train(rp: _Replay, cfg: RunConfig, rank: int, layers: list[LocalLayer]) -> None:
-    """Assumed: like `single` on local shard widths, every rank loading the whole batch;
-    collectives in place (megatron), gathered activations held as full-width tensors
-    (rowwise: one full-width tensor per gather, plus its P pieces while they exist)."""
-    s, it = rp.sim, rp.item
+    """TensorRunner.step: every rank loads the whole batch; per micro-batch forward, loss
+    and backward on its shards (megatron: `forward_layers`' lifetimes, the all-reduces in
+    place; rowwise: `_rowwise_forward` / `_rowwise_backward`); then ‖W‖² of its primary
+    shards (W ⊙ W and its sum each, no zero scalar first) and the metric."""
+    s, P = rp.sim, cfg.world_size
     B, M = cfg.train.batch_size, cfg.train.microbatches
+    rowwise = cfg.strategy.layout == "rowwise" and P > 1
     idx = rp.rows(B)
     X = rp.load_x(B)
     y = rp.load_y(B)
     s.drop(idx)
-    if cfg.strategy.layout == "rowwise" and cfg.world_size > 1:
-        # Whole-width views of each layer's output: what the next layer consumes.
-        full = [LocalLayer(l.index, cfg.model.dims[l.index], cfg.model.dims[l.index + 1],
-                           l.bias) for l in layers]
-        g = None
-        for rows in [B // M] * M:
-            gathered = [s.alloc(rows * f.n_out * it, "comm") for f in full]
-            o, caches = rp.forward(layers, rows, None, out_cat="temporaries")
-            gl = rp.loss(rows)
-            s.drop(g, o)
-            g = gl
-            rp.backward(layers, rows, caches, gl, need_input_grad=False)
-            s.drop(*gathered)
-    else:
-        g = rp.accumulate(layers, [B // M] * M)
-    sq = rp.decay_sq(layers)
+    # megatron: an even net's output is a row layer's all-reduced partial sum; the
+    # column layers after the first all-reduce their input gradient in place.
+    o_cat = "comm" if P > 1 and layers[-1].note == "row" else "temporaries"
+    crossing = frozenset(i for i, l in enumerate(layers) if P > 1 and l.note == "column" and i)
+    g_var = None
+    for rows in [B // M] * M:
+        if rowwise:
+            o, caches = _rowwise_forward(rp, cfg, rank, layers, rows, keep=True)
+        else:
+            o, caches = rp.forward(layers, rows, None, out_cat=o_cat)
+        g = rp.loss(rows)
+        s.drop(g_var)
+        g_var = g
+        s.drop(o)  # del o
+        if rowwise:
+            _rowwise_backward(rp, cfg, rank, layers, rows, caches, g)
+        else:
+            rp.backward(layers, rows, caches, g, need_input_grad=False, crossing=crossing)
+    for lay in layers:  # sum(float((l.W * l.W).sum()) for l in self.saved_layers)
+        if _primary(lay, rank):
+            s.drop(s.alloc(lay.weights * rp.item), s.alloc(rp.item))
     metric = s.alloc(METRIC_BYTES, "comm")
-    s.drop(sq, metric, X, y, g)
+    s.drop(metric, X, y, g_var)
+
+
+def _gather(rp: _Replay, cfg: RunConfig, layer: LocalLayer, rows: int, h: int | None, *,
+            exchange: bool) -> int | None:
+    """TensorRunner._gather of a (rows, |R_r|) slice: comm.all_gather's zero-padded piece
+    (uneven widths; an even slice is handed in itself) and P receive buffers of ⌈n/P⌉
+    columns, the piece gone before torch.cat makes the whole (rows, n), the buffers after.
+    exchange=False (`_gather_alone`): the same buffers, none of them a c10d argument."""
+    s, it, P = rp.sim, rp.item, cfg.world_size
+    n = cfg.model.dims[layer.index + 1]
+    big = rows * -(-n // P) * it
+    cat = "comm" if exchange else "temporaries"
+    piece = s.alloc(big, cat) if n % P else None
+    if piece is None and exchange:
+        s.tag(h, "comm")
+    bufs = [s.alloc(big, cat) for _ in range(P)]
+    s.drop(piece)
+    whole = s.alloc(rows * n * it, "activations" if exchange and layer.index < rp.L - 1
+                    else "temporaries")  # kept as the next layer's input (training)
+    s.drop(*bufs)
+    return whole
+
+
+def _rowwise_forward(rp: _Replay, cfg: RunConfig, rank: int, layers: list[LocalLayer],
+                     rows: int, *, keep: bool, exchange: bool = True,
+                     x: int | None = None) -> tuple[int | None, list]:
+    """TensorRunner._forward, rowwise, P > 1: each layer's output slice (z, then h = φ(z))
+    is gathered whole for the next; caches keep each layer's whole input and its z slice.
+    Variables hold one reference each; `x` is the caller's (borrowed) input."""
+    s, it = rp.sim, rp.item
+    caches: list[tuple[int | None, int | None]] = []
+    x_var, z_var, h_var = s.ref(x), None, None
+    for lay in layers:
+        last = lay.index == rp.L - 1
+        z = s.alloc(rows * lay.n_out * it, "activations" if keep and not last else "temporaries")
+        s.drop(z_var)
+        z_var = z
+        if keep:
+            caches.append((s.ref(x_var), None if last else s.ref(z)))
+        h = s.ref(z) if last else s.alloc(rows * lay.n_out * it)
+        s.drop(h_var)
+        h_var = h
+        whole = _gather(rp, cfg, lay, rows, h, exchange=exchange)
+        s.drop(x_var)
+        x_var = whole
+    s.drop(z_var, h_var)
+    return x_var, caches
+
+
+def _rowwise_backward(rp: _Replay, cfg: RunConfig, rank: int, layers: list[LocalLayer],
+                      rows: int, caches: list, g_in: int | None) -> None:
+    """TensorRunner._backward, rowwise: the top layer's dz is a view of the whole dJ/do;
+    each dJ/dx (rows, n_in) is a partial sum, reduce-scattered: P contiguous copies of
+    its column chunks (none when rows = 1: the chunks are contiguous already) and this
+    rank's (rows, |R_r|) result, the copies gone at return, then the partial."""
+    s, it, P = rp.sim, rp.item, cfg.world_size
+    g_var, dz_var, dx_var, held = s.ref(g_in), None, None, None
+    for i in range(len(layers) - 1, -1, -1):
+        lay = layers[i]
+        if held is not None:
+            s.drop(*held)
+        held = caches[i]
+        dz = s.ref(g_var) if lay.index == rp.L - 1 else rp.act_backward(rows * lay.n_out)
+        s.drop(dz_var)
+        dz_var = dz
+        if lay.bias:
+            s.drop(s.alloc(lay.n_out * it))  # grads.b += dz.sum(0)
+        dx = s.alloc(rows * lay.n_in * it) if i > 0 else None
+        s.drop(dx_var)
+        dx_var = dx
+        if dx is None:
+            break
+        widths = [_width(r) for r in split_evenly(cfg.model.dims[lay.index], P)]
+        if rows == 1:
+            s.tag(dx, "comm")
+            ins = []
+        else:
+            ins = [s.alloc(rows * w * it, "comm") for w in widths]
+        out = s.alloc(rows * widths[rank] * it, "comm")
+        s.drop(*ins)
+        s.drop(dx_var)
+        dx_var = out
+        s.drop(g_var)
+        g_var = s.ref(out)  # g = dx
+    if held is not None:
+        s.drop(*held)
+    s.drop(dz_var, dx_var, g_var)
 
 
 def tensor_predict(rp: _Replay, cfg: RunConfig, rank: int, layers: list[LocalLayer]) -> None:
-    single_predict(rp, cfg, layers)
+    """TensorRunner.predict(exchange=False), as train.py measures it: megatron skips its
+    in-place all-reduces (the single device's lifetimes on the shards); rowwise makes
+    the gathers' buffers locally."""
+    if cfg.strategy.layout != "rowwise" or cfg.world_size == 1:
+        single_predict(rp, cfg, layers)
+        return
+    s, B = rp.sim, cfg.train.batch_size
+    idx = rp.rows(B)
+    X = rp.load_x(B)
+    y = rp.load_y(B, cat="temporaries")
+    s.drop(idx)
+    out, _ = _rowwise_forward(rp, cfg, rank, layers, B, keep=False, exchange=False, x=X)
+    s.drop(out, X, y)
 
 
 # ---------------------------------------------------------------- rank models
