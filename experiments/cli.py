@@ -15,16 +15,28 @@ CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 # Hydra flags that take a value; everything else starting with "-" stands alone.
 _VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--info", "--config-name", "-cn",
                 "--config-path", "-cp", "--config-dir", "-cd", "--experimental-rerun"}
-_INSPECT_FLAGS = {"--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "--shell-completion", "-sc"}
+_INSPECT_FLAGS = {"--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "--shell-completion",
+                  "-sc"}
 
 
 def fail(message: str | None, *, remove: str | None = None) -> NoReturn:
-    """One line on stderr, exit status 2; undo what Hydra created in `remove`, if anything."""
-    if message:
+    """One line on stderr, exit status 2; undo what Hydra created in `remove`, if anything.
+
+    Under torchrun every process checks the same input: only one of them prints.
+    """
+    if message and _speaks():
         print(f"error: {message}", file=sys.stderr, flush=True)
     if remove:
         _remove_hydra_leftovers(remove)
     sys.exit(2)
+
+
+def _speaks() -> bool:
+    if "TORCHELASTIC_RUN_ID" not in os.environ:  # not under torchrun (and torch not needed)
+        return True
+    from partition.launch import first_to_report
+
+    return first_to_report("bad-input")
 
 
 def _remove_hydra_leftovers(folder: str) -> None:
@@ -84,14 +96,31 @@ def groups() -> dict[str, list[str]]:
     return out
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _override_for(key: str, overrides: list[str]) -> str | None:
+    """The override on the command line that set `key` (for naming it in a message)."""
+    return next((o for o in overrides if o.lstrip("+~").partition("=")[0] == key), None)
+
+
 def expand(overrides: list[str]) -> list[list[str]]:
     """Every job of a sweep as a plain override list (Hydra's basic sweeper: the product)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
-    except Exception as e:  # hydra.errors.OverrideParseException
-        fail(str(e).strip().splitlines()[0])
+    parser = OverridesParser.create()
+    parsed = []
+    for o in overrides:  # one at a time, so the message names the one that is malformed
+        try:
+            (p,) = parser.parse_overrides([o])
+        except Exception as e:  # hydra.errors.OverrideParseException
+            msg = _first_line(e).removeprefix("Error parsing override ").strip()
+            fail(f"{o}: malformed override ({msg}); the form is key=value")
+        if not p.get_key_element().lstrip("+~"):
+            fail(f"{o}: malformed override (no key before '='); the form is key=value")
+        parsed.append(p)
     choices = []
     for o in parsed:
         key = o.get_key_element()
@@ -144,13 +173,30 @@ def compose_config(overrides: list[str], *, with_hydra: bool = False) -> Any:
             return compose(config_name="config", overrides=overrides,
                            return_hydra_config=with_hydra)
         except Exception as e:  # unknown keys, type errors: Hydra's first line says which
-            fail(str(e).strip().splitlines()[0])
+            msg = _first_line(e)
+            m = re.search(r"override '([^']+)'|at '([^']+)'", msg)
+            key = next((g for g in m.groups() if g), None) if m else None
+            where = _override_for(key, overrides) if key else None
+            if where and msg.startswith("Could not override"):
+                fail(f"{where}: no such key in the config (to add one, use +{where.lstrip('+')})")
+            fail(f"{where}: {msg}" if where else msg)
+
+
+def to_plain(cfg: Any, overrides: list[str]) -> dict[str, Any]:
+    """The composed config as a plain dict, interpolations resolved; a bad one ends in one line."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None)
+        where = (_override_for(key, overrides) if key else None) or key
+        fail(f"{where}: {_first_line(e)}" if where else _first_line(e))
 
 
 def preflight(args: list[str]) -> None:
     """Validate every job of the command line before Hydra creates any folder."""
-    from omegaconf import OmegaConf
-
     from partition.config import ConfigError, parse_config
     from partition.launch import check_dataset
 
@@ -161,8 +207,9 @@ def preflight(args: list[str]) -> None:
     for job in expand(overrides):
         plain = [o for o in job if not o.lstrip("+~").startswith("hydra")]
         cfg = compose_config(plain)
+        container = to_plain(cfg, plain)
         try:
-            rc = parse_config(OmegaConf.to_container(cfg, resolve=True))
+            rc = parse_config(container)
             key = (rc.data, rc.model, rc.seed)
             if key not in seen_data:  # load each distinct dataset / init file once
                 check_dataset(rc)

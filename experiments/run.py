@@ -5,9 +5,11 @@
     torchrun --nproc_per_node=2 -m experiments.run strategy=pipeline world_size=2
 
 Bad input ends before anything starts or is written: one line naming the key and
-the value, exit status 2. A multirun lands in outputs/sweeps/<overrides>-<hash>
-(or hydra.sweep.dir), so running it again skips the jobs already `ok`; a job that
-fails is recorded in its result.json and the sweep goes on.
+the value, exit status 2. A run that fails (a rank raised, died or hung) still
+writes its result.json, with the root cause; the exit status is then 1. A multirun
+lands in outputs/sweeps/<overrides>-<hash> (or hydra.sweep.dir), so running it again
+skips the jobs already `ok`; a job that fails is recorded in its result.json and the
+sweep goes on.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from experiments.cli import (
     preflight,
     split_args,
     summary_line,
+    to_plain,
 )
 
 
@@ -75,7 +78,21 @@ def _hydra_main() -> None:
     import hydra
 
     conf = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
-    hydra.main(version_base="1.3", config_path=conf, config_name="config")(_task)()
+    single_run: list[str] = []
+
+    def task(cfg) -> str:  # noqa: ANN001
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        status = _task(cfg)
+        if HydraConfig.get().mode == RunMode.RUN:
+            single_run.append(status)
+        return status  # the sweep's progress callback counts these
+
+    hydra.main(version_base="1.3", config_path=conf, config_name="config")(task)()
+    # One run that failed says so in its exit status; a sweep lists its failures instead.
+    if single_run == ["failed"]:
+        sys.exit(1)
 
 
 def _torchrun_main(overrides: list[str]) -> None:
@@ -85,21 +102,39 @@ def _torchrun_main(overrides: list[str]) -> None:
     from partition.launch import check_dataset, torchrun_rank
 
     rank = int(os.environ.get("RANK", "0"))
+    result = None
     try:
         cfg = compose_config(overrides, with_hydra=True)
         run_dir = str(OmegaConf.select(cfg, "hydra.run.dir"))
         # Resolve without the hydra node: its sweep keys need a job number torchrun has not.
         container = OmegaConf.to_container(cfg, resolve=False)
         container.pop("hydra", None)
-        container = OmegaConf.to_container(OmegaConf.create(container), resolve=True)
+        container = to_plain(OmegaConf.create(container), overrides)
         rc = parse_config(container)
         check_dataset(rc)
-        # Every rank checks; only rank 0 speaks, so the message is printed once.
+        # Every rank checks; fail() lets one of them speak, so the message is printed once.
         _, result = torchrun_rank(rc, lambda: os.path.abspath(run_dir))
     except ConfigError as e:
-        fail(str(e) if rank == 0 else None)
+        fail(str(e))
+    except Exception as e:
+        # This rank's failure is recorded in the run folder's errors/; rank 0 has written
+        # result.json with the root cause (or, failing before that, says why here).
+        if rank == 0:
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            print(f"error: rank 0: {type(e).__name__}: {msg}", file=sys.stderr, flush=True)
+        _exit_now(1)
     if result is not None:
         print(summary_line(result, result["path"]), flush=True)
+        if result["status"] == "failed":
+            _exit_now(1)
+
+
+def _exit_now(status: int) -> None:
+    """Exit without the interpreter's slow shutdown (seconds with torch on a busy machine),
+    so that torchrun stops the other ranks soon after a failure."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def main() -> None:
@@ -119,7 +154,11 @@ def main() -> None:
         # for a rerun to skip the jobs that already finished.
         sweep_dir = f"hydra.sweep.dir='{default_sweep_dir(overrides)}'"
         sys.argv[1:] = insert_override(args, sweep_dir)
-    _hydra_main()
+    try:
+        _hydra_main()
+    except KeyboardInterrupt:  # the run's result.json says so; no traceback here
+        print("error: interrupted", file=sys.stderr, flush=True)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

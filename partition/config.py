@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from partition.model import ACTIVATIONS, LOSSES, MLPSpec
@@ -233,8 +233,35 @@ def parse_bytes(key: str, v: Any) -> int | None:
 # ---------------------------------------------------------------- the parser
 
 
+# The config's sections and the keys each may hold (a group's `name` picks the option).
+_SECTIONS = {"model": ModelConfig, "strategy": StrategyConfig, "data": DataConfig,
+             "train": TrainConfig, "fault": FaultConfig}
+
+
+def _check_sections(d: dict[str, Any]) -> None:
+    """A section must be a mapping of known keys: `train=5`, or `+train.lrr=0.1` (a typo
+    that Hydra lets through with `+`), would otherwise be silently ignored.
+
+    Keys outside these sections are left to whoever owns them (tools add their own).
+    """
+    for name, cls in _SECTIONS.items():
+        node = d.get(name)
+        if node is None or (isinstance(node, str) and name in ("strategy", "data")):
+            continue  # absent (defaults), or a bare group choice such as strategy="pipeline"
+        known = sorted(f.name for f in fields(cls))
+        if not isinstance(node, dict):
+            raise ConfigError(name, node, f"must be a group of keys ({', '.join(known)})")
+        unknown = sorted(set(node) - set(known))
+        if unknown:
+            raise ConfigError(f"{name}.{unknown[0]}", node[unknown[0]],
+                              f"no such key; {name} has {', '.join(known)}")
+
+
 def parse_config(d: dict[str, Any]) -> RunConfig:
     """Validate a resolved config dict (Hydra's, or a test's) into a RunConfig."""
+    if not isinstance(d, dict):
+        raise ConfigError("config", type(d).__name__, "must be a mapping of keys")
+    _check_sections(d)
     strategy_node = _get(d, "strategy", "single")
     sname = strategy_node if isinstance(strategy_node, str) else _get(d, "strategy.name", "single")
     name = _choice("strategy", sname, STRATEGIES)

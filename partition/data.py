@@ -7,6 +7,7 @@ batch it needs itself, so no example ever crosses a device boundary.
 from __future__ import annotations
 
 import os
+import zipfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -72,6 +73,8 @@ def load_npz(path: str, spec: MLPSpec) -> Dataset:
     key = "data.path"
     if not os.path.isfile(path):
         raise ConfigError(key, path, "no such file")
+    if not zipfile.is_zipfile(path):
+        raise ConfigError(key, path, "not an .npz file (np.savez writes one: X, y)")
     try:
         with np.load(path, allow_pickle=False) as f:
             missing = [k for k in ("X", "y") if k not in f.files]

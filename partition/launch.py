@@ -1,54 +1,62 @@
 """Running P ranks: spawned from one process with torch's elastic launcher, or under torchrun.
 
 Either way one process ends up with every rank's record and writes the run's
-one result.json and weights.npz, atomically. A rank that fails writes its own
-error record (time, type, message, traceback) into the run folder first, so the
-launcher can name the rank that failed *first* rather than a knock-on failure.
+one result.json and weights.npz, atomically. When the run fails, every rank has
+left its own evidence in the run folder (`partition.failures`: its error record,
+or where it was when it was stopped), and result.json names the root cause from
+that evidence rather than from whichever failure the elastic agent noticed first.
+Spawned ranks run on this machine only: the rendezvous store and gloo listen on
+the loopback interface.
 """
 
 from __future__ import annotations
 
-import glob
-import json
+import contextlib
 import logging
 import os
+import shutil
+import signal
 import socket
+import sys
 import time
 import traceback
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any
+from datetime import timedelta
+from typing import Any, NoReturn
 
 import numpy as np
 
 from partition.comm import Comm, Ledger
 from partition.config import ConfigError, RunConfig, parse_config
 from partition.data import load_dataset
+from partition.failures import (
+    ERRORS_DIR,
+    RankError,
+    StackDump,
+    diagnose,
+    errors_dir,
+    prune_empty,
+    record_error,
+)
 from partition.memory import MemoryLimitExceeded
 from partition.results import RESULT_FILE, WEIGHTS_FILE, build_result, write_json
-from partition.topology import Topology, destroy, from_env, init_process_group, single_process
+from partition.topology import (
+    Topology,
+    destroy,
+    from_env,
+    init_process_group,
+    resolve_device,
+    single_process,
+)
 from partition.train import RankRecord, run_rank
 from partition.weights import assemble, initial_weights, save_weights
 
-ERRORS_DIR = "errors"
+LOGS_DIR = "logs"
+LOOPBACK = "127.0.0.1"
+_RDZV_BACKEND = "partition-loopback"
 # Error types that mean "the device is too small": the run's status is `oom`.
 OOM_TYPES = ("MemoryLimitExceeded", "OutOfMemoryError")
-OOM_EXIT_CODE = 75  # a rank that ran out of memory leaves with this, at once
-
-
-@dataclass(frozen=True)
-class RankError:
-    """One rank's own account of why it stopped."""
-
-    rank: int
-    time: float
-    type: str
-    message: str
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"rank": self.rank, "type": self.type, "message": self.message}
 
 
 def under_torchrun() -> bool:
@@ -57,121 +65,237 @@ def under_torchrun() -> bool:
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((LOOPBACK, 0))
         return s.getsockname()[1]
+
+
+def loopback_interface() -> str | None:
+    """The loopback interface's name ("lo" on Linux, "lo0" on macOS), if there is one."""
+    try:
+        names = [name for _, name in socket.if_nameindex()]
+    except OSError:
+        return None
+    return next((n for n in names if n in ("lo", "lo0")), None)
+
+
+def first_to_report(key: str) -> bool:
+    """Under torchrun, True in exactly one process: the first to ask (via the agent's store).
+
+    Every rank checks its input, but the user should read the message once; and
+    waiting for rank 0 in particular is no good, since the agent stops the others
+    as soon as one exits. Without the agent's store, rank 0 speaks.
+    """
+    rank = int(os.environ.get("RANK", "0"))
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() != "true":
+        return rank == 0
+    try:
+        import torch.distributed as dist
+
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                              is_master=False, timeout=timedelta(seconds=5))
+        run = os.environ.get("TORCHELASTIC_RUN_ID", "")
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        return store.add(f"partition/{run}/{restart}/{key}", 1) == 1
+    except Exception:  # no store to agree through: fall back to rank 0
+        return rank == 0
 
 
 # ---------------------------------------------------------------- one rank
 
-
-def _record_error(run_dir: str, rank: int, exc: BaseException) -> None:
-    folder = os.path.join(run_dir, ERRORS_DIR)
-    os.makedirs(folder, exist_ok=True)
-    payload = {"rank": rank, "time": time.time(), "type": type(exc).__name__,
-               "message": str(exc).strip().splitlines()[0] if str(exc).strip() else "",
-               "traceback": traceback.format_exc()}
-    with open(os.path.join(folder, f"rank{rank}.json"), "w") as fh:
-        json.dump(payload, fh, indent=2)
+STARTUP_TIMEOUT_S = 300.0
 
 
-def _oom_elsewhere(run_dir: str, rank: int) -> bool:
-    """Another rank has already recorded that it ran out of memory."""
-    err = first_error(run_dir)
-    return err is not None and err.rank != rank and err.type in OOM_TYPES
+def wait_for_peers(timeout_s: float) -> None:
+    """Meet every rank of the run on the agent's store before joining the process group.
+
+    `timeout_s` is how long a rank waits for a *silent* peer, and it is also the
+    process group's timeout while it connects: a peer still importing torch on a
+    busy machine would be taken for a dead one. Waiting here first, with a long
+    startup timeout, lets a short `timeout_s` mean what it says. (A rank that dies
+    while starting ends the wait early: the launcher stops the others.)
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() != "true":
+        return
+    import torch.distributed as dist
+
+    world = int(os.environ["WORLD_SIZE"])
+    prefix = "partition/{}/{}".format(os.environ.get("TORCHELASTIC_RUN_ID", ""),
+                                      os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                          is_master=False, timeout=timedelta(seconds=max(timeout_s,
+                                                                         STARTUP_TIMEOUT_S)))
+    if store.add(f"{prefix}/ready", 1) == world:
+        store.set(f"{prefix}/go", "1")
+    store.wait([f"{prefix}/go"])
 
 
-def _leave(code: int) -> None:
-    """Exit this rank process now, without a traceback and without waiting on peers:
-    its sockets close, so peers blocked on it fail at once instead of at the timeout."""
-    import sys
+def _watchdog_s(cfg: RunConfig, topo: Topology) -> float | None:
+    # With peers, a hang is caught by their process-group timeout; alone, by a step watchdog.
+    return cfg.timeout_s if topo.world_size == 1 else None
 
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+
+def die_with_parent() -> None:
+    """Linux: this process gets SIGTERM when its parent (the launcher) dies, even by SIGKILL,
+    so that no rank outlives a killed launcher. Elsewhere nothing happens."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the launcher died before we asked
+        os._exit(1)
 
 
 def rank_entry(cfg_dict: dict[str, Any], run_dir: str) -> RankRecord:
     """Entry point of a spawned rank (the elastic agent sets RANK, WORLD_SIZE, MASTER_*)."""
+    die_with_parent()
+    lo = loopback_interface()
+    if lo is not None:  # this machine only: gloo's own sockets on loopback too
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", lo)
     cfg = parse_config(cfg_dict)
     topo = from_env(cfg.device)
-    try:
-        init_process_group(topo, timeout_s=cfg.timeout_s)
-        ledger = Ledger()
-        comm = Comm(rank=topo.rank, world_size=topo.world_size, ledger=ledger,
-                    device=topo.device)
-        return run_rank(cfg, topo, comm, ledger)
-    except MemoryLimitExceeded as e:
-        _record_error(run_dir, topo.rank, e)
-        _leave(OOM_EXIT_CODE)
-        raise  # not reached
-    except BaseException as e:
-        _record_error(run_dir, topo.rank, e)
-        if _oom_elsewhere(run_dir, topo.rank):  # a knock-on of a peer's oom: nothing to add
-            _leave(1)
-        raise
-    finally:
-        destroy()
+    with StackDump(run_dir, topo.rank, watchdog_s=_watchdog_s(cfg, topo)) as dump:
+        try:
+            wait_for_peers(cfg.timeout_s)
+            init_process_group(topo, timeout_s=cfg.timeout_s)
+            ledger = Ledger()
+            comm = Comm(rank=topo.rank, world_size=topo.world_size, ledger=ledger,
+                        device=topo.device)
+            rec = run_rank(cfg, topo, comm, ledger, on_step=dump.arm)
+        except BaseException as e:
+            record_error(run_dir, topo.rank, e)
+            _exit_now(e)
+    destroy()
+    return rec
 
 
-def first_error(run_dir: str) -> RankError | None:
-    """The root cause: the error record with the earliest time (not the knock-on ones)."""
-    errs = []
-    for p in glob.glob(os.path.join(run_dir, ERRORS_DIR, "rank*.json")):
-        with open(p) as fh:
-            e = json.load(fh)
-        errs.append(RankError(e["rank"], e["time"], e["type"], e["message"]))
-    return min(errs, key=lambda e: (e.time, e.rank)) if errs else None
+def _exit_now(exc: BaseException) -> NoReturn:
+    """End a failed rank at once, its record written: the agent stops the group only when a
+    rank has *exited*, and an interpreter with torch loaded takes seconds to shut down on a
+    busy machine (a process group in error can even hang in its destructor)."""
+    traceback.print_exception(type(exc), exc, exc.__traceback__)  # into the rank's stderr log
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
+
+
+def first_error(run_dir: str, *, ranks: int = 0, timeout_s: float = 0.0) -> RankError | None:
+    """The root cause of a failed run, from the evidence in `run_dir` (see `failures.diagnose`)."""
+    return diagnose(run_dir, ranks=ranks, timeout_s=timeout_s)
 
 
 # ---------------------------------------------------------------- the whole run
 
 
+def _loopback_rendezvous(params: Any) -> Any:  # noqa: ANN401 - torch's handler types
+    """A one-node rendezvous whose TCPStore listens on 127.0.0.1 only.
+
+    torch's own c10d and static rendezvous create their TCPStore servers on every
+    interface (there is no address option); TCPStore does accept a socket that is
+    already listening, so we hand it one bound to loopback. The workers find it
+    through MASTER_ADDR=127.0.0.1 (the agent's store is theirs).
+    """
+    from torch.distributed import TCPStore
+    from torch.distributed.elastic.rendezvous.static_tcp_rendezvous import StaticTCPRendezvous
+
+    class LoopbackRendezvous(StaticTCPRendezvous):
+        def __init__(self) -> None:
+            self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            self._sock.bind((LOOPBACK, 0))
+            self._sock.listen()
+            super().__init__(LOOPBACK, self._sock.getsockname()[1], 0, 1, params.run_id,
+                             int(params.config.get("timeout", 60)))
+
+        def get_backend(self) -> str:
+            return _RDZV_BACKEND
+
+        def next_rendezvous(self) -> Any:  # noqa: ANN401
+            if not self._store:
+                self._store = TCPStore(LOOPBACK, self.master_port, 1, True, self.timeout,
+                                       multi_tenant=True, master_listen_fd=self._sock.fileno())
+            return super().next_rendezvous()
+
+        def shutdown(self) -> bool:
+            self._sock.close()
+            return True
+
+    return LoopbackRendezvous()
+
+
+@contextlib.contextmanager
+def _quiet_elastic() -> Iterator[None]:
+    """The elastic agent logs every worker failure with a traceback on our stderr; the
+    run folder keeps each rank's own account instead, and result.json the root cause."""
+    prefixes = ("torch.distributed.elastic", "torch.multiprocessing")
+    # Some of its loggers carry their own level (elastic's get_logger): set each one.
+    names = [n for n in logging.root.manager.loggerDict if n.startswith(prefixes)]
+    logs = [logging.getLogger(n) for n in {*prefixes, *names}]
+    levels = [log.level for log in logs]
+    for log in logs:
+        log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for log, level in zip(logs, levels, strict=True):
+            log.setLevel(level)
+
+
 def spawn_ranks(cfg: RunConfig, run_dir: str) -> list[RankRecord]:
-    """Start cfg.ranks processes on this machine with torch's elastic launcher (loopback only)."""
-    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
+    """Start cfg.ranks processes on this machine with torch's elastic launcher (loopback only).
+
+    Each rank's stdout and stderr go to logs/ in the run folder. Raises the elastic
+    launcher's ChildFailedError when any rank fails (all of them are stopped by then).
+    """
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
+    from torch.distributed.elastic.rendezvous import rendezvous_handler_registry
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+    rendezvous_handler_registry.register(_RDZV_BACKEND, _loopback_rendezvous)
     lc = LaunchConfig(
         min_nodes=1, max_nodes=1, nproc_per_node=cfg.ranks,
         run_id=f"partition-{uuid.uuid4().hex[:8]}",
-        rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{free_port()}",
+        rdzv_backend=_RDZV_BACKEND, rdzv_endpoint="",
         rdzv_configs={"timeout": int(max(30, cfg.timeout_s))},
         max_restarts=0, monitor_interval=0.05, start_method="spawn",
-        logs_specs=DefaultLogsSpecs(log_dir=os.path.join(run_dir, "logs")),
-        local_addr="127.0.0.1",
+        logs_specs=DefaultLogsSpecs(log_dir=os.path.join(run_dir, LOGS_DIR), redirects=Std.ALL),
+        local_addr=LOOPBACK,
     )
-    with _quiet_launcher():
+    with _quiet_elastic(), _own_signal_handlers():
         results = elastic_launch(lc, rank_entry)(cfg.to_dict(), run_dir)
     return [results[r] for r in sorted(results)]
 
 
-_LAUNCHER_LOGGERS = ("torch.distributed.elastic", "torch.multiprocessing.spawn")
+@contextlib.contextmanager
+def _own_signal_handlers() -> Iterator[None]:
+    """The elastic launcher installs handlers for SIGTERM, SIGINT, … that raise its
+    SignalException, and leaves them there; put ours back afterwards."""
+    import threading
 
-
-@contextmanager
-def _quiet_launcher() -> Iterator[None]:
-    """Keep torch's launcher from printing a traceback of its own polling code per failed rank.
-
-    What failed, and where, is in result.json (the root-cause rank) and in
-    errors/rank<N>.json (each rank's own traceback); the caller prints one line.
-    """
-    names = [n for n in list(logging.Logger.manager.loggerDict)
-             if n.startswith(_LAUNCHER_LOGGERS)] + list(_LAUNCHER_LOGGERS)
-    loggers = [logging.getLogger(n) for n in dict.fromkeys(names)]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.CRITICAL)
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    sigs = [signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT]
+    saved = {s: signal.getsignal(s) for s in sigs}
     try:
         yield
     finally:
-        for lg, lv in zip(loggers, levels, strict=True):
-            lg.setLevel(lv)
+        for s, h in saved.items():
+            if h is not None:
+                signal.signal(s, h)
 
 
 def write_outputs(cfg: RunConfig, run_dir: str, records: list[RankRecord], *, seconds: float,
                   status: str = "ok", error: dict[str, Any] | None = None) -> dict[str, Any]:
     """weights.npz (full, unsharded) then result.json, both atomic; returns the result."""
     result = build_result(cfg, records, seconds=seconds, status=status, error=error)
+    if not records:  # a failed run: say where it ran all the same
+        device, backend = resolve_device(cfg.device, local_rank=0, local_world_size=cfg.ranks)
+        result["run"]["device"], result["run"]["backend"] = str(device), backend
     if records and result["status"] in ("ok", "diverged"):
         shards = [s for r in records for s in r.shards]
         arrays = assemble(cfg.spec, shards, np.dtype(cfg.train.dtype))
@@ -180,38 +304,84 @@ def write_outputs(cfg: RunConfig, run_dir: str, records: list[RankRecord], *, se
     return result
 
 
+def clear_errors(run_dir: str) -> None:
+    """Error records of an earlier attempt in this folder would be taken for this run's."""
+    shutil.rmtree(errors_dir(run_dir), ignore_errors=True)
+
+
+def _tidy(run_dir: str) -> None:
+    """Drop what a rank prepared but never used: empty stack dumps and log files."""
+    prune_empty(errors_dir(run_dir))
+    prune_empty(os.path.join(run_dir, LOGS_DIR))
+
+
+def _interrupted(signal_name: str) -> dict[str, Any]:
+    return {"rank": None, "type": "Interrupted", "cause": "interrupted",
+            "message": f"the launcher received {signal_name}; every rank was stopped"}
+
+
 def run(cfg: RunConfig, run_dir: str) -> dict[str, Any]:
-    """One run from a plain process: in-process for `single`, else spawn cfg.ranks ranks."""
+    """One run from a plain process: `single` in-process, anything else in spawned ranks.
+
+    Fault injection on `single` also spawns its one rank, since `exit` and `hang`
+    must not take the launcher with them. A failed run still writes result.json
+    (status `failed`, `error` = the root cause); it never raises for a rank's failure.
+    """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     os.makedirs(run_dir, exist_ok=True)
+    clear_errors(run_dir)
     t0 = time.perf_counter()
     refused = precheck_memory(cfg)
     if refused is not None:
         return write_outputs(cfg, run_dir, [], seconds=time.perf_counter() - t0,
                              status="oom", error=refused)
-    if cfg.ranks == 1 and cfg.strategy.name == "single":
+    if cfg.ranks == 1 and cfg.strategy.name == "single" and not cfg.fault.enabled:
         topo = single_process(cfg.device)
         try:
             rec = run_rank(cfg, topo, None, Ledger())
         except ConfigError:
             raise
+        except KeyboardInterrupt:
+            write_outputs(cfg, run_dir, [], seconds=time.perf_counter() - t0, status="failed",
+                          error=_interrupted("SIGINT"))
+            raise
         except Exception as e:
-            _record_error(run_dir, 0, e)
-            err = first_error(run_dir)
+            record_error(run_dir, 0, e)
+            err = diagnose(run_dir, ranks=1, timeout_s=cfg.timeout_s)
             return write_outputs(cfg, run_dir, [], seconds=time.perf_counter() - t0,
                                  status=run_status(err), error=err.as_dict() if err else None)
         return write_outputs(cfg, run_dir, [rec], seconds=time.perf_counter() - t0)
     try:
         records = spawn_ranks(cfg, run_dir)
+    except SignalException as e:  # Ctrl-C or a kill of this launcher: the ranks are stopped
+        _tidy(run_dir)
+        name = signal.Signals(e.sigval).name
+        write_outputs(cfg, run_dir, [], seconds=time.perf_counter() - t0, status="failed",
+                      error=_interrupted(name))
+        raise KeyboardInterrupt(name) from None  # past Hydra, which would report an Exception
     except ChildFailedError as e:
-        err = first_error(run_dir)
-        if err is None:  # the rank died before it could say why (e.g. os._exit, a signal)
-            rank, failure = min(e.failures.items(), key=lambda kv: kv[1].timestamp)
-            err = RankError(rank, failure.timestamp, "ProcessExited",
-                            f"exit code {failure.exitcode}")
+        gone = time.time()  # every rank has ended: the agent stops and reaps them all first
+        _tidy(run_dir)
+        codes = {rank: f.exitcode for rank, f in e.failures.items()}
+        times = {rank: float(f.timestamp) for rank, f in e.failures.items()}
+        err = diagnose(run_dir, ranks=cfg.ranks, timeout_s=cfg.timeout_s, exit_codes=codes,
+                       exit_times=times)
+        error = err.as_dict() if err else None
+        if error is not None and err.time is not None:
+            # From the root cause to the last rank gone: at most timeout_s plus a little.
+            error["teardown_s"] = gone - err.time
         return write_outputs(cfg, run_dir, [], seconds=time.perf_counter() - t0,
-                             status=run_status(err), error=err.as_dict())
+                             status=run_status(err), error=error)
+    except Exception as e:  # the launcher itself (rendezvous, spawning): no rank to blame
+        _tidy(run_dir)
+        msg = str(e).strip().splitlines()
+        return write_outputs(cfg, run_dir, [], seconds=time.perf_counter() - t0,
+                             status="failed",
+                             error={"rank": None, "type": type(e).__name__, "cause": "launcher",
+                                    "message": msg[0] if msg else ""})
+    _tidy(run_dir)
     return write_outputs(cfg, run_dir, records, seconds=time.perf_counter() - t0)
 
 
@@ -244,7 +414,13 @@ def precheck_memory(cfg: RunConfig) -> dict[str, Any] | None:
 
 
 def check_dataset(cfg: RunConfig) -> None:
-    """Load the data and the initial weights once, before any rank starts: bad files fail here."""
+    """Before any rank starts: load the data and the initial weights once (bad files fail
+    here), and make sure the device asked for exists for every local rank."""
+    try:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", cfg.ranks))
+        resolve_device(cfg.device, local_rank=0, local_world_size=local)
+    except RuntimeError as e:
+        raise ConfigError("device", cfg.device, str(e)) from None
     load_dataset(cfg.data, cfg.spec, seed=cfg.seed)
     initial_weights(cfg.spec, init=cfg.model.init, init_path=cfg.model.init_path, seed=cfg.seed)
 
@@ -256,36 +432,48 @@ def torchrun_rank(cfg: RunConfig, choose_dir) -> tuple[Topology, dict[str, Any] 
     """Body of every torchrun process: join, agree on one folder, train, gather to rank 0.
 
     `choose_dir()` is called on rank 0 only; its answer is broadcast so that every
-    rank writes (error records) into the same folder.
+    rank writes (error records) into the same folder. When the run fails, every rank
+    records its error and re-raises it, except rank 0, which first writes result.json
+    (status `failed`, the root cause from the records there so far) and returns it.
     """
     world = int(os.environ["WORLD_SIZE"])
     if world != cfg.ranks:
+        hint = ("strategy=single runs one process: use --nproc_per_node=1"
+                if cfg.strategy.name == "single" else f"set world_size={world}")
         raise ConfigError("world_size", cfg.world_size,
-                          f"torchrun started {world} processes; set world_size={world}")
+                          f"torchrun started {world} processes; {hint}")
     topo = from_env(cfg.device)
     t0 = time.perf_counter()
+    wait_for_peers(cfg.timeout_s)
     init_process_group(topo, timeout_s=cfg.timeout_s)
-    try:
-        ledger = Ledger()
-        comm = Comm(rank=topo.rank, world_size=topo.world_size, ledger=ledger, device=topo.device)
-        run_dir = comm.broadcast_object(choose_dir() if topo.rank == 0 else None)
+    ledger = Ledger()
+    comm = Comm(rank=topo.rank, world_size=topo.world_size, ledger=ledger, device=topo.device)
+    if topo.rank == 0:
+        run_dir = choose_dir()
+        clear_errors(run_dir)  # before the broadcast: no rank has written there yet
+    run_dir = comm.broadcast_object(run_dir if topo.rank == 0 else None)
+    with StackDump(run_dir, topo.rank, watchdog_s=_watchdog_s(cfg, topo)) as dump:
         try:
-            rec = run_rank(cfg, topo, comm, ledger)
-        except MemoryLimitExceeded as e:
-            _record_error(run_dir, topo.rank, e)
-            _leave(OOM_EXIT_CODE)  # peers fail fast on the closed sockets
-            raise  # not reached
+            rec = run_rank(cfg, topo, comm, ledger, on_step=dump.arm)
+            records = comm.gather_objects(rec)
         except BaseException as e:
-            _record_error(run_dir, topo.rank, e)
-            raise
-        records = comm.gather_objects(rec)
-        if topo.rank != 0:
-            return topo, None
-        return topo, write_outputs(cfg, run_dir, records, seconds=time.perf_counter() - t0) | {
-            "path": run_dir}
-    finally:
-        destroy()
+            # No destroy(): a process group in error can hang in it; the process ends soon.
+            record_error(run_dir, topo.rank, e)
+            if topo.rank != 0:
+                raise
+            # Peers may still be alive: a silent one is hung only if this rank timed out.
+            err = diagnose(run_dir, ranks=cfg.ranks, timeout_s=cfg.timeout_s, stopped=False)
+            return topo, write_outputs(
+                cfg, run_dir, [], seconds=time.perf_counter() - t0, status=run_status(err),
+                error=err.as_dict() if err else None) | {"path": run_dir}
+    destroy()
+    if topo.rank != 0:
+        return topo, None
+    prune_empty(errors_dir(run_dir))
+    return topo, write_outputs(cfg, run_dir, records, seconds=time.perf_counter() - t0) | {
+        "path": run_dir}
 
 
-__all__ = ["check_dataset", "run", "spawn_ranks", "torchrun_rank", "under_torchrun",
+__all__ = ["ERRORS_DIR", "LOGS_DIR", "RankError", "check_dataset", "first_error",
+           "first_to_report", "run", "spawn_ranks", "torchrun_rank", "under_torchrun",
            "parse_config"]

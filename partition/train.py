@@ -6,6 +6,7 @@ import math
 import os
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -132,8 +133,12 @@ def _steady(values: list[float], warmup: int) -> list[float]:
 
 
 def run_rank(cfg: RunConfig, topo: Topology, comm: Comm | None, ledger: Ledger, *,
-             data: Dataset | None = None) -> RankRecord:
-    """Train for cfg.train.steps on this rank and return its record."""
+             data: Dataset | None = None,
+             on_step: Callable[[int], None] | None = None) -> RankRecord:
+    """Train for cfg.train.steps on this rank and return its record.
+
+    `on_step(step)` is called as each step starts (the launcher's step watchdog).
+    """
     spec = cfg.spec
     data = data if data is not None else load_dataset(cfg.data, spec, seed=cfg.seed)
     full = initial_weights(spec, init=cfg.model.init, init_path=cfg.model.init_path, seed=cfg.seed)
@@ -153,6 +158,8 @@ def run_rank(cfg: RunConfig, topo: Topology, comm: Comm | None, ledger: Ledger, 
     # carries none of the probe's cost (about 20 µs per tensor op, see README).
     recorded = {min(t.warmup_steps, t.steps - 1), t.steps - 1}
     for step in range(t.steps):
+        if on_step is not None:
+            on_step(step)
         inject_fault(cfg.fault, topo.rank, step)
         ledger.step = step
         if topo.device.type == "cuda":

@@ -7,7 +7,9 @@ in the same folder, then rename), so a killed writer leaves the old file or the 
 from __future__ import annotations
 
 import os
+import zipfile
 from dataclasses import dataclass
+from typing import IO
 
 import numpy as np
 import torch
@@ -41,6 +43,8 @@ def load_init(path: str, spec: MLPSpec) -> dict[str, torch.Tensor]:
     key = "model.init_path"
     if not os.path.isfile(path):
         raise ConfigError(key, path, "no such file")
+    if not zipfile.is_zipfile(path):
+        raise ConfigError(key, path, "not an .npz file (np.savez writes one: W1, W2, ...)")
     want = expected_shapes(spec)
     try:
         with np.load(path, allow_pickle=False) as f:
@@ -83,19 +87,33 @@ def layer_shards(layers: list[Layer]) -> list[Shard]:
 def assemble(spec: MLPSpec, shards: list[Shard], dtype: np.dtype) -> dict[str, np.ndarray]:
     """Put shards from all ranks back into full tensors; every element must be covered."""
     shapes = expected_shapes(spec)
-    full = {k: np.full(s, np.nan, dtype=np.float64) for k, s in shapes.items()}
+    full = {k: np.zeros(s, dtype=np.float64) for k, s in shapes.items()}
+    # Coverage kept apart from the values: a diverged run's weights may be NaN themselves.
+    covered = {k: np.zeros(s, dtype=bool) for k, s in shapes.items()}
     for s in shards:
         r = slice(*s.rows) if s.rows else slice(None)
         if s.values.ndim == 1:
             full[s.name][r] = s.values
+            covered[s.name][r] = True
         else:
             c = slice(*s.cols) if s.cols else slice(None)
             full[s.name][r, c] = s.values
-    for k, a in full.items():
-        if np.isnan(a).any():
+            covered[s.name][r, c] = True
+    for k, done in covered.items():
+        if not done.all():
             raise RuntimeError(f"weights {k}: some elements came back from no rank")
     return {k: a.astype(dtype) for k, a in full.items()}
 
 
+def _write_npz(fh: IO[bytes], arrays: dict[str, np.ndarray]) -> None:
+    """np.savez's format (one .npy per array in a zip), with a fixed date on every entry:
+    the same weights always give the same bytes, so two runs can be compared as files."""
+    with zipfile.ZipFile(fh, "w", compression=zipfile.ZIP_STORED) as zf:
+        for name in sorted(arrays):
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            with zf.open(info, "w", force_zip64=True) as entry:
+                np.lib.format.write_array(entry, np.asanyarray(arrays[name]), allow_pickle=False)
+
+
 def save_weights(path: str, arrays: dict[str, np.ndarray]) -> None:
-    atomic_write(path, lambda fh: np.savez(fh, **arrays))
+    atomic_write(path, lambda fh: _write_npz(fh, arrays))
