@@ -20,8 +20,9 @@ import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
 ROLES = ("activation", "activation_grad", "partial_output", "input_grad", "gather",
-         "weight_grad", "metric")
-PHASES = ("forward", "backward", "update", "metric")
+         "weight_grad", "metric", "calibration")
+# `setup`: outside training steps (the cost model's start-up micro-benchmark).
+PHASES = ("forward", "backward", "update", "metric", "setup")
 
 
 def nbytes(t: torch.Tensor) -> int:

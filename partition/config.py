@@ -95,12 +95,30 @@ class FaultConfig:
 
 
 @dataclass(frozen=True)
+class CostConfig:
+    """The analytic model's machine: α + n/β per message, a compute rate (DESIGN §6).
+
+    Defaults are what a 2-core CPU box with loopback gloo showed; `calibrate` measures
+    them at start-up instead (a short micro-benchmark, recorded in result.json).
+    """
+
+    alpha_s: float = 55e-6  # point-to-point latency per message
+    beta_Bps: float = 5e9  # point-to-point bandwidth, bytes/s
+    collective_alpha_s: float = 230e-6  # latency per collective call
+    collective_beta_Bps: float = 2.6e9  # collective bandwidth, wire bytes/s
+    flops_per_s: float = 115e9  # matmul rate of one device (one core, float32)
+    calibrate: bool = False
+    precheck: bool = False  # refuse a run whose predicted peak exceeds memory_limit, up front
+
+
+@dataclass(frozen=True)
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     fault: FaultConfig = field(default_factory=FaultConfig)
+    cost: CostConfig = field(default_factory=CostConfig)
     world_size: int = 1
     device: str = "auto"
     memory_limit: int | None = None
@@ -315,12 +333,24 @@ def parse_config(d: dict[str, Any]) -> RunConfig:
         kind=None if fault_kind in (None, "off", "none")
         else _choice("fault.kind", fault_kind, FAULT_KINDS),
     )
+    cost = CostConfig(
+        alpha_s=_float("cost.alpha_s", _get(d, "cost.alpha_s", 55e-6), non_negative=True),
+        beta_Bps=_float("cost.beta_Bps", _get(d, "cost.beta_Bps", 5e9), positive=True),
+        collective_alpha_s=_float("cost.collective_alpha_s",
+                                  _get(d, "cost.collective_alpha_s", 230e-6), non_negative=True),
+        collective_beta_Bps=_float("cost.collective_beta_Bps",
+                                   _get(d, "cost.collective_beta_Bps", 2.6e9), positive=True),
+        flops_per_s=_float("cost.flops_per_s", _get(d, "cost.flops_per_s", 115e9), positive=True),
+        calibrate=_bool("cost.calibrate", _get(d, "cost.calibrate", False)),
+        precheck=_bool("cost.precheck", _get(d, "cost.precheck", False)),
+    )
     cfg = RunConfig(
         model=model,
         strategy=strategy,
         data=data,
         train=train,
         fault=fault,
+        cost=cost,
         world_size=world,
         device=_choice("device", _get(d, "device", "auto"), DEVICES),
         memory_limit=parse_bytes("memory_limit", _get(d, "memory_limit", None)),

@@ -39,6 +39,7 @@ from partition.failures import (
     prune_empty,
     record_error,
 )
+from partition.memory import MemoryLimitExceeded
 from partition.results import RESULT_FILE, WEIGHTS_FILE, build_result, write_json
 from partition.topology import (
     Topology,
@@ -54,6 +55,8 @@ from partition.weights import assemble, initial_weights, save_weights
 LOGS_DIR = "logs"
 LOOPBACK = "127.0.0.1"
 _RDZV_BACKEND = "partition-loopback"
+# Error types that mean "the device is too small": the run's status is `oom`.
+OOM_TYPES = ("MemoryLimitExceeded", "OutOfMemoryError")
 
 
 def under_torchrun() -> bool:
@@ -330,6 +333,10 @@ def run(cfg: RunConfig, run_dir: str) -> dict[str, Any]:
     os.makedirs(run_dir, exist_ok=True)
     clear_errors(run_dir)
     t0 = time.perf_counter()
+    refused = precheck_memory(cfg)
+    if refused is not None:
+        return write_outputs(cfg, run_dir, [], seconds=time.perf_counter() - t0,
+                             status="oom", error=refused)
     if cfg.ranks == 1 and cfg.strategy.name == "single" and not cfg.fault.enabled:
         topo = single_process(cfg.device)
         try:
@@ -344,7 +351,7 @@ def run(cfg: RunConfig, run_dir: str) -> dict[str, Any]:
             record_error(run_dir, 0, e)
             err = diagnose(run_dir, ranks=1, timeout_s=cfg.timeout_s)
             return write_outputs(cfg, run_dir, [], seconds=time.perf_counter() - t0,
-                                 status="failed", error=err.as_dict() if err else None)
+                                 status=run_status(err), error=err.as_dict() if err else None)
         return write_outputs(cfg, run_dir, [rec], seconds=time.perf_counter() - t0)
     try:
         records = spawn_ranks(cfg, run_dir)
@@ -366,7 +373,7 @@ def run(cfg: RunConfig, run_dir: str) -> dict[str, Any]:
             # From the root cause to the last rank gone: at most timeout_s plus a little.
             error["teardown_s"] = gone - err.time
         return write_outputs(cfg, run_dir, [], seconds=time.perf_counter() - t0,
-                             status="failed", error=error)
+                             status=run_status(err), error=error)
     except Exception as e:  # the launcher itself (rendezvous, spawning): no rank to blame
         _tidy(run_dir)
         msg = str(e).strip().splitlines()
@@ -376,6 +383,34 @@ def run(cfg: RunConfig, run_dir: str) -> dict[str, Any]:
                                     "message": msg[0] if msg else ""})
     _tidy(run_dir)
     return write_outputs(cfg, run_dir, records, seconds=time.perf_counter() - t0)
+
+
+def run_status(err: RankError | None) -> str:
+    """`oom` when the root cause is a rank out of memory, else `failed`."""
+    return "oom" if err is not None and err.type in OOM_TYPES else "failed"
+
+
+def precheck_memory(cfg: RunConfig) -> dict[str, Any] | None:
+    """With cost.precheck: the error record of a run refused up front because the cost
+    model's predicted peak of some rank already exceeds memory_limit; else None."""
+    if not cfg.cost.precheck or cfg.memory_limit is None:
+        return None
+    import torch
+
+    from partition import costs
+
+    cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    try:
+        over = costs.peak_over_limit(cfg, device="cuda" if cuda else "cpu")
+    except ValueError:
+        return None  # no model for this strategy: let the run find out
+    if over is None:
+        return None
+    rank, peak = over
+    where = "training step (predicted; refused before starting, cost.precheck=true)"
+    err = MemoryLimitExceeded(rank=rank, needed=peak, limit=cfg.memory_limit, where=where,
+                              device="cuda" if cuda else "cpu")
+    return {"rank": rank, "type": type(err).__name__, "message": str(err)}
 
 
 def check_dataset(cfg: RunConfig) -> None:
@@ -429,7 +464,7 @@ def torchrun_rank(cfg: RunConfig, choose_dir) -> tuple[Topology, dict[str, Any] 
             # Peers may still be alive: a silent one is hung only if this rank timed out.
             err = diagnose(run_dir, ranks=cfg.ranks, timeout_s=cfg.timeout_s, stopped=False)
             return topo, write_outputs(
-                cfg, run_dir, [], seconds=time.perf_counter() - t0, status="failed",
+                cfg, run_dir, [], seconds=time.perf_counter() - t0, status=run_status(err),
                 error=err.as_dict() if err else None) | {"path": run_dir}
     destroy()
     if topo.rank != 0:

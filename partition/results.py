@@ -12,8 +12,8 @@ from typing import IO, Any
 
 import torch
 
+from partition import costs
 from partition.config import RunConfig
-from partition.strategies.pipeline.schedules import gpipe_bubble
 
 RESULT_FILE = "result.json"
 WEIGHTS_FILE = "weights.npz"
@@ -116,6 +116,8 @@ def build_result(cfg: RunConfig, records: list[Any], *, seconds: float,
                 "other_s": None if med is None else max(0.0, med - med_c - med_m),
             },
             "in_flight_max": r.in_flight_max,
+            "memory_steps_equal": getattr(r, "memory_steps_equal", True),
+            "calibration": getattr(r, "calibration", None),
         })
     measured_bubble = None
     if cfg.strategy.name == "pipeline" and ranks and ranks[0]["timing"]["step_s"]:
@@ -124,6 +126,8 @@ def build_result(cfg: RunConfig, records: list[Any], *, seconds: float,
         step_med = statistics.median(steady(step_times))
         mean_compute = statistics.mean(x["timing"]["compute_s"] for x in ranks)
         measured_bubble = max(0.0, 1.0 - mean_compute / step_med)
+    predicted = predicted_block(cfg, records)
+    step_med = statistics.median(steady(step_times)) if step_times else None
     errs = [r.grad_rel_err for r in records if r.grad_rel_err is not None]
     losses = r0.objective if r0 else []
     accs = r0.accuracy if r0 else []
@@ -146,17 +150,41 @@ def build_result(cfg: RunConfig, records: list[Any], *, seconds: float,
             "bubble_fraction_measured": measured_bubble,
         },
         "ranks": ranks,
-        "predicted": {
-            "ranks": [],
-            "bubble_fraction": gpipe_bubble(cfg.ranks, cfg.train.microbatches)
-            if cfg.strategy.name == "pipeline" else 0.0,
-            "flops_per_step": None,
-        },
+        "predicted": predicted,
+        "prediction_error": costs.prediction_error(
+            ranks, predicted, step_time_s=step_med, bubble_measured=measured_bubble)
+        if predicted.get("ranks") else None,
         "check": {
             "grad_max_rel_err": max(errs) if errs else None,
             "reference": "torch.autograd, float64, step 0, full weights" if errs else None,
         },
     }
+
+
+def cost_params(cfg: RunConfig, records: list[Any]) -> costs.CostParams:
+    """The config's α, β and rate, or what `cost.calibrate` measured: the point-to-point and
+    collective fits of rank 0, the median of every rank's matmul rate."""
+    params = costs.CostParams.from_config(cfg)
+    cals = [r.calibration for r in records if getattr(r, "calibration", None)]
+    if not cals:
+        return params
+    c0 = cals[0]
+    return costs.CostParams(
+        alpha_s=c0.get("alpha_s", params.alpha_s), beta_Bps=c0.get("beta_Bps", params.beta_Bps),
+        collective_alpha_s=c0.get("collective_alpha_s", params.collective_alpha_s),
+        collective_beta_Bps=c0.get("collective_beta_Bps", params.collective_beta_Bps),
+        flops_per_s=statistics.median(c["flops_per_s"] for c in cals), source="calibrated")
+
+
+def predicted_block(cfg: RunConfig, records: list[Any]) -> dict[str, Any]:
+    """`predicted`: the cost model for this config, on the device the ranks ran on."""
+    device = records[0].device.split(":")[0] if records and records[0].device else (
+        "cuda" if cfg.device == "cuda" else "cpu")
+    try:
+        return costs.predict(cfg, device=device, params=cost_params(cfg, records))
+    except ValueError as e:  # a strategy the model does not know yet
+        return {"ranks": [], "bubble_fraction": costs.bubble_fraction(cfg),
+                "flops_per_step": None, "step_time_s": None, "error": str(e)}
 
 
 def load_results(folders: Iterable[str]) -> list[dict[str, Any]]:

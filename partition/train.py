@@ -15,6 +15,7 @@ import torch
 from partition.comm import Comm, Ledger
 from partition.config import FaultConfig, RunConfig
 from partition.data import Dataset, load_dataset
+from partition.memory import PREDICTION, TRAINING, Measurement, MemoryProbe, memory_record
 from partition.model import Grads, Layer, weight_names
 from partition.reference import reference_grads
 from partition.strategies import build_runner
@@ -51,6 +52,8 @@ class RankRecord:
     comm: dict[str, Any] = field(default_factory=dict)  # one steady-state step's ledger summary
     comm_steps_equal: bool = True  # every steady step moved the same bytes
     memory: dict[str, Any] = field(default_factory=dict)
+    memory_steps_equal: bool = True  # every steady step reached the same peak
+    calibration: dict[str, Any] | None = None  # cost.calibrate: this rank's micro-benchmark
     in_flight_max: int = 0
     grad_rel_err: float | None = None
     shards: list[Shard] = field(default_factory=list)
@@ -87,6 +90,44 @@ def grad_rel_err(layers: list[Layer], grads: list[Grads], ref: dict[str, torch.T
     return worst
 
 
+def _expected_peaks(cfg: RunConfig, topo: Topology) -> dict[str, int] | None:
+    """The cost model's peaks for this rank, named in an out-of-memory message."""
+    if cfg.memory_limit is None:
+        return None
+    from partition import costs
+
+    try:
+        c = costs.MODELS[cfg.strategy.name](cfg, topo.rank, topo.device.type)
+    except (KeyError, ValueError):
+        return None
+    return {TRAINING: c.train.peak_bytes, PREDICTION: c.predict.peak_bytes}
+
+
+def _measure_prediction(probe: MemoryProbe, runner: Runner, step: int, *,
+                        alone: bool) -> Measurement | None:
+    """One prediction forward, measured, after training.
+
+    With exchange=False every rank runs its part alone, on a local input of the shape it
+    would receive: the same buffers, and no traffic outside the steps (which the ledger
+    and the c10d observer would otherwise see). A runner that cannot do that is left
+    unmeasured when it has peers, rather than made to communicate here.
+    """
+    import inspect
+
+    if "exchange" in inspect.signature(runner.predict).parameters:
+        call = lambda: runner.predict(step, exchange=False)  # noqa: E731
+    elif alone:
+        call = lambda: runner.predict(step)  # noqa: E731
+    else:
+        return None
+    # Not held to memory_limit: a full-batch prediction can need more than a micro-batched
+    # training step, and this measurement must not end a run whose training fits.
+    with probe.measure(runner, PREDICTION, exclude=("grads", "optimizer"),
+                       enforce=False) as pmem:
+        call()
+    return pmem
+
+
 def _steady(values: list[float], warmup: int) -> list[float]:
     return values[warmup:] if len(values) > warmup else values
 
@@ -105,6 +146,17 @@ def run_rank(cfg: RunConfig, topo: Topology, comm: Comm | None, ledger: Ledger, 
     rec = RankRecord(rank=topo.rank, device=str(topo.device), backend=topo.backend)
     t = cfg.train
     check = t.grad_check
+    if cfg.cost.calibrate:
+        from partition.calibrate import calibrate
+
+        rec.calibration = calibrate(comm, topo.device, getattr(torch, t.dtype))
+    probe = MemoryProbe(topo.device, rank=topo.rank, limit=cfg.memory_limit,
+                        enabled=cfg.memory_probe, expected=_expected_peaks(cfg, topo))
+    mems: list[Measurement | None] = []
+    # Memory is recorded on the first steady step and the last (every step when a limit
+    # must be enforced on CPU): the other steps run unprobed, so the median step time
+    # carries none of the probe's cost (about 20 µs per tensor op, see README).
+    recorded = {min(t.warmup_steps, t.steps - 1), t.steps - 1}
     for step in range(t.steps):
         if on_step is not None:
             on_step(step)
@@ -113,11 +165,13 @@ def run_rank(cfg: RunConfig, topo: Topology, comm: Comm | None, ledger: Ledger, 
         if topo.device.type == "cuda":
             torch.cuda.synchronize(topo.device)
         t0 = time.perf_counter()
-        out = runner.step(step, want_grads=check and step == 0)
+        with probe.measure(runner, TRAINING, record=step in recorded) as mem:
+            out = runner.step(step, want_grads=check and step == 0)
         if topo.device.type == "cuda":
             torch.cuda.synchronize(topo.device)
         dt = time.perf_counter() - t0
         ledger.step = None
+        mems.append(mem)
         rec.objective.append(out.objective)
         rec.data_loss.append(out.data_loss)
         rec.accuracy.append(None if out.correct is None else out.correct / t.batch_size)
@@ -141,7 +195,10 @@ def run_rank(cfg: RunConfig, topo: Topology, comm: Comm | None, ledger: Ledger, 
     keys = ("sent_bytes", "recv_bytes", "collective_bytes", "wire_bytes", "messages", "by_role")
     rec.comm_steps_equal = all(all(s[k] == summaries[0][k] for k in keys) for s in summaries)
     rec.comm["seconds"] = statistics.median(rec.comm_s[i] for i in steady)
-    rec.memory = {**runner.state_bytes(), "peak_bytes": None, "predict_peak_bytes": None,
-                  "activations_bytes": None}
+    pmem = _measure_prediction(probe, runner, len(rec.step_s) - 1, alone=comm is None)
+    measured = [mems[i] for i in steady if mems[i] is not None] or [
+        m for m in mems if m is not None]
+    rec.memory = memory_record(measured[-1] if measured else None, pmem, runner.state_bytes())
+    rec.memory_steps_equal = len({m.peak_bytes for m in measured}) <= 1
     rec.shards = layer_shards(saved_layers(runner))
     return rec

@@ -28,6 +28,7 @@ DEFAULTS: dict[str, Any] = {
     "train": {"batch_size": 32, "microbatches": 1, "steps": 3, "lr": 0.1, "momentum": 0.0,
               "dtype": "float64", "warmup_steps": 1, "grad_check": False},
     "fault": {"rank": None, "step": None, "kind": None},
+    "cost": {},  # the cost model's defaults (conf/config.yaml)
     "world_size": 1, "device": "cpu", "memory_limit": None, "memory_probe": True,
     "engine": "explicit", "timeout_s": 30, "seed": 0,
 }

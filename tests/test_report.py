@@ -273,7 +273,13 @@ def test_compare_cases_see_the_same_examples():
     assert cfgs["05-pipeline-1f1b-P2"].strategy.schedule == "1f1b"
     assert cfgs["09-tensor-rowwise-P4"].strategy.layout == "rowwise"
     assert cfgs["09-tensor-rowwise-P4"].world_size == 4
-    assert all(rc.memory_limit == 44 * MiB for rc in cfgs.values())
+    assert cfgs["09-tensor-rowwise-P4"].train.microbatches == 2
+    assert all(rc.memory_limit == 34 * MiB for rc in cfgs.values())
+    # The cost model's peaks (= the CPU probe's): only the single full batch is over it.
+    from partition import costs
+
+    peaks = {n: max(c.train.peak_bytes for c in costs.rank_costs(rc)) for n, rc in cfgs.items()}
+    assert [n for n, p in peaks.items() if p > 34 * MiB] == ["01-single-full-batch"]
     assert all(rc.model.dims == (784, 2048, 10) for rc in cfgs.values())
     # Overrides apply to every case; compare.only and compare.world_sizes narrow the list.
     _, few = plan(["compare.world_sizes=[2]", "compare.only=[single-full-batch,data]",

@@ -175,6 +175,23 @@ class TorchRunner:
             extra={"engine": "torch"},
         )
 
+    # ------------------------------------------------------------ for memory.py
+
+    def memory_stages(self) -> list:
+        """None: autograd keeps the activations here, untagged (they count as temporaries).
+        (`self.stage`, where there is one, is torch's PipelineStage, not ours.)"""
+        return []
+
+    def memory_state(self) -> dict[str, list[torch.Tensor]]:
+        """Params, the gradients left from the last step, momentum buffers: local shards."""
+        grads = [local(p.grad) for lin in self.linears for p in lin.parameters()
+                 if p.grad is not None]
+        opt = [] if self.opt is None else [
+            local(st["momentum_buffer"]) for st in self.opt.state.values()
+            if st.get("momentum_buffer") is not None]
+        return {"params": [t for l in self.layers for t in l.tensors()], "grads": grads,
+                "optimizer": opt}
+
     def state_bytes(self) -> dict[str, int]:
         opt = 0
         if self.opt is not None:

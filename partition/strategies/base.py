@@ -30,7 +30,14 @@ class Runner(Protocol):
 
     def step(self, step: int, *, want_grads: bool) -> StepOut: ...
 
-    def predict(self, step: int) -> torch.Tensor | None: ...
+    def predict(self, step: int, *, exchange: bool = True) -> torch.Tensor | None:
+        """A prediction forward of step's batch, keeping nothing for backward.
+
+        exchange=False: the same forward and the same buffers, but nothing crosses a
+        boundary (a received input is allocated locally, nothing is sent or reduced) —
+        how train.py measures the prediction peak without adding traffic outside steps.
+        """
+        ...
 
     def state_bytes(self) -> dict[str, int]: ...
 

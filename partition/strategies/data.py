@@ -122,8 +122,9 @@ class DataRunner:
             compute_s=max(0.0, time.perf_counter() - t_start - comm_s),
         )
 
-    def predict(self, step: int) -> torch.Tensor:
-        """A prediction forward of this rank's rows (nothing kept, nothing crosses)."""
+    def predict(self, step: int, *, exchange: bool = True) -> torch.Tensor:
+        """A prediction forward of this rank's rows (nothing kept, nothing crosses, so
+        `exchange` changes nothing)."""
         X, _ = self._my_rows(step)
         return self.stage.predict(X)
 

@@ -63,7 +63,7 @@ class SingleRunner:
             grads=grads, in_flight_max=st.in_flight_max, compute_s=st.compute_s,
         )
 
-    def predict(self, step: int) -> torch.Tensor:
+    def predict(self, step: int, *, exchange: bool = True) -> torch.Tensor:
         X, _ = self._batch(step)
         return self.stage.predict(X)
 

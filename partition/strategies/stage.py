@@ -34,6 +34,9 @@ class Stage:
         self.fifo: deque[list[Cache]] = deque()
         self.in_flight_max = 0
         self.compute_s = 0.0  # reset by the runner at each step
+        # A memory tracker (memory.StorageTracker) while one measures this stage: told
+        # which storages are kept for backward and which are the data batch.
+        self.probe = None
 
     @property
     def has_output_layer(self) -> bool:
@@ -51,12 +54,16 @@ class Stage:
         out, caches = forward_layers(self.spec, self.layers, x, keep=True)
         self.fifo.append(caches)
         self.in_flight_max = max(self.in_flight_max, len(self.fifo))
+        if self.probe is not None:
+            self.probe.kept(caches, holds_input=self.layers[0].index == 0)
         self.compute_s += time.perf_counter() - t0
         return out
 
     def loss(self, o: torch.Tensor, y: torch.Tensor, batch: int) -> tuple[float, int | None, torch.Tensor]:
         """Loss sum over these rows, correct count, and dJ/do for a batch of `batch` rows."""
         t0 = time.perf_counter()
+        if self.probe is not None:
+            self.probe.inputs(y)
         total = float(loss_sum(self.spec.loss, o, y))
         correct = correct_count(o, y) if self.spec.loss == "cross_entropy" else None
         g = loss_grad(self.spec.loss, o, y, batch)
@@ -72,5 +79,7 @@ class Stage:
         return dx
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
+        if self.probe is not None and self.layers[0].index == 0:
+            self.probe.inputs(x)
         out, _ = forward_layers(self.spec, self.layers, x, keep=False)
         return out

@@ -167,19 +167,26 @@ class PipelineRunner:
             grads=grads, in_flight_max=st.in_flight_max, compute_s=st.compute_s,
         )
 
-    def predict(self, step: int) -> torch.Tensor | None:
-        """A prediction forward through the pipeline (no micro-batching, nothing kept)."""
+    def predict(self, step: int, *, exchange: bool = True) -> torch.Tensor | None:
+        """A prediction forward through the pipeline (no micro-batching, nothing kept).
+
+        exchange=False: each stage alone, on a locally allocated input of the shape it
+        would receive, sending nothing — the same memory, no traffic.
+        """
         t = self.cfg.train
         B = t.batch_size
         if self.first:
             idx = self.data.rows(step, B, shuffle=self.cfg.data.shuffle, seed=self.cfg.seed)
             x = self.data.X[idx].to(device=self.topo.device, dtype=self.dtype)
-        else:
+        elif exchange:
             x = self.comm.recv((B, self.in_width), self.dtype, self.topo.rank - 1,
                                role="activation", phase="forward")
+        else:
+            x = torch.zeros((B, self.in_width), dtype=self.dtype, device=self.topo.device)
         out = self.stage.predict(x)
         if not self.last:
-            self.comm.send(out, self.topo.rank + 1, role="activation", phase="forward")
+            if exchange:
+                self.comm.send(out, self.topo.rank + 1, role="activation", phase="forward")
             return None
         return out
 

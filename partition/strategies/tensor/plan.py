@@ -158,26 +158,59 @@ class RoleTraffic:
     wire: int
 
 
+@dataclass(frozen=True)
+class Call:
+    """One collective of one rank in one step: what it hands in, what reaches it."""
+
+    role: str
+    phase: str
+    op: str  # all_reduce | all_gather | reduce_scatter
+    payload: int  # bytes this rank hands in (an all-gather's padded piece)
+    received: int  # bytes that reach this rank from the others
+    wire: int  # ring-model bytes this rank puts on the wire
+
+
+def tensor_calls(layout: str, dims: tuple[int, ...] | list[int], *, world: int, rank: int = 0,
+                 batch: int, micro: int, itemsize: int) -> list[Call]:
+    """Every collective of one step of `rank`, in order: per micro-batch the forward's,
+    then the backward's (top layer first), then the metric. Only what reaches a rank
+    from a reduce-scatter (its own slice) depends on the rank."""
+    check_world(layout, dims, world)
+    _check_rank(world, rank)
+    P, L, b = world, len(dims) - 1, itemsize
+    mb = batch // micro
+
+    def call(role: str, phase: str, op: str, n: int, received: int = 0) -> Call:
+        return Call(role, phase, op, n, received, _wire(op, n, P))
+
+    one: list[Call] = []  # one micro-batch
+    if P > 1 and layout == "megatron":
+        pairs = L // 2
+        one += [call("partial_output", "forward", "all_reduce", mb * dims[2 * k + 2] * b)
+                for k in range(pairs)]
+        one += [call("input_grad", "backward", "all_reduce", mb * dims[2 * k] * b)
+                for k in range(pairs - 1, 0, -1)]
+    elif P > 1:
+        # every rank hands in the widest slice, ⌈n/P⌉ (uneven slices are zero-padded)
+        for l in range(1, L + 1):
+            n = mb * -(-dims[l] // P) * b
+            one.append(call("gather", "forward", "all_gather", n, (P - 1) * n))
+        for l in range(L - 1, 0, -1):
+            lo, hi = split_evenly(dims[l], P)[rank]
+            one.append(call("input_grad", "backward", "reduce_scatter", mb * dims[l] * b,
+                            (P - 1) * mb * (hi - lo) * b))
+    return one * micro + [call("metric", "metric", "all_reduce", METRIC_BYTES)]
+
+
 def tensor_traffic(layout: str, dims: tuple[int, ...] | list[int], *, world: int, batch: int,
                    micro: int, itemsize: int) -> dict[str, RoleTraffic]:
     """The byte formulas of the module docstring, per role, for one step of any rank
     (every rank hands the same bytes to the same collectives)."""
-    check_world(layout, dims, world)
-    P, L, b = world, len(dims) - 1, itemsize
-    mb = batch // micro
-    calls: dict[str, list[tuple[str, int]]] = {}  # role -> [(op, payload)] for one micro-batch
-    if P > 1 and layout == "megatron":
-        pairs = L // 2
-        calls["partial_output"] = [("all_reduce", mb * dims[2 * k + 2] * b) for k in range(pairs)]
-        calls["input_grad"] = [("all_reduce", mb * dims[2 * k] * b) for k in range(1, pairs)]
-    elif P > 1:
-        # every rank hands in the widest slice, ⌈n/P⌉ (uneven slices are zero-padded)
-        calls["gather"] = [("all_gather", mb * -(-dims[l] // P) * b) for l in range(1, L + 1)]
-        calls["input_grad"] = [("reduce_scatter", mb * dims[l] * b) for l in range(1, L)]
-    out = {role: RoleTraffic(micro * sum(n for _, n in cs), micro * len(cs),
-                             micro * sum(_wire(op, n, P) for op, n in cs))
-           for role, cs in calls.items() if cs}
-    out["metric"] = RoleTraffic(METRIC_BYTES, 1, _wire("all_reduce", METRIC_BYTES, P))
+    out: dict[str, RoleTraffic] = {}
+    for c in tensor_calls(layout, dims, world=world, batch=batch, micro=micro,
+                          itemsize=itemsize):
+        t = out.get(c.role, RoleTraffic(0, 0, 0))
+        out[c.role] = RoleTraffic(t.bytes + c.payload, t.messages + 1, t.wire + c.wire)
     return out
 
 

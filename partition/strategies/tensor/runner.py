@@ -58,20 +58,45 @@ class TensorRunner:
         # reduce-scatter chunks).
         self.splits = [split_evenly(self.spec.dims[l + 1], self.P) if s.kind == "rowwise" else None
                        for l, s in enumerate(self.plan)]
+        # A memory tracker (memory.StorageTracker) while one measures a phase: this runner
+        # plays the part of a `Stage` for it (it keeps its own caches and holds the grads).
+        self.probe = None
+
+    def memory_stages(self) -> list[TensorRunner]:
+        """For memory.py: the objects that hold the grads and take `probe` (here, self)."""
+        return [self]
 
     # ------------------------------------------------------------ collectives (none at P = 1)
 
-    def _all_reduce(self, t: torch.Tensor, *, role: str, phase: str) -> torch.Tensor:
-        if self.P == 1:
+    def _all_reduce(self, t: torch.Tensor, *, role: str, phase: str,
+                    exchange: bool = True) -> torch.Tensor:
+        if self.P == 1 or not exchange:  # in place: nothing to allocate for the result
             return t
         return self.comm.all_reduce(t.contiguous(), role=role, phase=phase)
 
-    def _gather(self, t: torch.Tensor, splits: list[tuple[int, int]]) -> torch.Tensor:
+    def _gather(self, t: torch.Tensor, splits: list[tuple[int, int]], *,
+                exchange: bool = True) -> torch.Tensor:
         """Whole activation from every rank's column slice: (B, n_r) -> (B, n)."""
         if self.P == 1:
             return t
         shapes = [(t.shape[0], hi - lo) for lo, hi in splits]
-        return torch.cat(self.comm.all_gather(t, shapes, role="gather", phase="forward"), dim=1)
+        if exchange:
+            return torch.cat(self.comm.all_gather(t, shapes, role="gather", phase="forward"),
+                             dim=1)
+        return torch.cat(self._gather_alone(t, shapes), dim=1)
+
+    def _gather_alone(self, t: torch.Tensor, shapes: list[tuple[int, int]]) -> list[torch.Tensor]:
+        """comm.all_gather's buffers without the crossing (prediction, exchange=False): the
+        zero-padded piece where slices are uneven and P receive buffers, this rank's own
+        filled in, the others left zero — the same memory, no traffic."""
+        big = tuple(max(s[i] for s in shapes) for i in range(2))
+        piece = t
+        if any(tuple(s) != big for s in shapes):
+            piece = torch.zeros(big, dtype=t.dtype, device=t.device)
+            piece[:, :t.shape[1]] = t
+        bufs = [torch.zeros(big, dtype=t.dtype, device=t.device) for _ in shapes]
+        bufs[self.rank].copy_(piece)
+        return [b if tuple(s) == big else b[:, :s[1]] for b, s in zip(bufs, shapes, strict=True)]
 
     def _reduce_scatter(self, t: torch.Tensor, splits: list[tuple[int, int]]) -> torch.Tensor:
         """Sum the ranks' partial (B, n) and keep this rank's columns: (B, n) -> (B, n_r)."""
@@ -82,8 +107,11 @@ class TensorRunner:
 
     # ------------------------------------------------------------ one micro-batch
 
-    def _forward(self, x: torch.Tensor, *, keep: bool) -> tuple[torch.Tensor, list[Cache]]:
-        """x: the whole (mb, d) input on every rank -> the whole (mb, q) output on every rank."""
+    def _forward(self, x: torch.Tensor, *, keep: bool,
+                 exchange: bool = True) -> tuple[torch.Tensor, list[Cache]]:
+        """x: the whole (mb, d) input on every rank -> the whole (mb, q) output on every rank.
+
+        exchange=False (prediction only): nothing crosses; see `predict`."""
         last = self.spec.num_layers - 1
         caches: list[Cache] = []
         for layer, sh, splits in zip(self.layers, self.plan, self.splits, strict=True):
@@ -91,11 +119,14 @@ class TensorRunner:
             # replicated: (mb, n_in) -> (mb, n_out); rowwise: (mb, n_in) -> (mb, |R_r|)
             z = linear(x, layer)
             if sh.kind == "row":
-                z = self._all_reduce(z, role="partial_output", phase="forward")
+                z = self._all_reduce(z, role="partial_output", phase="forward",
+                                     exchange=exchange)
             if keep:
                 caches.append(Cache(x, None if layer.index == last else z))
             h = z if layer.index == last else activation_forward(self.spec.activation, z)
-            x = self._gather(h, splits) if sh.kind == "rowwise" else h
+            x = self._gather(h, splits, exchange=exchange) if sh.kind == "rowwise" else h
+        if keep and self.probe is not None:
+            self.probe.kept(caches, holds_input=True)
         return x, caches
 
     def _backward(self, caches: list[Cache], g: torch.Tensor) -> None:
@@ -132,6 +163,8 @@ class TensorRunner:
                 x.zero_()
         X, y = self.data.batch(step, B, shuffle=self.cfg.data.shuffle, seed=self.cfg.seed,
                                dtype=self.dtype, device=self.topo.device)
+        if self.probe is not None:
+            self.probe.inputs(X, y)
         loss_total, correct = 0.0, 0
         ce = self.spec.loss == "cross_entropy"
         for xm, ym in zip(X.chunk(M), y.chunk(M), strict=True):
@@ -163,11 +196,18 @@ class TensorRunner:
             compute_s=max(0.0, time.perf_counter() - t_start - comm_s),
         )
 
-    def predict(self, step: int) -> torch.Tensor:
-        """A prediction forward (nothing kept); the whole output is on every rank."""
+    def predict(self, step: int, *, exchange: bool = True) -> torch.Tensor:
+        """A prediction forward (nothing kept); the whole output is on every rank.
+
+        exchange=False: nothing crosses — megatron's all-reduces are skipped (they work in
+        place, so the memory is the same), rowwise gathers allocate their buffers locally;
+        the output is then not the net's (partial sums, zero slices), only its memory is.
+        """
         X, _ = self.data.batch(step, self.cfg.train.batch_size, shuffle=self.cfg.data.shuffle,
                                seed=self.cfg.seed, dtype=self.dtype, device=self.topo.device)
-        out, _ = self._forward(X, keep=False)
+        if self.probe is not None:
+            self.probe.inputs(X)
+        out, _ = self._forward(X, keep=False, exchange=exchange)
         return out
 
     def state_bytes(self) -> dict[str, int]:
