@@ -39,29 +39,16 @@ from typing import Any
 from partition.comm import CommRecord, ring_wire_bytes, summarize
 from partition.config import RunConfig
 
+# One definition of the shard split and the metric vector: the runners' own.
+from partition.strategies.tensor.plan import METRIC_BYTES, split_evenly
+
 CATEGORIES = ("params", "grads", "optimizer", "input", "activations", "comm", "temporaries")
 ITEMSIZE = {"float32": 4, "float64": 8}
 INDEX = 8  # int64 row indices and class labels
-METRIC_BYTES = 3 * 8  # [loss sum, Σ‖W‖², correct] in float64, all-reduced once per step
 DIGITS_EXAMPLES = 1797
 
 
 # ---------------------------------------------------------------- shard plans (pure)
-
-
-def split_evenly(n: int, parts: int) -> list[tuple[int, int]]:
-    """Half-open ranges covering [0, n) in `parts` pieces; the first n mod parts get one more."""
-    if parts < 1:
-        raise ValueError(f"cannot split into {parts} parts")
-    if n < parts:
-        raise ValueError(f"cannot split a width of {n} over {parts} ranks: each needs at least one")
-    base, extra = divmod(n, parts)
-    out, lo = [], 0
-    for r in range(parts):
-        hi = lo + base + (1 if r < extra else 0)
-        out.append((lo, hi))
-        lo = hi
-    return out
 
 
 def _width(r: tuple[int, int]) -> int:
