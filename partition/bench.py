@@ -24,7 +24,6 @@ import platform
 import statistics
 import tempfile
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -235,23 +234,13 @@ def summarize_case(label: str, by_rank: list[dict[str, Any]], *, warmup_steps: i
 
 def spawn_bench(base: dict[str, Any], cases: list[Case], *, pairs: int,
                 warmup_pairs: int) -> list[dict[str, Any]]:
-    """Start world_size ranks once with torch's elastic launcher; results by rank."""
-    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+    """Start world_size ranks once (the same loopback launcher as every run); results by rank."""
+    from partition.launch import launch_local
 
-    from partition.launch import free_port
-
-    world = int(base["world_size"])
     with tempfile.TemporaryDirectory(prefix="partition-bench-") as logs:
-        lc = LaunchConfig(
-            min_nodes=1, max_nodes=1, nproc_per_node=world,
-            run_id=f"bench-{uuid.uuid4().hex[:8]}", rdzv_backend="c10d",
-            rdzv_endpoint=f"127.0.0.1:{free_port()}", rdzv_configs={"timeout": 60},
-            max_restarts=0, monitor_interval=0.05, start_method="spawn",
-            logs_specs=DefaultLogsSpecs(log_dir=logs), local_addr="127.0.0.1",
-        )
-        out = elastic_launch(lc, bench_rank)(base, cases, pairs, warmup_pairs)
-    return [out[r] for r in sorted(out)]
+        return launch_local(bench_rank, (base, cases, pairs, warmup_pairs),
+                            nprocs=int(base["world_size"]), log_dir=logs, timeout_s=60,
+                            redirect=False)
 
 
 def run_bench(base: dict[str, Any], cases: list[Case] | None = None, *, pairs: int = 10,

@@ -21,7 +21,7 @@ import sys
 import time
 import traceback
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any, NoReturn
 
@@ -245,11 +245,13 @@ def _quiet_elastic() -> Iterator[None]:
             log.setLevel(level)
 
 
-def spawn_ranks(cfg: RunConfig, run_dir: str) -> list[RankRecord]:
-    """Start cfg.ranks processes on this machine with torch's elastic launcher (loopback only).
+def launch_local(entry: Callable[..., Any], args: tuple[Any, ...], *, nprocs: int, log_dir: str,
+                 timeout_s: float, redirect: bool = True) -> list[Any]:
+    """Start `nprocs` processes of entry(*args) on this machine with torch's elastic launcher,
+    on loopback only; their return values by rank.
 
-    Each rank's stdout and stderr go to logs/ in the run folder. Raises the elastic
-    launcher's ChildFailedError when any rank fails (all of them are stopped by then).
+    With `redirect`, each process's stdout and stderr go to `log_dir`. Raises the elastic
+    launcher's ChildFailedError when any process fails (all of them are stopped by then).
     """
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
     from torch.distributed.elastic.rendezvous import rendezvous_handler_registry
@@ -257,17 +259,23 @@ def spawn_ranks(cfg: RunConfig, run_dir: str) -> list[RankRecord]:
 
     rendezvous_handler_registry.register(_RDZV_BACKEND, _loopback_rendezvous)
     lc = LaunchConfig(
-        min_nodes=1, max_nodes=1, nproc_per_node=cfg.ranks,
+        min_nodes=1, max_nodes=1, nproc_per_node=nprocs,
         run_id=f"partition-{uuid.uuid4().hex[:8]}",
         rdzv_backend=_RDZV_BACKEND, rdzv_endpoint="",
-        rdzv_configs={"timeout": int(max(30, cfg.timeout_s))},
+        rdzv_configs={"timeout": int(max(30, timeout_s))},
         max_restarts=0, monitor_interval=0.05, start_method="spawn",
-        logs_specs=DefaultLogsSpecs(log_dir=os.path.join(run_dir, LOGS_DIR), redirects=Std.ALL),
+        logs_specs=DefaultLogsSpecs(log_dir=log_dir, redirects=Std.ALL if redirect else Std.NONE),
         local_addr=LOOPBACK,
     )
     with _quiet_elastic(), _own_signal_handlers():
-        results = elastic_launch(lc, rank_entry)(cfg.to_dict(), run_dir)
+        results = elastic_launch(lc, entry)(*args)
     return [results[r] for r in sorted(results)]
+
+
+def spawn_ranks(cfg: RunConfig, run_dir: str) -> list[RankRecord]:
+    """Start cfg.ranks rank processes for one run; each rank's output goes to logs/ in the run folder."""
+    return launch_local(rank_entry, (cfg.to_dict(), run_dir), nprocs=cfg.ranks,
+                        log_dir=os.path.join(run_dir, LOGS_DIR), timeout_s=cfg.timeout_s)
 
 
 @contextlib.contextmanager
