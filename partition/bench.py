@@ -362,7 +362,7 @@ def markdown(rows: list[Row], info: dict[str, Any], base: dict[str, Any], cases:
         "Payload is the training traffic per step summed over ranks (what each rank sends or hands "
         "to a collective, DESIGN §5): the ledger's for the explicit engine, the dispatch-mode "
         "observer's for torch. Peak memory is the largest rank's, from the memory probe "
-        "(n/a: no probe on this branch yet). The torch engines are timed without the "
+        "(n/a where it measured nothing). The torch engines are timed without the "
         "dispatch-mode observer that counts their bytes (a Python call per aten op, which is not "
         "torch's own cost); the explicit engine keeps its ledger, which is part of it.",
         "",
