@@ -141,13 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     df = build_table(results, sort=False)
     rep = write_report(df, out, title="Partitioning the seed MLP vs a smaller minibatch")
     print()
-    print(rep.text)
-    for n in rep.notes:
-        print(f"note: {n}")
-    print()
-    print("\n".join(rep.summary))
-    print()
-    print("wrote " + ", ".join(rep.files))
+    print(rep.console())
     return 0
 
 

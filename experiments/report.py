@@ -35,13 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = args.out or _default_out(args.folders)
     rep = write_report(df, out, plots=not args.no_plots)
-    print(rep.text)
-    for n in rep.notes:
-        print(f"note: {n}")
-    print()
-    print("\n".join(rep.summary))
-    print()
-    print("wrote " + ", ".join(rep.files))
+    print(rep.console())
     return 0
 
 

@@ -454,6 +454,11 @@ class Report:
     files: list[str]
     notes: list[str]
 
+    def console(self) -> str:
+        """What the entry points print: the table, its notes, the summary, the files written."""
+        notes = [f"note: {n}" for n in self.notes]
+        return "\n".join([self.text, *notes, "", *self.summary, "", "wrote " + ", ".join(self.files)])
+
 
 def write_report(df: pd.DataFrame, out: str, *, plots: bool = True,
                  title: str = "Results") -> Report:
