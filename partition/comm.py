@@ -19,6 +19,8 @@ import torch
 import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from partition.plans.traffic import ring_wire_bytes
+
 ROLES = ("activation", "activation_grad", "partial_output", "input_grad", "gather",
          "weight_grad", "metric", "calibration")
 # `setup`: outside training steps (the cost model's start-up micro-benchmark).
@@ -88,32 +90,74 @@ def summarize(records: list[CommRecord]) -> dict[str, Any]:
     return out
 
 
-def ring_wire_bytes(op: str, n: int, p: int) -> int:
-    """Bytes one rank puts on the wire for a payload of n bytes among p ranks (ring model)."""
-    if p <= 1:
-        return 0
-    if op == "all_reduce":
-        return 2 * (p - 1) * n // p
-    if op == "all_gather":
-        return (p - 1) * n  # n = this rank's piece
-    if op == "reduce_scatter":
-        return (p - 1) * n // p
-    if op == "broadcast":
-        return n
-    raise ValueError(f"no wire model for {op!r}")
+@dataclass
+class PendingSend:
+    """A posted send: its work handle, the tensor it reads, and the seconds spent posting."""
+
+    work: Any
+    tensor: torch.Tensor
+    peer: int
+    role: str
+    phase: str
+    seconds: float
+
+
+@dataclass
+class PendingRecv:
+    """A posted receive: its work handle and the buffer it fills."""
+
+    work: Any
+    tensor: torch.Tensor
+    peer: int
+    role: str
+    phase: str
+    seconds: float
+
+
+class Transport:
+    """The calls that move bytes between ranks: torch.distributed's, on one group.
+
+    `Comm` records; this moves. The dry run (dryrun.py) hands `Comm` a transport that
+    moves nothing, so a dry run records exactly what a real run records.
+    """
+
+    def __init__(self, group: Any = None) -> None:
+        self.group = group
+
+    def send(self, t: torch.Tensor, dst: int) -> None:
+        dist.send(t, dst, group=self.group)
+
+    def recv(self, t: torch.Tensor, src: int) -> None:
+        dist.recv(t, src, group=self.group)
+
+    def isend(self, t: torch.Tensor, dst: int) -> Any:
+        return dist.isend(t, dst, group=self.group)
+
+    def irecv(self, t: torch.Tensor, src: int) -> Any:
+        return dist.irecv(t, src, group=self.group)
+
+    def all_reduce(self, t: torch.Tensor) -> None:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
+
+    def all_gather(self, bufs: list[torch.Tensor], piece: torch.Tensor) -> None:
+        dist.all_gather(bufs, piece, group=self.group)
+
+    def reduce_scatter(self, out: torch.Tensor, ins: list[torch.Tensor]) -> None:
+        dist.reduce_scatter(out, ins, op=dist.ReduceOp.SUM, group=self.group)
 
 
 class Comm:
     """Typed, recorded communication for one rank of a process group.
 
-    Pipeline calls are named from the stage's point of view: forward traffic
-    goes to rank+1, backward traffic to rank-1 (DESIGN §3).
+    A record is made when a call completes (a posted send or receive when it is waited
+    for), with the seconds spent in it, posting and waiting together.
     """
 
     def __init__(self, *, rank: int, world_size: int, ledger: Ledger, group: Any = None,
-                 device: torch.device | None = None) -> None:
+                 device: torch.device | None = None, transport: Transport | None = None) -> None:
         self.rank, self.world_size, self.ledger, self.group = rank, world_size, ledger, group
         self.device = device or torch.device("cpu")
+        self.transport = transport or Transport(group)
 
     # ------------------------------------------------------------ recording
 
@@ -130,7 +174,7 @@ class Comm:
 
     def send(self, t: torch.Tensor, dst: int, *, role: str, phase: str) -> None:
         t0 = time.perf_counter()
-        dist.send(t.contiguous(), dst, group=self.group)
+        self.transport.send(t.contiguous(), dst)
         n = nbytes(t)
         self._rec("send", role, phase, peer=dst, sent=n, received=0, collective=0, wire=n,
                   seconds=time.perf_counter() - t0)
@@ -139,59 +183,46 @@ class Comm:
              phase: str) -> torch.Tensor:
         t = torch.empty(shape, dtype=dtype, device=self.device)
         t0 = time.perf_counter()
-        dist.recv(t, src, group=self.group)
+        self.transport.recv(t, src)
         self._rec("recv", role, phase, peer=src, sent=0, received=nbytes(t), collective=0, wire=0,
                   seconds=time.perf_counter() - t0)
         return t
 
-    def send_recv(self, send_t: torch.Tensor, dst: int, recv_shape: tuple[int, ...],
-                  src: int, *, send_role: str, recv_role: str, send_phase: str,
-                  recv_phase: str) -> torch.Tensor:
-        """Send and receive at once (1F1B steady state): neither side can block the other."""
-        out = torch.empty(recv_shape, dtype=send_t.dtype, device=self.device)
-        send_t = send_t.contiguous()
+    def post_send(self, t: torch.Tensor, dst: int, *, role: str, phase: str) -> PendingSend:
+        """Start sending `t`; it must stay alive until `wait_send` (the runtime keeps it)."""
+        t = t.contiguous()
         t0 = time.perf_counter()
-        reqs = dist.batch_isend_irecv([dist.P2POp(dist.isend, send_t, dst, group=self.group),
-                                       dist.P2POp(dist.irecv, out, src, group=self.group)])
-        for r in reqs:
-            r.wait()
-        dt = time.perf_counter() - t0
-        n = nbytes(send_t)
-        # The pair's time is split evenly between its two records; the step total stays exact.
-        self._rec("send", send_role, send_phase, peer=dst, sent=n, received=0, collective=0,
-                  wire=n, seconds=dt / 2)
-        self._rec("recv", recv_role, recv_phase, peer=src, sent=0, received=nbytes(out),
-                  collective=0, wire=0, seconds=dt / 2)
-        return out
+        work = self.transport.isend(t, dst)
+        return PendingSend(work, t, dst, role, phase, time.perf_counter() - t0)
 
-    def send_forward(self, t: torch.Tensor) -> None:
-        self.send(t, self.rank + 1, role="activation", phase="forward")
+    def wait_send(self, p: PendingSend) -> None:
+        t0 = time.perf_counter()
+        p.work.wait()
+        n = nbytes(p.tensor)
+        self._rec("send", p.role, p.phase, peer=p.peer, sent=n, received=0, collective=0,
+                  wire=n, seconds=p.seconds + time.perf_counter() - t0)
 
-    def recv_forward(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        return self.recv(shape, dtype, self.rank - 1, role="activation", phase="forward")
+    def post_recv(self, shape: tuple[int, ...], dtype: torch.dtype, src: int, *, role: str,
+                  phase: str) -> PendingRecv:
+        """Post a receive into a new buffer; `wait_recv` returns it filled."""
+        t = torch.empty(shape, dtype=dtype, device=self.device)
+        t0 = time.perf_counter()
+        work = self.transport.irecv(t, src)
+        return PendingRecv(work, t, src, role, phase, time.perf_counter() - t0)
 
-    def send_backward(self, t: torch.Tensor) -> None:
-        self.send(t, self.rank - 1, role="activation_grad", phase="backward")
-
-    def recv_backward(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        return self.recv(shape, dtype, self.rank + 1, role="activation_grad", phase="backward")
-
-    def send_forward_recv_backward(self, t: torch.Tensor, grad_shape: tuple[int, ...]) -> torch.Tensor:
-        return self.send_recv(t, self.rank + 1, grad_shape, self.rank + 1,
-                              send_role="activation", recv_role="activation_grad",
-                              send_phase="forward", recv_phase="backward")
-
-    def send_backward_recv_forward(self, g: torch.Tensor, act_shape: tuple[int, ...]) -> torch.Tensor:
-        return self.send_recv(g, self.rank - 1, act_shape, self.rank - 1,
-                              send_role="activation_grad", recv_role="activation",
-                              send_phase="backward", recv_phase="forward")
+    def wait_recv(self, p: PendingRecv) -> torch.Tensor:
+        t0 = time.perf_counter()
+        p.work.wait()
+        self._rec("recv", p.role, p.phase, peer=p.peer, sent=0, received=nbytes(p.tensor),
+                  collective=0, wire=0, seconds=p.seconds + time.perf_counter() - t0)
+        return p.tensor
 
     # ------------------------------------------------------------ collectives
 
     def all_reduce(self, t: torch.Tensor, *, role: str, phase: str) -> torch.Tensor:
         """Sum `t` over the group, in place."""
         t0 = time.perf_counter()
-        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
+        self.transport.all_reduce(t)
         n = nbytes(t)
         self._rec("all_reduce", role, phase, peer=None, sent=n, received=0, collective=n,
                   wire=ring_wire_bytes("all_reduce", n, self.world_size),
@@ -215,7 +246,7 @@ class Comm:
             piece[tuple(slice(0, d) for d in t.shape)] = t
         bufs = [torch.empty(big, dtype=t.dtype, device=self.device) for _ in shapes]
         t0 = time.perf_counter()
-        dist.all_gather(bufs, piece, group=self.group)
+        self.transport.all_gather(bufs, piece)
         dt = time.perf_counter() - t0
         outs = [b if tuple(s) == big else b[tuple(slice(0, d) for d in s)]
                 for b, s in zip(bufs, shapes, strict=True)]
@@ -236,7 +267,7 @@ class Comm:
         ins = [c.contiguous() for c in chunks]
         out = torch.empty_like(ins[self.rank])
         t0 = time.perf_counter()
-        dist.reduce_scatter(out, ins, op=dist.ReduceOp.SUM, group=self.group)
+        self.transport.reduce_scatter(out, ins)
         n = sum(nbytes(c) for c in ins)
         self._rec("reduce_scatter", role, phase, peer=None, sent=n,
                   received=(self.world_size - 1) * nbytes(out), collective=n,

@@ -16,7 +16,7 @@ from typing import Any
 from partition.model import ACTIVATIONS, LOSSES, MLPSpec
 
 STRATEGIES = ("single", "pipeline", "tensor", "data")
-SCHEDULES = ("gpipe", "1f1b")
+SCHEDULES = ("gpipe", "1f1b")  # or the path of a compute-only .csv (plans/schedule.py)
 LAYOUTS = ("megatron", "rowwise")
 DEVICES = ("auto", "cpu", "cuda")
 ENGINES = ("explicit", "torch")
@@ -43,7 +43,7 @@ def _show(value: Any) -> str:
 @dataclass(frozen=True)
 class StrategyConfig:
     name: str = "single"
-    schedule: str = "gpipe"  # pipeline: gpipe | 1f1b
+    schedule: str = "gpipe"  # pipeline: gpipe | 1f1b | path to a .csv of per-rank actions
     balance: tuple[int, ...] | None = None  # pipeline: layers per stage; None = by parameter count
     layout: str = "megatron"  # tensor: megatron | rowwise
 
@@ -268,7 +268,7 @@ def parse_config(d: dict[str, Any]) -> RunConfig:
     balance_raw = _get(d, "strategy.balance", None) if isinstance(strategy_node, dict) else None
     strategy = StrategyConfig(
         name=name,
-        schedule=_choice("strategy.schedule", _get(d, "strategy.schedule", "gpipe"), SCHEDULES),
+        schedule=_schedule(_get(d, "strategy.schedule", "gpipe")),
         balance=None if balance_raw is None
         else _int_list("strategy.balance", balance_raw, min_len=1, min_value=1),
         layout=_choice("strategy.layout", _get(d, "strategy.layout", "megatron"), LAYOUTS),
@@ -363,6 +363,32 @@ def parse_config(d: dict[str, Any]) -> RunConfig:
     return cfg
 
 
+def _schedule(v: Any) -> str:
+    if isinstance(v, str) and v.endswith(".csv"):
+        return v
+    return _choice("strategy.schedule", v, SCHEDULES)
+
+
+def _check_schedule(cfg: RunConfig) -> None:
+    """Load and validate the pipeline schedule (complete, ordered, deadlock-free)."""
+    from partition.plans.schedule import ScheduleError, load_schedule
+
+    try:
+        sched = load_schedule(cfg.strategy.schedule, world=cfg.world_size,
+                              micro=cfg.train.microbatches)
+    except ScheduleError as e:
+        raise ConfigError("strategy.schedule", cfg.strategy.schedule, str(e)) from None
+    L = cfg.spec.num_layers
+    if sched.stages > L:
+        raise ConfigError("strategy.schedule", cfg.strategy.schedule,
+                          f"{sched.stages} stages for the {L} layers of model.dims: every stage "
+                          f"needs at least one layer")
+    bal = cfg.strategy.balance
+    if bal is not None and len(bal) != sched.stages:
+        raise ConfigError("strategy.balance", list(bal),
+                          f"needs one entry per stage ({sched.stages} stages)")
+
+
 def _check_cross(cfg: RunConfig) -> None:
     """Checks that involve more than one key (each still names the key to change)."""
     f = cfg.fault
@@ -375,17 +401,15 @@ def _check_cross(cfg: RunConfig) -> None:
             raise ConfigError("fault.step", f.step, f"must be < train.steps={cfg.train.steps}")
     L = cfg.spec.num_layers
     if cfg.strategy.name == "pipeline":
-        if cfg.world_size > L:
+        if cfg.world_size > L and not cfg.strategy.schedule.endswith(".csv"):
             raise ConfigError("world_size", cfg.world_size,
                               f"pipeline needs at most one stage per layer; model.dims has {L} layers")
         bal = cfg.strategy.balance
         if bal is not None:
-            if len(bal) != cfg.world_size:
-                raise ConfigError("strategy.balance", list(bal),
-                                  f"needs one entry per stage (world_size={cfg.world_size})")
             if sum(bal) != L:
                 raise ConfigError("strategy.balance", list(bal),
                                   f"must sum to the {L} layers of model.dims")
+        _check_schedule(cfg)
     if cfg.strategy.name == "data" and cfg.train.batch_size < cfg.world_size:
         raise ConfigError("train.batch_size", cfg.train.batch_size,
                           f"data parallel needs at least one example per rank (world_size={cfg.world_size})")
@@ -398,7 +422,7 @@ def _check_cross(cfg: RunConfig) -> None:
                               f"world_size={cfg.world_size} is {fewest} rows")
     if cfg.strategy.name == "tensor":
         # Imported here: the strategies package imports this module.
-        from partition.strategies.tensor.plan import split_widths
+        from partition.plans.tensor import split_widths
 
         layout = cfg.strategy.layout
         widths = split_widths(layout, cfg.model.dims)
@@ -413,6 +437,10 @@ def _check_cross(cfg: RunConfig) -> None:
 def _check_torch_engine(cfg: RunConfig) -> None:
     """What PyTorch's own engines (partition/engines) cannot do, refused before any rank starts."""
     P, M = cfg.world_size, cfg.train.microbatches
+    if cfg.strategy.name == "pipeline" and cfg.strategy.schedule.endswith(".csv"):
+        raise ConfigError("strategy.schedule", cfg.strategy.schedule,
+                          "engine=torch runs gpipe and 1f1b; a .csv schedule runs on "
+                          "engine=explicit")
     if cfg.strategy.name == "pipeline" and cfg.strategy.schedule == "1f1b" and M < P:
         raise ConfigError("train.microbatches", M,
                           f"engine=torch's Schedule1F1B needs >= world_size={P} micro-batches")

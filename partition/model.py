@@ -190,7 +190,12 @@ def loss_grad(name: str, o: torch.Tensor, y: torch.Tensor, batch: int) -> torch.
 
 
 def correct_count(o: torch.Tensor, y: torch.Tensor) -> int:
-    return int((o.argmax(dim=1) == y).sum())
+    return 0 if o.is_meta else int((o.argmax(dim=1) == y).sum())
+
+
+def to_float(t: torch.Tensor) -> float:
+    """A 0-d tensor's value; 0.0 on the meta device, where the dry run has shapes, no values."""
+    return 0.0 if t.is_meta else float(t)
 
 
 # ---------------------------------------------------------------- layers
@@ -218,18 +223,26 @@ def linear(x: torch.Tensor, layer: Layer) -> torch.Tensor:
     return z
 
 
-def linear_backward(
-    dz: torch.Tensor, cache_x: torch.Tensor, layer: Layer, grads: Grads, *, need_input_grad: bool
-) -> torch.Tensor | None:
-    """Accumulate dJ/dW (data term) and dJ/db; return dJ/dx if asked."""
+def weight_grad(dz: torch.Tensor, cache_x: torch.Tensor, grads: Grads) -> None:
+    """Accumulate the data term of dJ/dW = dJ/dz xᵀ (and dJ/db): the seed's W half."""
     # (n_out, B) @ (B, n_in) -> (n_out, n_in)
     grads.W.addmm_(dz.T, cache_x)
     if grads.b is not None:
         grads.b += dz.sum(dim=0)
-    if not need_input_grad:
-        return None
+
+
+def input_grad(dz: torch.Tensor, layer: Layer) -> torch.Tensor:
+    """dJ/dx = Wᵀ dJ/dz, as rows: the seed's I half (what the layer below waits for)."""
     # (B, n_out) @ (n_out, n_in) -> (B, n_in)
     return dz @ layer.W
+
+
+def linear_backward(
+    dz: torch.Tensor, cache_x: torch.Tensor, layer: Layer, grads: Grads, *, need_input_grad: bool
+) -> torch.Tensor | None:
+    """Accumulate dJ/dW (data term) and dJ/db; return dJ/dx if asked."""
+    weight_grad(dz, cache_x, grads)
+    return input_grad(dz, layer) if need_input_grad else None
 
 
 def forward_layers(
@@ -280,19 +293,53 @@ def backward_layers(
     return g
 
 
+@dataclass
+class WeightPart:
+    """What a deferred W needs of one layer: dJ/dz and the layer's input x."""
+
+    dz: torch.Tensor
+    x: torch.Tensor
+
+
+def backward_input(
+    spec: MLPSpec,
+    layers: list[Layer],
+    caches: list[Cache],
+    g: torch.Tensor,
+    *,
+    need_input_grad: bool,
+) -> tuple[torch.Tensor | None, list[WeightPart]]:
+    """The I half of `backward_layers`: dJ/dz of every layer and dJ/d(input), no dJ/dW.
+
+    Returns the input gradient (None if not asked) and, per layer, what `backward_weight`
+    needs; z is freed here, x and dJ/dz live on until the W.
+    """
+    last = spec.num_layers - 1
+    parts: list[WeightPart | None] = [None] * len(layers)
+    for i in range(len(layers) - 1, -1, -1):
+        layer, cache = layers[i], caches[i]
+        dz = g if layer.index == last else activation_backward(spec.activation, cache.z, g)
+        parts[i] = WeightPart(dz, cache.x)
+        caches[i] = None  # type: ignore[call-overload]
+        g = input_grad(dz, layer) if need_input_grad or i > 0 else None
+    return g, parts  # type: ignore[return-value]
+
+
+def backward_weight(parts: list[WeightPart], grads: list[Grads]) -> None:
+    """The W half: dJ/dW += dJ/dz xᵀ for every layer, from what `backward_input` kept.
+
+    The same products as `backward_layers` makes, so B = I then W gives the same bits.
+    """
+    for i in range(len(parts) - 1, -1, -1):
+        weight_grad(parts[i].dz, parts[i].x, grads[i])
+        parts[i] = None  # type: ignore[call-overload]
+
+
 def zero_grads(layers: list[Layer]) -> list[Grads]:
     return [
         Grads(torch.zeros_like(l.W), torch.zeros_like(l.b) if l.b is not None else None)
         for l in layers
     ]
-
-
-def decay_sq_sum(layers: list[Layer]) -> torch.Tensor:
-    """Sum of ||W||_F^2 over the (shards of) weights held here; biases are not regularised."""
-    total = torch.zeros((), dtype=layers[0].W.dtype, device=layers[0].W.device)
-    for l in layers:
-        total += (l.W * l.W).sum()
-    return total
 
 
 def add_decay(layers: list[Layer], grads: list[Grads], weight_decay: float) -> None:

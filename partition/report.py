@@ -26,6 +26,7 @@ from typing import Any
 
 import pandas as pd
 
+from partition.costs import rel_err
 from partition.results import load_results
 
 STRATEGY_ORDER = {"single": 0, "pipeline": 1, "tensor": 2, "data": 3}
@@ -94,17 +95,9 @@ def _training_bytes(comm: Any) -> float | None:
     return None if all(p is None for p in parts) else float(sum(p or 0 for p in parts))
 
 
-def _rel_err(measured: float | None, predicted: float | None) -> float | None:
-    if measured is None or predicted is None:
-        return None
-    if predicted == 0:
-        return 0.0 if measured == 0 else None
-    return (measured - predicted) / predicted
-
-
 def _worst(pairs: list[tuple[float | None, float | None]]) -> float | None:
     """The largest relative error (by magnitude, sign kept) over the ranks."""
-    errs = [e for e in (_rel_err(m, p) for m, p in pairs) if e is not None]
+    errs = [e for e in (rel_err(m, p) for m, p in pairs) if e is not None]
     return max(errs, key=abs) if errs else None
 
 
@@ -175,7 +168,7 @@ def result_row(res: dict[str, Any]) -> dict[str, Any]:
         "wire_bytes": _max(_get(r, "comm.wire_bytes") for r in ranks),
         "step_s": step_s,
         "pred_step_s": pred_step,
-        "time_err": _rel_err(step_s, pred_step),
+        "time_err": rel_err(step_s, pred_step),
         "bubble": num(tr.get("bubble_fraction_measured")),
         "pred_bubble": num(pred.get("bubble_fraction")),
         "steps": len(loss) if loss else num(tr.get("steps_done")),

@@ -91,19 +91,19 @@ def grad_rel_err(layers: list[Layer], grads: list[Grads], ref: dict[str, torch.T
 
 
 def _expected_peaks(cfg: RunConfig, topo: Topology) -> dict[str, int] | None:
-    """The cost model's peaks for this rank, named in an out-of-memory message."""
+    """The dry run's peaks for this rank, named in an out-of-memory message."""
     if cfg.memory_limit is None:
         return None
     from partition import costs
 
     try:
-        c = costs.MODELS[cfg.strategy.name](cfg, topo.rank, topo.device.type)
+        c = costs.rank_cost(cfg, topo.rank, topo.device.type)
     except (KeyError, ValueError):
         return None
     return {TRAINING: c.train.peak_bytes, PREDICTION: c.predict.peak_bytes}
 
 
-def _measure_prediction(probe: MemoryProbe, runner: Runner, step: int, *,
+def measure_prediction(probe: MemoryProbe, runner: Runner, step: int, *,
                         alone: bool) -> Measurement | None:
     """One prediction forward, measured, after training.
 
@@ -177,7 +177,9 @@ def run_rank(cfg: RunConfig, topo: Topology, comm: Comm | None, ledger: Ledger, 
         rec.accuracy.append(None if out.correct is None else out.correct / t.batch_size)
         rec.step_s.append(dt)
         rec.comm_s.append(ledger.seconds(step))
-        rec.compute_s.append(out.compute_s)
+        # One definition of compute time: the step's wall time less its time in comm.py calls.
+        rec.compute_s.append(out.compute_s if out.compute_s is not None
+                             else max(0.0, dt - rec.comm_s[-1]))
         rec.in_flight_max = max(rec.in_flight_max, out.in_flight_max)
         if out.grads is not None:
             X, y = data.batch(0, t.batch_size, shuffle=cfg.data.shuffle, seed=cfg.seed,
@@ -195,7 +197,7 @@ def run_rank(cfg: RunConfig, topo: Topology, comm: Comm | None, ledger: Ledger, 
     keys = ("sent_bytes", "recv_bytes", "collective_bytes", "wire_bytes", "messages", "by_role")
     rec.comm_steps_equal = all(all(s[k] == summaries[0][k] for k in keys) for s in summaries)
     rec.comm["seconds"] = statistics.median(rec.comm_s[i] for i in steady)
-    pmem = _measure_prediction(probe, runner, len(rec.step_s) - 1, alone=comm is None)
+    pmem = measure_prediction(probe, runner, len(rec.step_s) - 1, alone=comm is None)
     measured = [mems[i] for i in steady if mems[i] is not None] or [
         m for m in mems if m is not None]
     rec.memory = memory_record(measured[-1] if measured else None, pmem, runner.state_bytes())

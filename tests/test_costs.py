@@ -73,7 +73,7 @@ def test_pipeline_bytes(P, M, schedule):
     cfg = make_config(strategy="pipeline", world_size=P, **{
         "model.dims": dims, "train.batch_size": B, "train.microbatches": M,
         "strategy.schedule": schedule})
-    from partition.strategies.pipeline import plan_stages
+    from partition.plans.stages import plan_stages
 
     plan = plan_stages(cfg.spec, P)
     for r in range(P):
@@ -123,7 +123,7 @@ def test_tensor_megatron_deep_and_rowwise_bytes():
     # gloo's all-gather takes equal pieces: every rank hands in ⌈n/P⌉ columns (zero-padded)
     padded = -(-8 // P) + -(-7 // P)
     for r in range(P):
-        mine = costs._width(costs.split_evenly(8, P)[r])  # its slice of dJ/dh (reduce-scatter)
+        mine = costs.width(costs.split_evenly(8, P)[r])  # its slice of dJ/dh (reduce-scatter)
         s = summarize(costs.MODELS["tensor"](row, r).messages)
         assert s["by_role"]["gather"] == {"bytes": B * padded * 8, "messages": 2}
         assert s["by_role"]["input_grad"] == {"bytes": B * 8 * 8, "messages": 1}
@@ -151,7 +151,7 @@ def test_data_parallel_bytes():
 def test_tensor_messages_are_the_plans(layout, dims, P):
     """The model's records are the runner's plan (tensor_calls): per role the formulas of
     plan.py, which the tensor tests check against the ledger."""
-    from partition.strategies.tensor.plan import tensor_traffic
+    from partition.plans.tensor import tensor_traffic
 
     cfg = make_config(strategy="tensor", world_size=P, **{
         "model.dims": dims, "train.batch_size": 12, "train.microbatches": 2,

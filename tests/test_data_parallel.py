@@ -22,7 +22,7 @@ from strategy_runs import (
     single_predict,
 )
 
-from partition.strategies.data import data_traffic
+from partition.plans.data import data_traffic
 
 BASE = {"strategy": "data", "train.batch_size": 10, "train.steps": 3, "train.grad_check": True}
 # B = 10: uneven shares at P = 3 (4, 3, 3) and P = 4 (3, 3, 2, 2); 2–4 weight layers.

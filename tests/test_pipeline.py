@@ -9,12 +9,8 @@ from conftest import config_dict, make_config, spawn
 from partition.comm import Comm, Ledger, Observer
 from partition.config import parse_config
 from partition.model import MLPSpec
-from partition.strategies.pipeline import (
-    gpipe_actions,
-    max_in_flight,
-    one_f_one_b_actions,
-    plan_stages,
-)
+from partition.plans.schedule import Action, gpipe_actions, max_in_flight, one_f_one_b_actions
+from partition.plans.stages import plan_stages
 from partition.topology import from_env, single_process
 from partition.train import run_rank
 from partition.weights import assemble
@@ -45,10 +41,12 @@ def test_schedules_hold_at_most_their_bound(P, M):
     for i in range(P):
         g, f = gpipe_actions(i, P, M), one_f_one_b_actions(i, P, M)
         for acts in (g, f):
-            assert sorted(acts) == sorted([("F", m) for m in range(M)] + [("B", m) for m in range(M)])
-            # FIFO: backwards in the forwards' order, each after its forward.
-            assert [m for k, m in acts if k == "B"] == list(range(M))
-            assert all(acts.index(("F", m)) < acts.index(("B", m)) for m in range(M))
+            want = [Action(i, k, m) for k in "FB" for m in range(M)]
+            assert sorted(acts) == sorted(want)
+            # backwards in the forwards' order, each after its forward.
+            assert [a.mb for a in acts if a.kind == "B"] == list(range(M))
+            assert all(acts.index(Action(i, "F", m)) < acts.index(Action(i, "B", m))
+                       for m in range(M))
         assert max_in_flight(g) == M
         assert max_in_flight(f) == min(P - i, M)
 

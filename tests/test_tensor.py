@@ -23,7 +23,8 @@ from strategy_runs import (
     single_predict,
 )
 
-from partition.strategies.tensor.plan import split_evenly, tensor_traffic
+from partition.plans.split import split_evenly
+from partition.plans.tensor import tensor_traffic
 
 BASE = {"strategy": "tensor", "train.batch_size": 10, "train.steps": 3, "train.grad_check": True}
 # (id, overrides): 1–4 weight layers, widths 5 and 7 (and 6 at P = 4, 4 at P = 3) not divisible.

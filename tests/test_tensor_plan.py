@@ -7,12 +7,12 @@ import pytest
 from conftest import make_config
 
 from partition.config import ConfigError
-from partition.strategies.tensor.plan import (
+from partition.plans.split import split_evenly
+from partition.plans.tensor import (
     megatron_plan,
     plan_layers,
     rowwise_plan,
     shard_params,
-    split_evenly,
     split_widths,
     tensor_traffic,
 )

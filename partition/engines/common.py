@@ -23,7 +23,7 @@ from partition.config import RunConfig
 from partition.data import Dataset
 from partition.engines.observe import SeenOp, StepObserver, to_records
 from partition.model import Grads, Layer, MLPSpec, weight_names
-from partition.strategies.base import StepOut, state_bytes
+from partition.strategies.base import StepOut, reduce_metric, state_bytes
 from partition.topology import Topology
 
 ACTIVATION_MODULES = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
@@ -159,10 +159,8 @@ class TorchRunner:
         for r in records:
             self.comm.ledger.add(r)
         # J = L + s from the parts each rank holds, reduced under `metric` as explicit does.
-        metric = torch.tensor([loss_part, sq, float(correct_part)], dtype=torch.float64,
-                              device=self.topo.device)
-        self.comm.all_reduce(metric, role="metric", phase="metric")
-        loss_total, sq_all, correct = metric.tolist()
+        loss_total, sq_all, correct = reduce_metric(self.comm, loss_part, sq, correct_part,
+                                                    device=self.topo.device)
         L = loss_total / self.B
         comm_s = sum(r.seconds for r in records)
         return StepOut(

@@ -30,7 +30,7 @@ from partition.engines.common import (
     make_sgd,
 )
 from partition.engines.observe import SeenOp
-from partition.strategies.pipeline.plan import plan_stages
+from partition.plans.stages import plan_stages
 from partition.topology import Topology
 
 

@@ -7,7 +7,7 @@ from typing import Protocol
 
 import torch
 
-from partition.model import Grads, Layer, tensors_bytes
+from partition.model import Grads, Layer, add_decay, tensors_bytes, to_float
 
 
 @dataclass
@@ -19,7 +19,10 @@ class StepOut:
     correct: int | None  # examples classified right (cross-entropy only)
     grads: list[Grads] | None = None  # copies of the final gradients, when asked (grad check)
     in_flight_max: int = 0  # most micro-batches whose activations were held at once
-    compute_s: float = 0.0  # seconds in local arithmetic (not in communication)
+    # Seconds in local arithmetic. None: the step's wall time less the time inside the
+    # ledger's communication calls (train.py), the one definition for the explicit engine;
+    # the torch engines, whose crossings the ledger does not time, set it themselves.
+    compute_s: float | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -55,3 +58,43 @@ def state_bytes(layers: list[Layer], optimizer_bytes: int) -> dict[str, int]:
     """params, grads (one buffer per parameter) and optimizer state, exact."""
     p = tensors_bytes([t for l in layers for t in l.tensors()])
     return {"params_bytes": p, "grads_bytes": p, "optimizer_bytes": optimizer_bytes}
+
+
+def sq_norm(layers: list[Layer]) -> float:
+    """Σ‖W‖_F² over `layers` (biases are not regularised), accumulated in float64."""
+    return sum(to_float((l.W * l.W).sum()) for l in layers)
+
+
+def finish_step(*, layers: list[Layer], grads: list[Grads], counted: list[Layer], opt,  # noqa: ANN001
+                weight_decay: float, comm, loss_sum: float, correct: int,  # noqa: ANN001
+                batch: int, want_grads: bool, cross_entropy: bool,
+                in_flight_max: int, device: torch.device) -> StepOut:
+    """The step tail every runner shares, after its gradients are complete (and reduced).
+
+    s = λ/2 Σ‖W‖² from the weights before the update (`counted`: the layers this rank
+    contributes to s, so a replica counts once), dJ/dW += λW once per step, a copy of the
+    final gradients for the check, the optimizer update, and J's reduction over the group
+    (role `metric`: [this rank's loss sum, its Σ‖W‖², its correct count] in float64).
+    """
+    sq = sq_norm(counted)
+    add_decay(layers, grads, weight_decay)
+    copies = [g.clone() for g in grads] if want_grads else None
+    opt.step(layers, grads)
+    if comm is not None:
+        loss_sum, sq, correct = reduce_metric(comm, loss_sum, sq, correct, device=device)
+    L = loss_sum / batch
+    return StepOut(objective=L + 0.5 * weight_decay * sq, data_loss=L,
+                   correct=int(correct) if cross_entropy else None, grads=copies,
+                   in_flight_max=in_flight_max)
+
+
+def reduce_metric(comm, loss_sum: float, sq: float, correct: float, *,  # noqa: ANN001
+                  device: torch.device) -> tuple[float, float, float]:
+    """Sum [loss sum, Σ‖W‖², correct] over the group in one float64 all-reduce (role
+    `metric`): J needs the loss from the stage or rank that has it and every shard's s."""
+    metric = torch.tensor([loss_sum, sq, float(correct)], dtype=torch.float64, device=device)
+    comm.all_reduce(metric, role="metric", phase="metric")
+    if metric.is_meta:  # a dry run: the sums are not known, only what crossed
+        return loss_sum, sq, correct
+    loss_sum, sq, correct = metric.tolist()
+    return loss_sum, sq, correct

@@ -13,23 +13,20 @@ payload as one all-reduce per tensor, with one call's latency instead of one per
 tensor, and no copy in or out. λW is added after the reduction (it would otherwise count P times),
 and s comes from the local full weights, contributed by rank 0 only.
 
-Bytes per rank per step: weight_grad Σ_l (n_l·n_{l−1} + [bias] n_l)·b in 1 all-reduce
-(wire ⌊2(P−1)/P · that⌋); metric 3·8 in 1 all-reduce; nothing for training at P = 1.
+Bytes per rank per step: see `partition.plans.data`.
 """
 
 from __future__ import annotations
-
-import time
 
 import torch
 
 from partition.comm import Comm
 from partition.config import RunConfig
 from partition.data import Dataset
-from partition.model import SGD, Grads, Layer, MLPSpec, add_decay, make_layer
-from partition.strategies.base import StepOut, state_bytes
+from partition.model import SGD, Grads, Layer, make_layer
+from partition.plans.data import row_share
+from partition.strategies.base import StepOut, finish_step, state_bytes
 from partition.strategies.stage import Stage
-from partition.strategies.tensor.plan import METRIC_BYTES, RoleTraffic, split_evenly
 from partition.topology import Topology
 
 
@@ -48,17 +45,6 @@ def flat_grads(layers: list[Layer]) -> tuple[torch.Tensor, list[Grads]]:
     return flat, grads
 
 
-def data_traffic(spec: MLPSpec, *, world: int, itemsize: int) -> dict[str, RoleTraffic]:
-    """The byte formula of the module docstring, per role, for one rank and one step."""
-    out: dict[str, RoleTraffic] = {}
-    if world > 1:
-        n = sum(spec.layer_params(l) for l in range(spec.num_layers)) * itemsize
-        out["weight_grad"] = RoleTraffic(n, 1, 2 * (world - 1) * n // world)
-    out["metric"] = RoleTraffic(METRIC_BYTES, 1,
-                                2 * (world - 1) * METRIC_BYTES // world if world > 1 else 0)
-    return out
-
-
 class DataRunner:
     def __init__(self, cfg: RunConfig, topo: Topology, comm: Comm, data: Dataset,
                  full: dict[str, torch.Tensor]) -> None:
@@ -66,7 +52,7 @@ class DataRunner:
         self.spec = cfg.spec
         self.dtype = getattr(torch, cfg.train.dtype)
         self.P, self.rank = topo.world_size, topo.rank
-        self.rows = split_evenly(cfg.train.batch_size, self.P)[self.rank]
+        self.rows = row_share(cfg.train.batch_size, self.P, self.rank)
         self.layers: list[Layer] = [make_layer(full, l, dtype=self.dtype, device=topo.device)
                                     for l in range(self.spec.num_layers)]
         # Every rank holds the same weights: one copy goes to weights.npz.
@@ -86,41 +72,27 @@ class DataRunner:
         return X, y
 
     def step(self, step: int, *, want_grads: bool) -> StepOut:
-        t_start = time.perf_counter()
-        n_rec = len(self.comm.ledger.records)
         B, M = self.cfg.train.batch_size, self.cfg.train.microbatches
         st = self.stage
         st.start_step()
         X, y = self._my_rows(step)
         loss_total, correct = 0.0, 0
         # tensor_split: exactly M pieces, as even as possible (config keeps them non-empty)
-        for xm, ym in zip(X.tensor_split(M), y.tensor_split(M), strict=True):
-            o = st.forward(xm)
+        for m, (xm, ym) in enumerate(zip(X.tensor_split(M), y.tensor_split(M), strict=True)):
+            o = st.forward(xm, m)
             ls, c, g = st.loss(o, ym, B)  # g divides by the full B, not by this rank's rows
             del o
-            st.backward(g, need_input_grad=False)
+            st.backward(g, m, need_input_grad=False)
             loss_total += ls
             correct += c or 0
         del X, y
         if self.P > 1:
             self.comm.all_reduce(self.flat, role="weight_grad", phase="update")
-        add_decay(self.layers, st.grads, self.spec.weight_decay)
-        grads = [g.clone() for g in st.grads] if want_grads else None
-        sq = sum(float((l.W * l.W).sum()) for l in self.saved_layers)
-        self.opt.step(self.layers, st.grads)
-
-        metric = torch.tensor([loss_total, sq, float(correct)], dtype=torch.float64,
-                              device=self.topo.device)
-        self.comm.all_reduce(metric, role="metric", phase="metric")
-        loss_sum_all, sq_all, correct_all = metric.tolist()
-        L = loss_sum_all / B
-        comm_s = sum(r.seconds for r in self.comm.ledger.records[n_rec:])
-        return StepOut(
-            objective=L + 0.5 * self.spec.weight_decay * sq_all, data_loss=L,
-            correct=int(correct_all) if self.spec.loss == "cross_entropy" else None,
-            grads=grads, in_flight_max=st.in_flight_max,
-            compute_s=max(0.0, time.perf_counter() - t_start - comm_s),
-        )
+        return finish_step(layers=self.layers, grads=st.grads, counted=self.saved_layers,
+                           opt=self.opt, weight_decay=self.spec.weight_decay, comm=self.comm,
+                           loss_sum=loss_total, correct=correct, batch=B, want_grads=want_grads,
+                           cross_entropy=self.spec.loss == "cross_entropy",
+                           in_flight_max=st.in_flight_max, device=self.topo.device)
 
     def predict(self, step: int, *, exchange: bool = True) -> torch.Tensor:
         """A prediction forward of this rank's rows (nothing kept, nothing crosses, so

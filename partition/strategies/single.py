@@ -8,14 +8,12 @@ by the full batch size).
 
 from __future__ import annotations
 
-import time
-
 import torch
 
 from partition.config import RunConfig
 from partition.data import Dataset
-from partition.model import SGD, Layer, add_decay, decay_sq_sum, make_layer
-from partition.strategies.base import StepOut, state_bytes
+from partition.model import SGD, Layer, make_layer
+from partition.strategies.base import StepOut, finish_step, state_bytes
 from partition.strategies.stage import Stage
 from partition.topology import Topology
 
@@ -42,26 +40,19 @@ class SingleRunner:
         st = self.stage
         st.start_step()
         loss_total, correct_total = 0.0, 0
-        for xm, ym in zip(X.chunk(M), y.chunk(M)):
-            o = st.forward(xm)
+        for m, (xm, ym) in enumerate(zip(X.chunk(M), y.chunk(M))):
+            o = st.forward(xm, m)
             ls, c, g = st.loss(o, ym, B)
             del o
-            st.backward(g, need_input_grad=False)
+            st.backward(g, m, need_input_grad=False)
             loss_total += ls
             correct_total += c or 0
         del X, y
-        t0 = time.perf_counter()
-        sq = float(decay_sq_sum(self.layers))
-        add_decay(self.layers, st.grads, self.spec.weight_decay)
-        grads = [g.clone() for g in st.grads] if want_grads else None
-        self.opt.step(self.layers, st.grads)
-        st.compute_s += time.perf_counter() - t0
-        L = loss_total / B
-        return StepOut(
-            objective=L + 0.5 * self.spec.weight_decay * sq, data_loss=L,
-            correct=correct_total if self.spec.loss == "cross_entropy" else None,
-            grads=grads, in_flight_max=st.in_flight_max, compute_s=st.compute_s,
-        )
+        return finish_step(layers=self.layers, grads=st.grads, counted=self.layers, opt=self.opt,
+                           weight_decay=self.spec.weight_decay, comm=None, loss_sum=loss_total,
+                           correct=correct_total, batch=B, want_grads=want_grads,
+                           cross_entropy=self.spec.loss == "cross_entropy",
+                           in_flight_max=st.in_flight_max, device=self.topo.device)
 
     def predict(self, step: int, *, exchange: bool = True) -> torch.Tensor:
         X, _ = self._batch(step)

@@ -1,14 +1,13 @@
-"""A contiguous run of layers with its gradients and a FIFO of kept activations.
+"""A contiguous run of layers with its gradients and the activations it keeps per micro-batch.
 
-The single-device runner is one stage holding every layer; a pipeline rank is
-one stage of several. Micro-batches leave the FIFO in the order they entered
-(first in, first out), which both GPipe and 1F1B rely on.
+The single-device runner is one stage holding every layer; a pipeline rank holds one
+stage or several (interleaved and V-shaped layouts). What a forward keeps is stored by
+micro-batch, not in a queue, so a schedule may run the backwards in any order it likes;
+`backward` is the full backward (B), `backward_input` and `backward_weight` its two
+halves (I, then W) for schedules that defer the weight gradient.
 """
 
 from __future__ import annotations
-
-import time
-from collections import deque
 
 import torch
 
@@ -17,69 +16,92 @@ from partition.model import (
     Grads,
     Layer,
     MLPSpec,
+    WeightPart,
+    backward_input,
     backward_layers,
+    backward_weight,
     correct_count,
     forward_layers,
     loss_grad,
     loss_sum,
+    to_float,
     zero_grads,
 )
 
 
 class Stage:
-    def __init__(self, spec: MLPSpec, layers: list[Layer]) -> None:
+    def __init__(self, spec: MLPSpec, layers: list[Layer], *, index: int = 0) -> None:
         self.spec = spec
+        self.index = index  # global stage index (pipeline); 0 for a lone stage
         self.layers = layers
         self.grads: list[Grads] = zero_grads(layers)
-        self.fifo: deque[list[Cache]] = deque()
+        self.kept: dict[int, list[Cache]] = {}  # micro-batch -> caches, from F until B or I
+        self.deferred: dict[int, list[WeightPart]] = {}  # micro-batch -> W's inputs, I until W
         self.in_flight_max = 0
-        self.compute_s = 0.0  # reset by the runner at each step
         # A memory tracker (memory.StorageTracker) while one measures this stage: told
         # which storages are kept for backward and which are the data batch.
         self.probe = None
 
     @property
+    def holds_input(self) -> bool:
+        return self.layers[0].index == 0
+
+    @property
     def has_output_layer(self) -> bool:
         return self.layers[-1].index == self.spec.num_layers - 1
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.kept) + len(self.deferred)
 
     def start_step(self) -> None:
         for g in self.grads:
             for t in g.tensors():
                 t.zero_()
         self.in_flight_max = 0
-        self.compute_s = 0.0
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        t0 = time.perf_counter()
+    def idle(self) -> bool:
+        """Nothing kept: every forward of the step has had its backward."""
+        return not self.kept and not self.deferred
+
+    def forward(self, x: torch.Tensor, mb: int = 0) -> torch.Tensor:
         out, caches = forward_layers(self.spec, self.layers, x, keep=True)
-        self.fifo.append(caches)
-        self.in_flight_max = max(self.in_flight_max, len(self.fifo))
+        self.kept[mb] = caches
+        self.in_flight_max = max(self.in_flight_max, self.in_flight)
         if self.probe is not None:
-            self.probe.kept(caches, holds_input=self.layers[0].index == 0)
-        self.compute_s += time.perf_counter() - t0
+            self.probe.kept(caches, holds_input=self.holds_input)
         return out
 
     def loss(self, o: torch.Tensor, y: torch.Tensor, batch: int) -> tuple[float, int | None, torch.Tensor]:
         """Loss sum over these rows, correct count, and dJ/do for a batch of `batch` rows."""
-        t0 = time.perf_counter()
         if self.probe is not None:
             self.probe.inputs(y)
-        total = float(loss_sum(self.spec.loss, o, y))
+        total = to_float(loss_sum(self.spec.loss, o, y))
         correct = correct_count(o, y) if self.spec.loss == "cross_entropy" else None
         g = loss_grad(self.spec.loss, o, y, batch)
-        self.compute_s += time.perf_counter() - t0
         return total, correct, g
 
-    def backward(self, g: torch.Tensor, *, need_input_grad: bool) -> torch.Tensor | None:
-        t0 = time.perf_counter()
-        caches = self.fifo.popleft()
-        dx = backward_layers(self.spec, self.layers, caches, self.grads, g,
-                             need_input_grad=need_input_grad)
-        self.compute_s += time.perf_counter() - t0
+    def backward(self, g: torch.Tensor, mb: int = 0, *, need_input_grad: bool) -> torch.Tensor | None:
+        """B: dJ/dW of every layer and (if asked) dJ/d(input), freeing as it goes."""
+        caches = self.kept.pop(mb)
+        return backward_layers(self.spec, self.layers, caches, self.grads, g,
+                               need_input_grad=need_input_grad)
+
+    def backward_input(self, g: torch.Tensor, mb: int, *, need_input_grad: bool) -> torch.Tensor | None:
+        """I: dJ/d(input) now; what the weight gradient needs is kept for `backward_weight`."""
+        dx, parts = backward_input(self.spec, self.layers, self.kept.pop(mb), g,
+                                   need_input_grad=need_input_grad)
+        self.deferred[mb] = parts
+        if self.probe is not None:
+            self.probe.tag("activations", [p.dz for p in parts])
         return dx
 
+    def backward_weight(self, mb: int) -> None:
+        """W: dJ/dW from what the I kept."""
+        backward_weight(self.deferred.pop(mb), self.grads)
+
     def predict(self, x: torch.Tensor) -> torch.Tensor:
-        if self.probe is not None and self.layers[0].index == 0:
+        if self.probe is not None and self.holds_input:
             self.probe.inputs(x)
         out, _ = forward_layers(self.spec, self.layers, x, keep=False)
         return out

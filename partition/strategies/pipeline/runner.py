@@ -1,50 +1,156 @@
-"""Executing a pipeline stage: GPipe and 1F1B side by side (picotron's layout).
+"""The pipeline runtime: one rank executes its action list, whatever the schedule.
 
-Rank i holds layers plan[i]. Forward sends the boundary activation to rank i+1
-(role `activation`); backward sends its gradient to rank i−1 (`activation_grad`).
-1F1B's steady state pairs a send with the opposite receive in one call, so two
-neighbouring stages can never both wait on a send (NCCL's send blocks until the
-matching receive is posted; gloo's may).
+The schedule (plans/schedule.py) is the only place an order of work is written. This
+runtime walks the rank's list of F / B / I / W actions and derives every crossing from
+them: F of stage s hands its output to stage s+1, B or I of stage s hands its input
+gradient to stage s−1 — through `comm.py` (roles `activation`, `activation_grad`) when
+that stage is on another rank, locally otherwise. Activations are kept per (stage,
+micro-batch) in each `Stage`, so backwards may come in any order.
+
+Sends never block: each is posted, and the receive the next action needs is posted right
+after it, so two neighbours exchanging (1F1B's steady state) can never both wait. When
+the plan proves it safe under NCCL's rule that a send completes only once its receive
+is posted (`eager_sends`: true for GPipe and 1F1B), each send is then waited for at once
+and its buffer freed as a blocking send would; otherwise sends are waited for at the end
+of the step, as PyTorch's own runtime does.
 """
 
 from __future__ import annotations
 
-import time
-
 import torch
 
-from partition.comm import Comm
+from partition.comm import Comm, PendingRecv, PendingSend
 from partition.config import RunConfig
 from partition.data import Dataset
-from partition.model import SGD, Layer, add_decay, decay_sq_sum, make_layer
-from partition.strategies.base import StepOut, state_bytes
-from partition.strategies.pipeline.plan import plan_stages
+from partition.model import SGD, Layer, make_layer
+from partition.plans.schedule import Action, Message, Schedule, eager_sends, load_schedule, needs, produces
+from partition.plans.stages import plan_stages
+from partition.strategies.base import StepOut, finish_step, state_bytes
 from partition.strategies.stage import Stage
 from partition.topology import Topology
+
+_PHASE = {"activation": "forward", "activation_grad": "backward"}
+
+
+def pipeline_schedule(cfg: RunConfig) -> Schedule:
+    """The validated schedule a config names (a CSV path is read here)."""
+    return load_schedule(cfg.strategy.schedule, world=cfg.world_size, micro=cfg.train.microbatches)
 
 
 class PipelineRunner:
     def __init__(self, cfg: RunConfig, topo: Topology, comm: Comm, data: Dataset,
-                 full: dict[str, torch.Tensor]) -> None:
+                 full: dict[str, torch.Tensor], *, schedule: Schedule | None = None) -> None:
         self.cfg, self.topo, self.comm, self.data = cfg, topo, comm, data
         self.spec = cfg.spec
         self.dtype = getattr(torch, cfg.train.dtype)
-        self.plan = plan_stages(self.spec, topo.world_size, cfg.strategy.balance)
-        start, end = self.plan[topo.rank]
-        self.layers: list[Layer] = [make_layer(full, l, dtype=self.dtype, device=topo.device)
-                                    for l in range(start, end)]
-        self.stage = Stage(self.spec, self.layers)
+        self.schedule = schedule or pipeline_schedule(cfg)
+        self.plan = plan_stages(self.spec, self.schedule.stages, cfg.strategy.balance)
+        self.stages: dict[int, Stage] = {}
+        for s in self.schedule.rank_stages(topo.rank):
+            start, end = self.plan[s]
+            layers = [make_layer(full, l, dtype=self.dtype, device=topo.device)
+                      for l in range(start, end)]
+            self.stages[s] = Stage(self.spec, layers, index=s)
+        self.layers: list[Layer] = [l for st in self.stages.values() for l in st.layers]
         self.opt = SGD(cfg.train.lr, cfg.train.momentum)
         self.micro = cfg.train.microbatches
         self.mb_rows = cfg.train.batch_size // self.micro
-        self.in_width = self.spec.dims[start]  # width of the activation this stage receives
-        self.out_width = self.spec.dims[end]  # width of the activation it sends on
-        self.first, self.last = topo.is_first, topo.is_last
+        self.actions: tuple[Action, ...] = self.schedule.ranks[topo.rank]
+        self.eager = eager_sends(self.schedule)
+        self.first = 0 in self.stages
+        self.last = self.schedule.stages - 1 in self.stages
 
-    # ------------------------------------------------------------ one micro-batch
+    def memory_stages(self) -> list[Stage]:
+        """For memory.py: the stages that keep activations and hold the grads."""
+        return list(self.stages.values())
+
+    # ------------------------------------------------------------ where inputs come from
+
+    def _remote(self, msg: Message | None) -> bool:
+        return msg is not None and self.schedule.stage_rank[msg.from_stage] != self.topo.rank
+
+    def _shape(self, msg: Message) -> tuple[int, int]:
+        # an activation entering stage s is n_{start(s)} wide; a gradient leaving stage s+1 too
+        boundary = self.plan[msg.to_stage][0] if msg.role == "activation" else self.plan[msg.from_stage][0]
+        return (self.mb_rows, self.spec.dims[boundary])
+
+    def _post(self, msg: Message) -> PendingRecv:
+        return self.comm.post_recv(self._shape(msg), self.dtype,
+                                   self.schedule.stage_rank[msg.from_stage], role=msg.role,
+                                   phase=_PHASE[msg.role])
+
+    def _input(self, a: Action) -> torch.Tensor | None:
+        """What action `a` works on: the data, a local hand-over, a received tensor or dJ/do."""
+        S = self.schedule.stages
+        msg = needs(a, S)
+        if a.kind == "W":
+            return None
+        if msg is None:  # stage 0's F reads X; the last stage's B/I starts from its loss gradient
+            return self._X[a.mb] if a.kind == "F" else self._dloss.pop(a.mb)
+        if not self._remote(msg):
+            return self._local.pop(msg)
+        pending = self._posted.pop(msg, None) or self._post(msg)
+        return self.comm.wait_recv(pending)
+
+    # ------------------------------------------------------------ one action
+
+    def _compute(self, a: Action, x: torch.Tensor | None) -> torch.Tensor | None:
+        st = self.stages[a.stage]
+        if a.kind == "F":
+            out = st.forward(x, a.mb)
+            if a.stage == self.schedule.stages - 1:
+                # The loss gradient is this stage's "received" gradient: keep it for the backward.
+                ls, c, g = st.loss(out, self._y[a.mb], self.cfg.train.batch_size)
+                self._loss += ls
+                self._correct += c or 0
+                self._dloss[a.mb] = g
+                return None
+            return out
+        if a.kind == "B":
+            return st.backward(x, a.mb, need_input_grad=a.stage > 0)
+        if a.kind == "I":
+            return st.backward_input(x, a.mb, need_input_grad=a.stage > 0)
+        st.backward_weight(a.mb)
+        return None
+
+    def _run(self) -> None:
+        S = self.schedule.stages
+        self._local: dict[Message, torch.Tensor] = {}
+        self._posted: dict[Message, PendingRecv] = {}
+        sends: list[PendingSend] = []
+        for i, a in enumerate(self.actions):
+            out = self._compute(a, self._input(a))
+            msg = produces(a, S)
+            if msg is not None and out is not None:
+                if self._remote_to(msg):
+                    sends.append(self.comm.post_send(
+                        out, self.schedule.stage_rank[msg.to_stage], role=msg.role,
+                        phase=_PHASE[msg.role]))
+                else:
+                    self._local[msg] = out
+            del out
+            if i + 1 < len(self.actions):
+                nxt = needs(self.actions[i + 1], S)
+                if self._remote(nxt) and nxt not in self._posted:
+                    self._posted[nxt] = self._post(nxt)
+            if self.eager:
+                for p in sends:
+                    self.comm.wait_send(p)
+                sends.clear()
+            self._in_flight_max = max(self._in_flight_max,
+                                      sum(st.in_flight for st in self.stages.values()))
+        for p in sends:
+            self.comm.wait_send(p)
+        assert not self._local and not self._posted and not self._dloss
+        assert all(st.idle() for st in self.stages.values())
+
+    def _remote_to(self, msg: Message) -> bool:
+        return self.schedule.stage_rank[msg.to_stage] != self.topo.rank
+
+    # ------------------------------------------------------------ the step
 
     def _inputs(self, step: int) -> None:
-        """Only the first stage reads X and only the last reads y."""
+        """Only the rank holding stage 0 reads X, only the one holding the last stage reads y."""
         t = self.cfg.train
         idx = self.data.rows(step, t.batch_size, shuffle=self.cfg.data.shuffle, seed=self.cfg.seed)
         dev = self.topo.device
@@ -55,117 +161,22 @@ class PipelineRunner:
             self._y = y.chunk(self.micro)
         else:
             self._y = None
-        self._loss, self._correct, self._fwd, self._bwd = 0.0, 0, 0, 0
-
-    def _recv_forward(self) -> torch.Tensor:
-        if self.first:
-            return self._X[self._fwd]
-        return self.comm.recv_forward((self.mb_rows, self.in_width), self.dtype)
-
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.stage.forward(x)
-        m = self._fwd
-        self._fwd += 1
-        if self.last:
-            # The loss gradient is this stage's "received" gradient: keep it for the backward.
-            ls, c, g = self.stage.loss(out, self._y[m], self.cfg.train.batch_size)
-            self._loss += ls
-            self._correct += c or 0
-            self._pending_grad.append(g)
-        return out
-
-    def _backward(self, g: torch.Tensor) -> torch.Tensor | None:
-        self._bwd += 1
-        return self.stage.backward(g, need_input_grad=not self.first)
-
-    def _send_forward(self, out: torch.Tensor) -> None:
-        if not self.last:
-            self.comm.send_forward(out)
-
-    def _recv_backward(self) -> torch.Tensor:
-        if self.last:
-            return self._pending_grad.pop(0)
-        return self.comm.recv_backward((self.mb_rows, self.out_width), self.dtype)
-
-    def _send_backward(self, dx: torch.Tensor | None) -> None:
-        if not self.first:
-            assert dx is not None
-            self.comm.send_backward(dx)
-
-    def _send_forward_recv_backward(self, out: torch.Tensor) -> torch.Tensor:
-        if self.last:
-            return self._pending_grad.pop(0)
-        return self.comm.send_forward_recv_backward(out, (self.mb_rows, self.out_width))
-
-    def _send_backward_recv_forward(self, dx: torch.Tensor | None) -> torch.Tensor:
-        if self.first:
-            return self._X[self._fwd]
-        assert dx is not None
-        return self.comm.send_backward_recv_forward(dx, (self.mb_rows, self.in_width))
-
-    # ------------------------------------------------------------ the two schedules
-
-    def _gpipe(self) -> None:
-        """All forwards, then all backwards in the same (FIFO) order."""
-        for _ in range(self.micro):
-            out = self._forward(self._recv_forward())
-            self._send_forward(out)
-        for _ in range(self.micro):
-            self._send_backward(self._backward(self._recv_backward()))
-
-    def _one_f_one_b(self) -> None:
-        """Warm-up, steady one-forward-one-backward, cool-down (see schedules.py)."""
-        P, i, M = self.topo.world_size, self.topo.rank, self.micro
-        warmup = min(P - i - 1, M)
-        remaining = M - warmup
-        for _ in range(warmup):
-            self._send_forward(self._forward(self._recv_forward()))
-        x = self._recv_forward() if remaining > 0 else None
-        for j in range(remaining):
-            out = self._forward(x)
-            g = self._send_forward_recv_backward(out)
-            dx = self._backward(g)
-            if j == remaining - 1:
-                self._send_backward(dx)
-            else:
-                x = self._send_backward_recv_forward(dx)
-        for _ in range(warmup):
-            self._send_backward(self._backward(self._recv_backward()))
-
-    # ------------------------------------------------------------ the step
 
     def step(self, step: int, *, want_grads: bool) -> StepOut:
-        st = self.stage
-        st.start_step()
-        t0 = time.perf_counter()
+        for st in self.stages.values():
+            st.start_step()
         self._inputs(step)
-        self._pending_grad: list[torch.Tensor] = []
-        st.compute_s += time.perf_counter() - t0
-        if self.cfg.strategy.schedule == "gpipe":
-            self._gpipe()
-        else:
-            self._one_f_one_b()
-        assert self._fwd == self._bwd == self.micro and not st.fifo
+        self._loss, self._correct, self._in_flight_max = 0.0, 0, 0
+        self._dloss: dict[int, torch.Tensor] = {}
+        self._run()
         self._X = self._y = None
-
-        t0 = time.perf_counter()
-        sq = decay_sq_sum(self.layers)
-        add_decay(self.layers, st.grads, self.spec.weight_decay)
-        grads = [g.clone() for g in st.grads] if want_grads else None
-        self.opt.step(self.layers, st.grads)
-        st.compute_s += time.perf_counter() - t0
-
         # J = L + s: L lives on the last stage, each stage holds its part of s.
-        metric = torch.tensor([self._loss, float(sq), float(self._correct)],
-                              dtype=torch.float64, device=self.topo.device)
-        self.comm.all_reduce(metric, role="metric", phase="metric")
-        loss_sum, sq_all, correct = metric.tolist()
-        L = loss_sum / self.cfg.train.batch_size
-        return StepOut(
-            objective=L + 0.5 * self.spec.weight_decay * sq_all, data_loss=L,
-            correct=int(correct) if self.spec.loss == "cross_entropy" else None,
-            grads=grads, in_flight_max=st.in_flight_max, compute_s=st.compute_s,
-        )
+        return finish_step(layers=self.layers, grads=[g for st in self.stages.values() for g in st.grads],
+                           counted=self.layers, opt=self.opt, weight_decay=self.spec.weight_decay,
+                           comm=self.comm, loss_sum=self._loss, correct=self._correct,
+                           batch=self.cfg.train.batch_size, want_grads=want_grads,
+                           cross_entropy=self.spec.loss == "cross_entropy",
+                           in_flight_max=self._in_flight_max, device=self.topo.device)
 
     def predict(self, step: int, *, exchange: bool = True) -> torch.Tensor | None:
         """A prediction forward through the pipeline (no micro-batching, nothing kept).
@@ -173,22 +184,32 @@ class PipelineRunner:
         exchange=False: each stage alone, on a locally allocated input of the shape it
         would receive, sending nothing — the same memory, no traffic.
         """
-        t = self.cfg.train
-        B = t.batch_size
-        if self.first:
-            idx = self.data.rows(step, B, shuffle=self.cfg.data.shuffle, seed=self.cfg.seed)
-            x = self.data.X[idx].to(device=self.topo.device, dtype=self.dtype)
-        elif exchange:
-            x = self.comm.recv((B, self.in_width), self.dtype, self.topo.rank - 1,
-                               role="activation", phase="forward")
-        else:
-            x = torch.zeros((B, self.in_width), dtype=self.dtype, device=self.topo.device)
-        out = self.stage.predict(x)
-        if not self.last:
-            if exchange:
-                self.comm.send(out, self.topo.rank + 1, role="activation", phase="forward")
-            return None
-        return out
+        B = self.cfg.train.batch_size
+        S = self.schedule.stages
+        out: torch.Tensor | None = None
+        sends: list[PendingSend] = []
+        for s, st in sorted(self.stages.items()):
+            width = self.spec.dims[self.plan[s][0]]
+            if s == 0:
+                idx = self.data.rows(step, B, shuffle=self.cfg.data.shuffle, seed=self.cfg.seed)
+                x = self.data.X[idx].to(device=self.topo.device, dtype=self.dtype)
+            elif s - 1 in self.stages and out is not None:
+                x = out  # the previous stage is on this rank: handed over
+            elif exchange:
+                x = self.comm.recv((B, width), self.dtype, self.schedule.stage_rank[s - 1],
+                                   role="activation", phase="forward")
+            else:
+                x = torch.zeros((B, width), dtype=self.dtype, device=self.topo.device)
+            out = st.predict(x)
+            del x
+            if s + 1 < S and s + 1 not in self.stages:
+                if exchange:
+                    sends.append(self.comm.post_send(out, self.schedule.stage_rank[s + 1],
+                                                     role="activation", phase="forward"))
+                out = None
+        for p in sends:
+            self.comm.wait_send(p)
+        return out if self.last else None
 
     def state_bytes(self) -> dict[str, int]:
         return state_bytes(self.layers, self.opt.state_bytes(self.layers))

@@ -9,8 +9,6 @@ happens once per micro-batch and the update is the full batch's.
 
 from __future__ import annotations
 
-import time
-
 import torch
 
 from partition.comm import Comm
@@ -22,17 +20,18 @@ from partition.model import (
     Layer,
     activation_backward,
     activation_forward,
-    add_decay,
     correct_count,
     linear,
     linear_backward,
     loss_grad,
     loss_sum,
     make_layer,
+    to_float,
     zero_grads,
 )
-from partition.strategies.base import StepOut, state_bytes
-from partition.strategies.tensor.plan import LayerShard, plan_layers, split_evenly
+from partition.plans.split import split_evenly
+from partition.plans.tensor import LayerShard, plan_layers
+from partition.strategies.base import StepOut, finish_step, state_bytes
 from partition.topology import Topology
 
 
@@ -154,8 +153,6 @@ class TensorRunner:
     # ------------------------------------------------------------ the step
 
     def step(self, step: int, *, want_grads: bool) -> StepOut:
-        t_start = time.perf_counter()
-        n_rec = len(self.comm.ledger.records)
         t = self.cfg.train
         B, M = t.batch_size, t.microbatches
         for g in self.grads:
@@ -169,32 +166,20 @@ class TensorRunner:
         ce = self.spec.loss == "cross_entropy"
         for xm, ym in zip(X.chunk(M), y.chunk(M), strict=True):
             o, caches = self._forward(xm, keep=True)
-            loss_total += float(loss_sum(self.spec.loss, o, ym))
+            loss_total += to_float(loss_sum(self.spec.loss, o, ym))
             correct += correct_count(o, ym) if ce else 0
             g = loss_grad(self.spec.loss, o, ym, B)
             del o
             self._backward(caches, g)
         del X, y
-        sq = sum(float((l.W * l.W).sum()) for l in self.saved_layers)
-        add_decay(self.layers, self.grads, self.spec.weight_decay)  # λW: local to each shard
-        grads = [g.clone() for g in self.grads] if want_grads else None
-        self.opt.step(self.layers, self.grads)
-
-        # The loss is the same on every rank (each has the whole o): rank 0 contributes it;
-        # s needs every rank's shards.
+        # λW is local to each shard. The loss is the same on every rank (each has the whole
+        # o): rank 0 contributes it; s needs every rank's shards, replicas counted once.
         mine = self.rank == 0
-        metric = torch.tensor([loss_total if mine else 0.0, sq, float(correct) if mine else 0.0],
-                              dtype=torch.float64, device=self.topo.device)
-        self.comm.all_reduce(metric, role="metric", phase="metric")
-        loss_sum_all, sq_all, correct_all = metric.tolist()
-        L = loss_sum_all / B
-        comm_s = sum(r.seconds for r in self.comm.ledger.records[n_rec:])
-        return StepOut(
-            objective=L + 0.5 * self.spec.weight_decay * sq_all, data_loss=L,
-            correct=int(correct_all) if ce else None, grads=grads, in_flight_max=1,
-            # everything in the step that was not inside a collective
-            compute_s=max(0.0, time.perf_counter() - t_start - comm_s),
-        )
+        return finish_step(layers=self.layers, grads=self.grads, counted=self.saved_layers,
+                           opt=self.opt, weight_decay=self.spec.weight_decay, comm=self.comm,
+                           loss_sum=loss_total if mine else 0.0, correct=correct if mine else 0,
+                           batch=B, want_grads=want_grads, cross_entropy=ce, in_flight_max=1,
+                           device=self.topo.device)
 
     def predict(self, step: int, *, exchange: bool = True) -> torch.Tensor:
         """A prediction forward (nothing kept); the whole output is on every rank.

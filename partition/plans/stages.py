@@ -1,20 +1,33 @@
-"""The stage plan: which contiguous layers each pipeline rank holds. Pure, no processes."""
+"""The stage plan: which contiguous layers each pipeline stage holds. Pure."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import cache
+from typing import Protocol
 
-from partition.model import MLPSpec
+
+class NetShape(Protocol):
+    """What a plan needs to know of the net (model.MLPSpec has it)."""
+
+    dims: tuple[int, ...]
+    bias: bool
 
 
-def plan_stages(spec: MLPSpec, stages: int, balance: tuple[int, ...] | None = None) -> list[tuple[int, int]]:
+def layer_params(dims: Sequence[int], layer: int, *, bias: bool) -> int:
+    """Parameters of layer `layer` (0-based): W (n_out × n_in) and, with bias, b (n_out)."""
+    n_in, n_out = dims[layer], dims[layer + 1]
+    return n_out * n_in + (n_out if bias else 0)
+
+
+def plan_stages(spec: NetShape, stages: int, balance: Sequence[int] | None = None) -> list[tuple[int, int]]:
     """Half-open layer ranges [start, end), one per stage.
 
     With `balance` (layers per stage) the split is as given; otherwise the one
     that minimises the largest stage's parameter count (ties: earlier stages
     get fewer layers), since parameters and their gradients dominate a stage's memory.
     """
-    L = spec.num_layers
+    L = len(spec.dims) - 1
     if stages < 1:
         raise ValueError(f"a pipeline needs at least 1 stage, got {stages}")
     if stages > L:
@@ -24,7 +37,8 @@ def plan_stages(spec: MLPSpec, stages: int, balance: tuple[int, ...] | None = No
             raise ValueError(f"balance {list(balance)} must have {stages} entries >= 1 summing to {L}")
         counts = list(balance)
     else:
-        counts = _min_max_split(tuple(spec.layer_params(l) for l in range(L)), stages)
+        counts = _min_max_split(tuple(layer_params(spec.dims, l, bias=spec.bias) for l in range(L)),
+                                stages)
     ranges, start = [], 0
     for c in counts:
         ranges.append((start, start + c))
@@ -42,8 +56,9 @@ def _min_max_split(sizes: tuple[int, ...], parts: int) -> list[int]:
         if k == 1:
             return sum(sizes[i:]), (n,)
         out: tuple[int, tuple[int, ...]] | None = None
+        head = 0
         for c in range(1, n - k + 2):
-            head = sum(sizes[i:i + c])
+            head += sizes[i + c - 1]
             rest, counts = best(i + c, k - 1)
             cand = (max(head, rest), (c,) + counts)
             if out is None or cand[0] < out[0]:

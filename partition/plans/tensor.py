@@ -45,7 +45,7 @@ rows; nothing at P = 1, where no boundary exists):
   rowwise   gather          Σ_{1≤l≤L} B·⌈n_l/P⌉·b              in L·M all-gathers
             input_grad      Σ_{1≤l<L} B·n_l·b                 in (L−1)·M reduce-scatters
   both      metric          3·8 (loss sum, Σ‖W‖² shard, correct; float64) in 1 all-reduce
-Wire bytes per rank under the ring model (comm.ring_wire_bytes), per call of payload N:
+Wire bytes per rank under the ring model (plans.traffic.ring_wire_bytes), per call of payload N:
 all-reduce ⌊2(P−1)N/P⌋, all-gather (P−1)·N (N = this rank's slice), reduce-scatter
 ⌊(P−1)N/P⌋. Seed, P = 2: megatron puts B·q·b on the wire; rowwise
 B·(⌈h/2⌉ + ⌈q/2⌉)·b + B·h·b/2, about B·(h + q/2)·b — the Megatron pairing is cheaper
@@ -56,24 +56,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from partition.plans.split import split_evenly
+from partition.plans.traffic import Call, RoleTraffic, by_role, collective, metric_call
+
 LAYOUTS = ("megatron", "rowwise")
 KINDS = ("column", "row", "replicated", "rowwise")
-METRIC_BYTES = 3 * 8  # [loss sum, Σ‖W‖² of this rank's shards, correct] in float64
-
-
-def split_evenly(n: int, parts: int) -> list[tuple[int, int]]:
-    """Half-open ranges covering [0, n) in `parts` pieces; the first n mod parts get one more."""
-    if parts < 1:
-        raise ValueError(f"cannot split into {parts} parts")
-    if n < parts:
-        raise ValueError(f"cannot split a width of {n} over {parts} ranks: each needs at least one")
-    base, extra = divmod(n, parts)
-    out, lo = [], 0
-    for r in range(parts):
-        hi = lo + base + (1 if r < extra else 0)
-        out.append((lo, hi))
-        lo = hi
-    return out
 
 
 @dataclass(frozen=True)
@@ -149,27 +136,6 @@ def shard_params(dims: tuple[int, ...] | list[int], shards: list[LayerShard], *,
     return total
 
 
-@dataclass(frozen=True)
-class RoleTraffic:
-    """One role's traffic on one rank in one step: payload bytes, calls, ring wire bytes."""
-
-    bytes: int
-    messages: int
-    wire: int
-
-
-@dataclass(frozen=True)
-class Call:
-    """One collective of one rank in one step: what it hands in, what reaches it."""
-
-    role: str
-    phase: str
-    op: str  # all_reduce | all_gather | reduce_scatter
-    payload: int  # bytes this rank hands in (an all-gather's padded piece)
-    received: int  # bytes that reach this rank from the others
-    wire: int  # ring-model bytes this rank puts on the wire
-
-
 def tensor_calls(layout: str, dims: tuple[int, ...] | list[int], *, world: int, rank: int = 0,
                  batch: int, micro: int, itemsize: int) -> list[Call]:
     """Every collective of one step of `rank`, in order: per micro-batch the forward's,
@@ -181,7 +147,7 @@ def tensor_calls(layout: str, dims: tuple[int, ...] | list[int], *, world: int, 
     mb = batch // micro
 
     def call(role: str, phase: str, op: str, n: int, received: int = 0) -> Call:
-        return Call(role, phase, op, n, received, _wire(op, n, P))
+        return collective(role, phase, op, n, P, received)
 
     one: list[Call] = []  # one micro-batch
     if P > 1 and layout == "megatron":
@@ -199,27 +165,15 @@ def tensor_calls(layout: str, dims: tuple[int, ...] | list[int], *, world: int, 
             lo, hi = split_evenly(dims[l], P)[rank]
             one.append(call("input_grad", "backward", "reduce_scatter", mb * dims[l] * b,
                             (P - 1) * mb * (hi - lo) * b))
-    return one * micro + [call("metric", "metric", "all_reduce", METRIC_BYTES)]
+    return one * micro + [metric_call(P)]
 
 
 def tensor_traffic(layout: str, dims: tuple[int, ...] | list[int], *, world: int, batch: int,
                    micro: int, itemsize: int) -> dict[str, RoleTraffic]:
     """The byte formulas of the module docstring, per role, for one step of any rank
     (every rank hands the same bytes to the same collectives)."""
-    out: dict[str, RoleTraffic] = {}
-    for c in tensor_calls(layout, dims, world=world, batch=batch, micro=micro,
-                          itemsize=itemsize):
-        t = out.get(c.role, RoleTraffic(0, 0, 0))
-        out[c.role] = RoleTraffic(t.bytes + c.payload, t.messages + 1, t.wire + c.wire)
-    return out
-
-
-def _wire(op: str, n: int, p: int) -> int:
-    """comm.ring_wire_bytes, restated here so the plan stays free of torch."""
-    if p <= 1:
-        return 0
-    return {"all_reduce": 2 * (p - 1) * n // p, "all_gather": (p - 1) * n,
-            "reduce_scatter": (p - 1) * n // p}[op]
+    return by_role(tensor_calls(layout, dims, world=world, batch=batch, micro=micro,
+                                itemsize=itemsize))
 
 
 def _check_rank(world: int, rank: int) -> None:
