@@ -236,3 +236,16 @@ def summary_line(result: dict[str, Any], path: str) -> str:
                 for r in result["ranks"]), default=0)
     return (f"[ok] {what}: J {loss[0]:.4f} -> {loss[-1]:.4f}, step {med * 1e3:.1f} ms, "
             f"{sent:,} B/step/device -> {path}")
+
+
+def load_run_config(overrides: list[str]) -> Any:
+    """The RunConfig the overrides describe (as `experiments.run` would build it), or one
+    line and exit 2. Hydra's own keys are left out: nothing is launched."""
+    from partition.config import ConfigError, parse_config
+
+    plain = [o for o in overrides if not o.lstrip("+~").startswith("hydra")]
+    container = to_plain(compose_config(plain), plain)
+    try:
+        return parse_config(container)
+    except ConfigError as e:
+        fail(str(e))
