@@ -158,6 +158,13 @@ class Comm:
         self.rank, self.world_size, self.ledger, self.group = rank, world_size, ledger, group
         self.device = device or torch.device("cpu")
         self.transport = transport or Transport(group)
+        self.tracer = None  # a trace.Tracer while a step is traced (set by the train loop)
+
+    def _span(self, name: str, t0: float, t1: float, *, role: str, nbytes: int,
+              peer: int | None = None, waiting: bool = False) -> None:
+        if self.tracer is not None:
+            self.tracer.add(name, "comm", t0, t1, role=role, bytes=nbytes, peer=peer,
+                            waiting=waiting)
 
     # ------------------------------------------------------------ recording
 
@@ -175,17 +182,21 @@ class Comm:
     def send(self, t: torch.Tensor, dst: int, *, role: str, phase: str) -> None:
         t0 = time.perf_counter()
         self.transport.send(t.contiguous(), dst)
+        t1 = time.perf_counter()
         n = nbytes(t)
         self._rec("send", role, phase, peer=dst, sent=n, received=0, collective=0, wire=n,
-                  seconds=time.perf_counter() - t0)
+                  seconds=t1 - t0)
+        self._span(f"send {role}", t0, t1, role=role, nbytes=n, peer=dst, waiting=True)
 
     def recv(self, shape: tuple[int, ...], dtype: torch.dtype, src: int, *, role: str,
              phase: str) -> torch.Tensor:
         t = torch.empty(shape, dtype=dtype, device=self.device)
         t0 = time.perf_counter()
         self.transport.recv(t, src)
+        t1 = time.perf_counter()
         self._rec("recv", role, phase, peer=src, sent=0, received=nbytes(t), collective=0, wire=0,
-                  seconds=time.perf_counter() - t0)
+                  seconds=t1 - t0)
+        self._span(f"recv {role}", t0, t1, role=role, nbytes=nbytes(t), peer=src, waiting=True)
         return t
 
     def post_send(self, t: torch.Tensor, dst: int, *, role: str, phase: str) -> PendingSend:
@@ -193,14 +204,18 @@ class Comm:
         t = t.contiguous()
         t0 = time.perf_counter()
         work = self.transport.isend(t, dst)
-        return PendingSend(work, t, dst, role, phase, time.perf_counter() - t0)
+        t1 = time.perf_counter()
+        self._span(f"send {role}", t0, t1, role=role, nbytes=nbytes(t), peer=dst)
+        return PendingSend(work, t, dst, role, phase, t1 - t0)
 
     def wait_send(self, p: PendingSend) -> None:
         t0 = time.perf_counter()
         p.work.wait()
+        t1 = time.perf_counter()
         n = nbytes(p.tensor)
         self._rec("send", p.role, p.phase, peer=p.peer, sent=n, received=0, collective=0,
-                  wire=n, seconds=p.seconds + time.perf_counter() - t0)
+                  wire=n, seconds=p.seconds + t1 - t0)
+        self._span(f"wait send {p.role}", t0, t1, role=p.role, nbytes=n, peer=p.peer, waiting=True)
 
     def post_recv(self, shape: tuple[int, ...], dtype: torch.dtype, src: int, *, role: str,
                   phase: str) -> PendingRecv:
@@ -208,13 +223,18 @@ class Comm:
         t = torch.empty(shape, dtype=dtype, device=self.device)
         t0 = time.perf_counter()
         work = self.transport.irecv(t, src)
-        return PendingRecv(work, t, src, role, phase, time.perf_counter() - t0)
+        t1 = time.perf_counter()
+        self._span(f"post recv {role}", t0, t1, role=role, nbytes=nbytes(t), peer=src)
+        return PendingRecv(work, t, src, role, phase, t1 - t0)
 
     def wait_recv(self, p: PendingRecv) -> torch.Tensor:
         t0 = time.perf_counter()
         p.work.wait()
+        t1 = time.perf_counter()
         self._rec("recv", p.role, p.phase, peer=p.peer, sent=0, received=nbytes(p.tensor),
-                  collective=0, wire=0, seconds=p.seconds + time.perf_counter() - t0)
+                  collective=0, wire=0, seconds=p.seconds + t1 - t0)
+        self._span(f"wait recv {p.role}", t0, t1, role=p.role, nbytes=nbytes(p.tensor),
+                   peer=p.peer, waiting=True)
         return p.tensor
 
     # ------------------------------------------------------------ collectives
@@ -223,10 +243,11 @@ class Comm:
         """Sum `t` over the group, in place."""
         t0 = time.perf_counter()
         self.transport.all_reduce(t)
+        t1 = time.perf_counter()
         n = nbytes(t)
         self._rec("all_reduce", role, phase, peer=None, sent=n, received=0, collective=n,
-                  wire=ring_wire_bytes("all_reduce", n, self.world_size),
-                  seconds=time.perf_counter() - t0)
+                  wire=ring_wire_bytes("all_reduce", n, self.world_size), seconds=t1 - t0)
+        self._span(f"all_reduce {role}", t0, t1, role=role, nbytes=n, waiting=True)
         return t
 
     def all_gather(self, t: torch.Tensor, shapes: list[tuple[int, ...]], *, role: str,
@@ -247,7 +268,9 @@ class Comm:
         bufs = [torch.empty(big, dtype=t.dtype, device=self.device) for _ in shapes]
         t0 = time.perf_counter()
         self.transport.all_gather(bufs, piece)
-        dt = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        dt = t1 - t0
+        self._span(f"all_gather {role}", t0, t1, role=role, nbytes=nbytes(piece), waiting=True)
         outs = [b if tuple(s) == big else b[tuple(slice(0, d) for d in s)]
                 for b, s in zip(bufs, shapes, strict=True)]
         n = nbytes(piece)
@@ -268,11 +291,12 @@ class Comm:
         out = torch.empty_like(ins[self.rank])
         t0 = time.perf_counter()
         self.transport.reduce_scatter(out, ins)
+        t1 = time.perf_counter()
         n = sum(nbytes(c) for c in ins)
         self._rec("reduce_scatter", role, phase, peer=None, sent=n,
                   received=(self.world_size - 1) * nbytes(out), collective=n,
-                  wire=ring_wire_bytes("reduce_scatter", n, self.world_size),
-                  seconds=time.perf_counter() - t0)
+                  wire=ring_wire_bytes("reduce_scatter", n, self.world_size), seconds=t1 - t0)
+        self._span(f"reduce_scatter {role}", t0, t1, role=role, nbytes=n, waiting=True)
         return out
 
     # ------------------------------------------------------------ outside training steps

@@ -44,7 +44,8 @@ def _show(value: Any) -> str:
 class StrategyConfig:
     name: str = "single"
     schedule: str = "gpipe"  # pipeline: gpipe | 1f1b | path to a .csv of per-rank actions
-    balance: tuple[int, ...] | None = None  # pipeline: layers per stage; None = by parameter count
+    # pipeline: params (None) | flops | time | layers per stage (plans/stages.py)
+    balance: tuple[int, ...] | str | None = None
     layout: str = "megatron"  # tensor: megatron | rowwise
 
 
@@ -109,6 +110,15 @@ class CostConfig:
     flops_per_s: float = 115e9  # matmul rate of one device (one core, float32)
     calibrate: bool = False
     precheck: bool = False  # refuse a run whose predicted peak exceeds memory_limit, up front
+    profile: str | None = None  # a result.json whose ranks' calibration the simulator reuses
+
+
+@dataclass(frozen=True)
+class TraceConfig:
+    """Which steps record a timeline (trace.json, timeline.png), and torch.profiler's too."""
+
+    steps: str | tuple[int, ...] = "last"  # last (the last steady step) | all | [steps]
+    profiler: bool = False  # also run a step under torch.profiler and export its trace
 
 
 @dataclass(frozen=True)
@@ -119,6 +129,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     fault: FaultConfig = field(default_factory=FaultConfig)
     cost: CostConfig = field(default_factory=CostConfig)
+    trace: TraceConfig = field(default_factory=TraceConfig)
     world_size: int = 1
     device: str = "auto"
     memory_limit: int | None = None
@@ -235,7 +246,7 @@ def parse_bytes(key: str, v: Any) -> int | None:
 
 # The config's sections and the keys each may hold (a group's `name` picks the option).
 _SECTIONS = {"model": ModelConfig, "strategy": StrategyConfig, "data": DataConfig,
-             "train": TrainConfig, "fault": FaultConfig}
+             "train": TrainConfig, "fault": FaultConfig, "trace": TraceConfig}
 
 
 def _check_sections(d: dict[str, Any]) -> None:
@@ -269,8 +280,7 @@ def parse_config(d: dict[str, Any]) -> RunConfig:
     strategy = StrategyConfig(
         name=name,
         schedule=_schedule(_get(d, "strategy.schedule", "gpipe")),
-        balance=None if balance_raw is None
-        else _int_list("strategy.balance", balance_raw, min_len=1, min_value=1),
+        balance=_balance(balance_raw),
         layout=_choice("strategy.layout", _get(d, "strategy.layout", "megatron"), LAYOUTS),
     )
 
@@ -343,7 +353,11 @@ def parse_config(d: dict[str, Any]) -> RunConfig:
         flops_per_s=_float("cost.flops_per_s", _get(d, "cost.flops_per_s", 115e9), positive=True),
         calibrate=_bool("cost.calibrate", _get(d, "cost.calibrate", False)),
         precheck=_bool("cost.precheck", _get(d, "cost.precheck", False)),
+        profile=None if _get(d, "cost.profile", None) is None
+        else str(_get(d, "cost.profile", None)),
     )
+    trace = TraceConfig(steps=_trace_steps(_get(d, "trace.steps", "last")),
+                        profiler=_bool("trace.profiler", _get(d, "trace.profiler", False)))
     cfg = RunConfig(
         model=model,
         strategy=strategy,
@@ -351,6 +365,7 @@ def parse_config(d: dict[str, Any]) -> RunConfig:
         train=train,
         fault=fault,
         cost=cost,
+        trace=trace,
         world_size=world,
         device=_choice("device", _get(d, "device", "auto"), DEVICES),
         memory_limit=parse_bytes("memory_limit", _get(d, "memory_limit", None)),
@@ -361,6 +376,27 @@ def parse_config(d: dict[str, Any]) -> RunConfig:
     )
     _check_cross(cfg)
     return cfg
+
+
+def _balance(v: Any) -> tuple[int, ...] | str | None:
+    if v in (None, "params"):
+        return None
+    if v in ("flops", "time"):
+        return v
+    if isinstance(v, str):
+        raise ConfigError("strategy.balance", v,
+                          "must be params, flops, time, or a list of layers per stage")
+    return _int_list("strategy.balance", v, min_len=1, min_value=1)
+
+
+def _trace_steps(v: Any) -> str | tuple[int, ...]:
+    if v in ("last", "all"):
+        return v
+    if isinstance(v, int) and not isinstance(v, bool):
+        v = [v]
+    if isinstance(v, (list, tuple)):
+        return tuple(_int("trace.steps", x, min_value=0) for x in v)
+    raise ConfigError("trace.steps", v, "must be last, all, or a list of step numbers")
 
 
 def _schedule(v: Any) -> str:
@@ -384,7 +420,7 @@ def _check_schedule(cfg: RunConfig) -> None:
                           f"{sched.stages} stages for the {L} layers of model.dims: every stage "
                           f"needs at least one layer")
     bal = cfg.strategy.balance
-    if bal is not None and len(bal) != sched.stages:
+    if bal is not None and not isinstance(bal, str) and len(bal) != sched.stages:
         raise ConfigError("strategy.balance", list(bal),
                           f"needs one entry per stage ({sched.stages} stages)")
 
@@ -405,7 +441,7 @@ def _check_cross(cfg: RunConfig) -> None:
             raise ConfigError("world_size", cfg.world_size,
                               f"pipeline needs at most one stage per layer; model.dims has {L} layers")
         bal = cfg.strategy.balance
-        if bal is not None:
+        if bal is not None and not isinstance(bal, str):
             if sum(bal) != L:
                 raise ConfigError("strategy.balance", list(bal),
                                   f"must sum to the {L} layers of model.dims")

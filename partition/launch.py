@@ -166,7 +166,7 @@ def rank_entry(cfg_dict: dict[str, Any], run_dir: str) -> RankRecord:
             ledger = Ledger()
             comm = Comm(rank=topo.rank, world_size=topo.world_size, ledger=ledger,
                         device=topo.device)
-            rec = run_rank(cfg, topo, comm, ledger, on_step=dump.arm)
+            rec = run_rank(cfg, topo, comm, ledger, on_step=dump.arm, run_dir=run_dir)
         except BaseException as e:
             record_error(run_dir, topo.rank, e)
             _exit_now(e)
@@ -308,8 +308,36 @@ def write_outputs(cfg: RunConfig, run_dir: str, records: list[RankRecord], *, se
         shards = [s for r in records for s in r.shards]
         arrays = assemble(cfg.spec, shards, np.dtype(cfg.train.dtype))
         save_weights(os.path.join(run_dir, WEIGHTS_FILE), arrays)
+    if records:
+        write_timeline(cfg, run_dir, records)
     write_json(os.path.join(run_dir, RESULT_FILE), result)
     return result
+
+
+def write_timeline(cfg: RunConfig, run_dir: str, records: list[RankRecord]) -> None:
+    """trace.json for every run with spans; timeline.png (measured above simulated) for
+    multi-rank runs."""
+    from partition import timeline
+    from partition.results import cost_params
+
+    timeline.write_trace(run_dir, records)
+    meas = timeline.measured(records)
+    if cfg.ranks < 2 or meas is None:
+        return
+    step = meas[0]["step"]
+    spans = [(r.rank, [s for s in r.spans if s["step"] == step])
+             for r in sorted(records, key=lambda r: r.rank)]
+    times = [r.action_times for r in sorted(records, key=lambda r: r.rank)]
+    sim = timeline.simulated_block(cfg, times, cost_params(cfg, records)) if all(times) else None
+    what = cfg.strategy.name + (f" {cfg.strategy.schedule}" if cfg.strategy.name == "pipeline" else "")
+    title = (f"{what}, P={cfg.ranks}, B={cfg.train.batch_size}, M={cfg.train.microbatches}: "
+             f"step {step} measured {meas[0]['step_s'] * 1e3:.1f} ms"
+             + (f", simulated {sim['step_time_s'] * 1e3:.1f} ms" if sim else ""))
+    try:
+        timeline.draw(os.path.join(run_dir, timeline.TIMELINE_FILE), spans,
+                      sim["timeline"] if sim else None, title=title)
+    except Exception as e:  # a figure must never cost the run its result
+        print(f"warning: timeline.png not drawn ({type(e).__name__}: {e})", file=sys.stderr)
 
 
 def clear_errors(run_dir: str) -> None:
@@ -341,6 +369,9 @@ def run(cfg: RunConfig, run_dir: str) -> dict[str, Any]:
     os.makedirs(run_dir, exist_ok=True)
     clear_errors(run_dir)
     t0 = time.perf_counter()
+    from partition.calibrate import resolve_balance
+
+    cfg = resolve_balance(cfg)  # strategy.balance=time: measured here, once, for every rank
     refused = precheck_memory(cfg)
     if refused is not None:
         return write_outputs(cfg, run_dir, [], seconds=time.perf_counter() - t0,
@@ -348,7 +379,7 @@ def run(cfg: RunConfig, run_dir: str) -> dict[str, Any]:
     if cfg.ranks == 1 and cfg.strategy.name == "single" and not cfg.fault.enabled:
         topo = single_process(cfg.device)
         try:
-            rec = run_rank(cfg, topo, None, Ledger())
+            rec = run_rank(cfg, topo, None, Ledger(), run_dir=run_dir)
         except ConfigError:
             raise
         except KeyboardInterrupt:
@@ -445,6 +476,11 @@ def torchrun_rank(cfg: RunConfig, choose_dir) -> tuple[Topology, dict[str, Any] 
     (status `failed`, the root cause from the records there so far) and returns it.
     """
     world = int(os.environ["WORLD_SIZE"])
+    if cfg.strategy.balance == "time":
+        # Each process would measure its own split; they must agree on one.
+        raise ConfigError("strategy.balance", "time", "is measured by the launcher of a plain "
+                          "run; under torchrun give the layers per stage (experiments.predict "
+                          "strategy.balance=time prints the split it picks)")
     if world != cfg.ranks:
         hint = ("strategy=single runs one process: use --nproc_per_node=1"
                 if cfg.strategy.name == "single" else f"set world_size={world}")
@@ -462,7 +498,7 @@ def torchrun_rank(cfg: RunConfig, choose_dir) -> tuple[Topology, dict[str, Any] 
     run_dir = comm.broadcast_object(run_dir if topo.rank == 0 else None)
     with StackDump(run_dir, topo.rank, watchdog_s=_watchdog_s(cfg, topo)) as dump:
         try:
-            rec = run_rank(cfg, topo, comm, ledger, on_step=dump.arm)
+            rec = run_rank(cfg, topo, comm, ledger, on_step=dump.arm, run_dir=run_dir)
             records = comm.gather_objects(rec)
         except BaseException as e:
             # No destroy(): a process group in error can hang in it; the process ends soon.

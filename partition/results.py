@@ -14,6 +14,7 @@ import torch
 
 from partition import costs
 from partition.config import RunConfig
+from partition.timeline import measured, stage_imbalance
 
 RESULT_FILE = "result.json"
 WEIGHTS_FILE = "weights.npz"
@@ -118,15 +119,22 @@ def build_result(cfg: RunConfig, records: list[Any], *, seconds: float,
             "in_flight_max": r.in_flight_max,
             "memory_steps_equal": getattr(r, "memory_steps_equal", True),
             "calibration": getattr(r, "calibration", None),
+            # seconds of each compute action at this run's shapes (the simulator's input;
+            # `cost.profile=<this result.json>` reuses them)
+            "action_times": getattr(r, "action_times", None),
         })
-    measured_bubble = None
-    if cfg.strategy.name == "pipeline" and ranks and ranks[0]["timing"]["step_s"]:
-        # Share of the step that the average stage spends not computing: idle waits for
-        # its neighbours (the bubble) plus the transfers themselves.
-        step_med = statistics.median(steady(step_times))
-        mean_compute = statistics.mean(x["timing"]["compute_s"] for x in ranks)
-        measured_bubble = max(0.0, 1.0 - mean_compute / step_med)
     predicted = predicted_block(cfg, records)
+    # Idle fraction per rank = 1 − compute inside the step / step time, from the traced
+    # step's spans; MFU = the rank's FLOP/s in its compute ÷ its calibrated matmul rate.
+    meas = measured(records)
+    for x, m, pr, r in zip(ranks, meas or [], predicted.get("ranks") or [], records):
+        peak = (r.action_times or {}).get("peak_flops_per_s")
+        x["timing"].update(idle_fraction=m["idle_fraction"], traced_step=m["step"],
+                           traced_step_s=m["step_s"],
+                           traced_compute_s=m["compute_s"], traced_wait_s=m["wait_s"],
+                           mfu=pr["flops"] / m["compute_s"] / peak
+                           if peak and m["compute_s"] > 0 else None)
+    measured_bubble = statistics.mean(m["idle_fraction"] for m in meas) if meas else None
     step_med = statistics.median(steady(step_times)) if step_times else None
     errs = [r.grad_rel_err for r in records if r.grad_rel_err is not None]
     losses = r0.objective if r0 else []
@@ -148,6 +156,13 @@ def build_result(cfg: RunConfig, records: list[Any], *, seconds: float,
             "stopped_at": r0.stopped_at if r0 else None,
             "step_time_s": _stats(steady(step_times)),
             "bubble_fraction_measured": measured_bubble,
+            # measured (the traced step's spans), simulated (the plan with calibrated
+            # durations), and what equal stages and free communication would give
+            "idle_fraction": {"measured": measured_bubble,
+                              "simulated": predicted.get("idle_fraction"),
+                              "equal_stages_formula": costs.bubble_fraction(cfg)},
+            "idle_causes": predicted.get("idle_causes"),
+            "stage_imbalance": stage_imbalance(meas) if meas else None,
         },
         "ranks": ranks,
         "predicted": predicted,
@@ -180,8 +195,10 @@ def predicted_block(cfg: RunConfig, records: list[Any]) -> dict[str, Any]:
     """`predicted`: the cost model for this config, on the device the ranks ran on."""
     device = records[0].device.split(":")[0] if records and records[0].device else (
         "cuda" if cfg.device == "cuda" else "cpu")
+    times = [r.action_times for r in sorted(records, key=lambda r: r.rank)]
     try:
-        return costs.predict(cfg, device=device, params=cost_params(cfg, records))
+        return costs.predict(cfg, device=device, params=cost_params(cfg, records),
+                             times=times if all(times) else None)
     except ValueError as e:  # a strategy the model does not know yet
         return {"ranks": [], "bubble_fraction": costs.bubble_fraction(cfg),
                 "flops_per_step": None, "step_time_s": None, "error": str(e)}
