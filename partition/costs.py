@@ -510,6 +510,33 @@ def formula(cfg: RunConfig, rank: int) -> dict[str, Any]:
             "flops": rank_flops(cfg, rank)}
 
 
+_DEVIATION_KEYS = ("peak_bytes", "params_bytes", "grads_bytes", "optimizer_bytes",
+                   "activations_bytes")
+_DEVIATION_COMM = ("sent_bytes", "recv_bytes", "collective_bytes", "wire_bytes", "messages")
+
+
+def formula_deviation(cfg: RunConfig) -> list[dict[str, Any]]:
+    """Each closed form next to the dry run, once per distinct rank (`count` ranks alike):
+    {key: (dry run, formula, (formula − dry run) / dry run)} for the training peak, the
+    state, the kept activations and the comm bytes, and `moment`, the moment the formula's
+    peak is at. `python -m experiments.formula_deviation` prints it as a table."""
+    from partition.dryrun import dry_run
+
+    out = []
+    for d in dry_run(cfg):
+        if d.same_as:
+            continue
+        f = formula(cfg, d.rank)
+        row: dict[str, Any] = {"rank": d.rank, "count": d.count,
+                               "moment": peak_terms(cfg, d.rank)["moment"]}
+        for k in _DEVIATION_KEYS:
+            row[k] = (d.memory[k], f[k], rel_err(f[k], d.memory[k]))
+        for k in _DEVIATION_COMM:
+            row[k] = (d.comm[k], f["comm"][k], rel_err(f["comm"][k], d.comm[k]))
+        out.append(row)
+    return out
+
+
 # ---------------------------------------------------------------- the exact prediction
 
 
