@@ -4,11 +4,11 @@
     python -m experiments.formula_deviation strategy=pipeline world_size=2 train.microbatches=4
 
 With no overrides: the seed [784, 2048, 10] at B=512 float32 under every strategy and
-schedule, the deep net (conf/model/deep.yaml, [784, 512, 512, 256, 10]) for 3- and 4-stage pipelines, and every case of the headline
-comparison (conf/experiment/compare.yaml). With overrides (the same as experiments.run):
-that one config. Nothing is started: the dry run runs each rank's runner on the meta
+schedule, the deep net (conf/model/deep.yaml, [784, 512, 512, 256, 10]) for 3- and
+4-stage pipelines, and every case of the headline comparison (conf/experiment/
+compare.yaml). With overrides (the same as experiments.run): that one config. Nothing is started: the dry run runs each rank's runner on the meta
 device (partition/dryrun.py), the formulas are costs.formula(). One row per distinct
-rank (ranks with identical plans are one row, their count in brackets); deviation is
+rank (ranks with identical plans are one row, ×count); deviation is
 (formula − dry run) / dry run.
 """
 
