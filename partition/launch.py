@@ -12,6 +12,7 @@ the loopback interface.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -39,7 +40,9 @@ from partition.failures import (
     prune_empty,
     record_error,
 )
+from partition.lifeline import LAUNCHER_PID_ENV, hold
 from partition.memory import MemoryLimitExceeded
+from partition.records import record_from_json, record_to_json
 from partition.results import RESULT_FILE, WEIGHTS_FILE, build_result, write_json
 from partition.topology import (
     Topology,
@@ -121,9 +124,11 @@ def wait_for_peers(timeout_s: float) -> None:
     world = int(os.environ["WORLD_SIZE"])
     prefix = "partition/{}/{}".format(os.environ.get("TORCHELASTIC_RUN_ID", ""),
                                       os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    # Connecting is bounded by timeout_s: the store lives in the launcher (or torchrun's
+    # agent), so a store that does not answer means the launcher is gone.
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
-                          is_master=False, timeout=timedelta(seconds=max(timeout_s,
-                                                                         STARTUP_TIMEOUT_S)))
+                          is_master=False, timeout=timedelta(seconds=timeout_s))
+    store.set_timeout(timedelta(seconds=max(timeout_s, STARTUP_TIMEOUT_S)))
     if store.add(f"{prefix}/ready", 1) == world:
         store.set(f"{prefix}/go", "1")
     store.wait([f"{prefix}/go"])
@@ -134,26 +139,9 @@ def _watchdog_s(cfg: RunConfig, topo: Topology) -> float | None:
     return cfg.timeout_s if topo.world_size == 1 else None
 
 
-def die_with_parent() -> None:
-    """Linux: this process gets SIGTERM when its parent (the launcher) dies, even by SIGKILL,
-    so that no rank outlives a killed launcher. Elsewhere nothing happens."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-
-    parent = os.getppid()
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return
-    if os.getppid() != parent:  # the launcher died before we asked
-        os._exit(1)
-
-
-def rank_entry(cfg_dict: dict[str, Any], run_dir: str) -> RankRecord:
-    """Entry point of a spawned rank (the elastic agent sets RANK, WORLD_SIZE, MASTER_*)."""
-    die_with_parent()
+def rank_entry(cfg_dict: dict[str, Any], run_dir: str) -> dict[str, Any]:
+    """Entry point of a spawned rank (`partition.worker`; the elastic agent sets RANK,
+    WORLD_SIZE, MASTER_*): its record, as JSON for the launcher."""
     lo = loopback_interface()
     if lo is not None:  # this machine only: gloo's own sockets on loopback too
         os.environ.setdefault("GLOO_SOCKET_IFNAME", lo)
@@ -171,7 +159,7 @@ def rank_entry(cfg_dict: dict[str, Any], run_dir: str) -> RankRecord:
             record_error(run_dir, topo.rank, e)
             _exit_now(e)
     destroy()
-    return rec
+    return record_to_json(rec)
 
 
 def _exit_now(exc: BaseException) -> NoReturn:
@@ -245,10 +233,19 @@ def _quiet_elastic() -> Iterator[None]:
             log.setLevel(level)
 
 
-def launch_local(entry: Callable[..., Any], args: tuple[Any, ...], *, nprocs: int, log_dir: str,
-                 timeout_s: float, redirect: bool = True) -> list[Any]:
+def launch_local(entry: str | Callable[..., Any], args: tuple[Any, ...] | list[Any], *,
+                 nprocs: int, log_dir: str, timeout_s: float,
+                 redirect: bool = True) -> list[Any]:
     """Start `nprocs` processes of entry(*args) on this machine with torch's elastic launcher,
     on loopback only; their return values by rank.
+
+    `entry` is preferably "module:function": each rank is then a fresh interpreter
+    (`python -m partition.worker`) that ties its life to this process before it imports
+    torch, takes `args` as JSON and hands its JSON return value back in a file — no
+    pickle either way. A callable is started by multiprocessing's spawn instead (its
+    arguments and return value pickled between this process and its own children); it
+    dies with this process too, but only once torch is imported. Call this from a thread
+    that outlives the run: the kernel's death signal follows the thread that started a rank.
 
     With `redirect`, each process's stdout and stderr go to `log_dir`. Raises the elastic
     launcher's ChildFailedError when any process fails (all of them are stopped by then).
@@ -267,15 +264,56 @@ def launch_local(entry: Callable[..., Any], args: tuple[Any, ...], *, nprocs: in
         logs_specs=DefaultLogsSpecs(log_dir=log_dir, redirects=Std.ALL if redirect else Std.NONE),
         local_addr=LOOPBACK,
     )
-    with _quiet_elastic(), _own_signal_handlers():
-        results = elastic_launch(lc, entry)(*args)
-    return [results[r] for r in sorted(results)]
+    if callable(entry):
+        with _quiet_elastic(), _own_signal_handlers(), _launcher_env():
+            results = elastic_launch(lc, _held_entry)(entry, *args)
+        return [results[r] for r in sorted(results)]
+    returns = os.path.join(log_dir, ".returns")
+    os.makedirs(returns, exist_ok=True)
+    try:
+        argv = ["-m", "partition.worker", entry, json.dumps(list(args)), returns]
+        with _quiet_elastic(), _own_signal_handlers(), _launcher_env():
+            elastic_launch(lc, sys.executable)(*argv)
+        out = []
+        for r in range(nprocs):
+            with open(os.path.join(returns, f"rank{r}.json")) as fh:
+                out.append(json.load(fh))
+        return out
+    finally:
+        shutil.rmtree(returns, ignore_errors=True)
+
+
+def _held_entry(entry: Callable[..., Any], *args: Any) -> Any:  # noqa: ANN401
+    """A spawned callable rank: tie it to the launcher first (torch is loaded by now)."""
+    hold()
+    return entry(*args)
+
+
+@contextlib.contextmanager
+def _launcher_env() -> Iterator[None]:
+    """What the ranks inherit: this process's pid (their lifeline checks it) and a
+    PYTHONPATH that finds this `partition`, whatever the working directory."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    saved = {k: os.environ.get(k) for k in (LAUNCHER_PID_ENV, "PYTHONPATH")}
+    os.environ[LAUNCHER_PID_ENV] = str(os.getpid())
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        p for p in (root, saved["PYTHONPATH"]) if p)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def spawn_ranks(cfg: RunConfig, run_dir: str) -> list[RankRecord]:
     """Start cfg.ranks rank processes for one run; each rank's output goes to logs/ in the run folder."""
-    return launch_local(rank_entry, (cfg.to_dict(), run_dir), nprocs=cfg.ranks,
-                        log_dir=os.path.join(run_dir, LOGS_DIR), timeout_s=cfg.timeout_s)
+    out = launch_local("partition.launch:rank_entry", (cfg.to_dict(), run_dir),
+                       nprocs=cfg.ranks, log_dir=os.path.join(run_dir, LOGS_DIR),
+                       timeout_s=cfg.timeout_s)
+    return [record_from_json(d) for d in out]
 
 
 @contextlib.contextmanager
@@ -463,7 +501,7 @@ def torchrun_rank(cfg: RunConfig, choose_dir) -> tuple[Topology, dict[str, Any] 
     with StackDump(run_dir, topo.rank, watchdog_s=_watchdog_s(cfg, topo)) as dump:
         try:
             rec = run_rank(cfg, topo, comm, ledger, on_step=dump.arm)
-            records = comm.gather_objects(rec)
+            gathered = comm.gather_objects(record_to_json(rec))
         except BaseException as e:
             # No destroy(): a process group in error can hang in it; the process ends soon.
             record_error(run_dir, topo.rank, e)
@@ -478,6 +516,7 @@ def torchrun_rank(cfg: RunConfig, choose_dir) -> tuple[Topology, dict[str, Any] 
     if topo.rank != 0:
         return topo, None
     prune_empty(errors_dir(run_dir))
+    records = [record_from_json(d) for d in gathered or []]
     return topo, write_outputs(cfg, run_dir, records, seconds=time.perf_counter() - t0) | {
         "path": run_dir}
 
