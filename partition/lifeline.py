@@ -20,7 +20,7 @@ ORPHANED_STATUS = 75  # exit status of a rank that found its launcher already go
 _PR_SET_PDEATHSIG = 1
 
 
-def _arm_death_signal() -> bool:
+def die_with_parent() -> bool:
     """Linux: SIGKILL this process when its parent dies, however it dies. False elsewhere.
 
     SIGKILL, not SIGTERM: with the launcher gone nobody is left to read a rank's
@@ -48,6 +48,6 @@ def hold(expected_parent: int | None = None) -> None:
     if expected_parent is None:
         env = os.environ.get(LAUNCHER_PID_ENV, "")
         expected_parent = int(env) if env.isdigit() else None
-    _arm_death_signal()
+    die_with_parent()
     if expected_parent is not None and os.getppid() != expected_parent:
         os._exit(ORPHANED_STATUS)  # the launcher died before we could ask to die with it

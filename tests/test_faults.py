@@ -92,6 +92,8 @@ def check_fault(tmp_path, strategy: str, world: int, rank: int, kind: str, *,
     # The knock-on failures of the peers are listed, never chosen.
     assert {o["rank"] for o in err["ranks"]} == set(range(world))
     assert all(o["outcome"] != "error" for o in err["ranks"] if o["rank"] != rank)
+    # A peer stopped by the launcher after the root cause is a victim, never "hung".
+    assert all(o["outcome"] != "hung" for o in err["ranks"] if o["rank"] != rank), err
     # From the root cause to the last rank gone (for an exit, from when a peer or the
     # launcher noticed it, to the whole second).
     assert err["teardown_s"] <= cfg.timeout_s + SLACK_S, err
