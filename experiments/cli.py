@@ -234,7 +234,7 @@ def check_groups(overrides: list[str]) -> None:
     for o in overrides:
         key, _, value = o.partition("=")
         key = key.lstrip("+~")
-        if key in known and value not in known[key] and value not in ("null", ""):
+        if key in known and value not in known[key] and value != "null":
             fail(f"{key}={value}: must be one of {', '.join(known[key])}")
 
 

@@ -564,18 +564,48 @@ def check_fits_machine(cfg: RunConfig, *, local_ranks: int, device: str = "cpu",
     """Refuse (ConfigError on the setting asking for most) a run that cannot fit this
     machine's memory: better one line now than an allocation error in every rank."""
     available = machine_memory() if available is None else available
-    floor = memory_floor(cfg, local_ranks=local_ranks, device=device)
-    total = sum(n for n, _ in floor.values())
-    if total <= available:
+
+    def total(c: RunConfig) -> int:
+        return sum(n for n, _ in memory_floor(c, local_ranks=local_ranks, device=device).values())
+
+    need = total(cfg)
+    if need <= available:
         return
-    key, (n, what) = max(floor.items(), key=lambda kv: kv[1][0])
-    value = {"model.dims": list(cfg.model.dims), "data.num_examples": cfg.data.num_examples,
-             "data.teacher_hidden": cfg.data.teacher_hidden,
-             "train.batch_size": cfg.train.batch_size}[key]
-    raise ConfigError(key, value,
-                      f"needs at least {total:,} bytes ({human_bytes(total)}) of memory, "
+    # The setting to blame is the one whose default would save the most: the dataset's
+    # N·d bytes are the input width's fault when d is huge, the row count's when N is.
+    best, blamed = need, "model.dims"
+    for key in _SIZE_KEYS:
+        try:
+            without = total(_with_default(cfg, key))
+        except (ValueError, KeyError, IndexError, ZeroDivisionError):
+            continue  # the default does not fit the rest of this config: not a candidate
+        if without < best:
+            best, blamed = without, key
+    floor = memory_floor(cfg, local_ranks=local_ranks, device=device)
+    n, what = max(floor.values())
+    raise ConfigError(blamed, _SIZE_KEYS[blamed](cfg),
+                      f"needs at least {need:,} bytes ({human_bytes(need)}) of memory, "
                       f"{n:,} of them for {what}; this machine has {available:,} bytes "
                       f"({human_bytes(available)})")
+
+
+# The settings that make a run big, each read from a config.
+_SIZE_KEYS: dict[str, Callable[[RunConfig], Any]] = {
+    "model.dims": lambda c: list(c.model.dims),
+    "data.num_examples": lambda c: c.data.num_examples,
+    "data.teacher_hidden": lambda c: c.data.teacher_hidden,
+    "train.batch_size": lambda c: c.train.batch_size,
+}
+
+
+def _with_default(cfg: RunConfig, key: str) -> RunConfig:
+    """`cfg` with `key` at its dataclass default (no validation: a what-if for blame)."""
+    import dataclasses
+
+    section, name = key.split(".")
+    node = getattr(cfg, section)
+    default = next(f.default for f in dataclasses.fields(node) if f.name == name)
+    return dataclasses.replace(cfg, **{section: dataclasses.replace(node, **{name: default})})
 
 
 # ---------------------------------------------------------------- under torchrun

@@ -346,3 +346,66 @@ def _alive(pid: int) -> bool:
             return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+# ---------------------------------------------------------------- under torchrun
+
+TORCHRUN_TIMEOUT_S = 5  # timeout_s of the hang cases
+
+
+def check_torchrun_fault(tmp_path, strategy: str, rank: int, kind: str) -> dict:
+    """torchrun, 2 ranks, `rank` fails at step 2: result.json names it, whichever rank died."""
+    import subprocess
+    import sys
+    import uuid
+
+    tag = uuid.uuid4().hex
+    run_dir = tmp_path / "run"
+    timeout_s = TORCHRUN_TIMEOUT_S if kind == "hang" else 30
+    t0 = time.time()
+    p = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "experiments.run", f"strategy={strategy}", "world_size=2", f"fault.rank={rank}",
+         "fault.step=2", f"fault.kind={kind}", f"timeout_s={timeout_s}", "model.dims=[6,5,3]",
+         "train.batch_size=8", "train.steps=4", "device=cpu", f"hydra.run.dir={run_dir}"],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": ROOT, TAG_ENV: tag},
+        capture_output=True, text=True, timeout=180)
+    took = time.time() - t0
+    assert p.returncode != 0
+    with open(run_dir / "result.json") as fh:
+        res = json.load(fh)
+    err = res["error"]
+    want_type, want_cause = EXPECTED[kind]
+    assert (res["status"], err["rank"], err["type"], err["cause"]) == (
+        "failed", rank, want_type, want_cause), (err, p.stdout, p.stderr[-2000:])
+    if kind == "raise":
+        assert err["message"] == f"fault injected on rank {rank} at step 2"
+    assert {o["rank"] for o in err["ranks"]} == {0, 1}
+    assert all(o["outcome"] not in ("error", "hung") for o in err["ranks"] if o["rank"] != rank)
+    # One summary line, from the rank that wrote the answer; nothing left running.
+    ours = [line for line in p.stdout.splitlines() if line.startswith("[failed] ")]
+    assert len(ours) == 1 and f"rank {rank}: {want_type}" in ours[0], p.stdout
+    assert _tagged(tag) == {}
+    assert took <= timeout_s + 60, took  # start-up of three interpreters, then the teardown
+    return res
+
+
+TORCHRUN_ALL = [(s, r, k) for s in ("pipeline", "tensor", "data") for r in (0, 1) for k in KINDS]
+# Rank 0 dying, rank 0 hanging, and rank 1 dying while rank 0 writes (the race in issue 19).
+TORCHRUN_FIRST = [("pipeline", 0, "exit"), ("tensor", 0, "hang"), ("tensor", 1, "exit")]
+
+
+def _tr_ids(cases: list[tuple]) -> list[str]:
+    return [f"{s}-rank{r}-{k}" for s, r, k in cases]
+
+
+@pytest.mark.parametrize(("strategy", "rank", "kind"), TORCHRUN_FIRST, ids=_tr_ids(TORCHRUN_FIRST))
+def test_torchrun_fault_is_answered(tmp_path, strategy, rank, kind):
+    check_torchrun_fault(tmp_path, strategy, rank, kind)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("strategy", "rank", "kind"), TORCHRUN_ALL, ids=_tr_ids(TORCHRUN_ALL))
+def test_torchrun_fault_is_answered_every_case(tmp_path, strategy, rank, kind):
+    """The issue's matrix: rank 0 and rank 1, raise/exit/hang, all three strategies."""
+    check_torchrun_fault(tmp_path, strategy, rank, kind)
