@@ -302,15 +302,40 @@ class Comm:
     # ------------------------------------------------------------ outside training steps
 
     def gather_objects(self, obj: Any) -> list[Any] | None:
-        """Setup / reporting only (never inside a step): rank 0 gets every rank's object."""
-        out = [None] * self.world_size if self.rank == 0 else None
-        dist.gather_object(obj, out, dst=0, group=self.group)
-        return out
+        """Setup / reporting only (never inside a step): rank 0 gets every rank's object.
+
+        `obj` must be JSON-serialisable: it crosses as UTF-8 JSON bytes in a uint8 tensor,
+        never as a pickle (torch's gather_object unpickles whatever a peer sends).
+        """
+        import json
+
+        payload = torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8)
+        size = torch.tensor([payload.numel()], dtype=torch.int64, device=self.device)
+        sizes = [torch.zeros_like(size) for _ in range(self.world_size)]
+        dist.all_gather(sizes, size, group=self.group)  # gloo's gather needs equal pieces
+        longest = max(int(s.item()) for s in sizes)
+        piece = torch.zeros(longest, dtype=torch.uint8, device=self.device)
+        piece[:payload.numel()] = payload.to(self.device)
+        bufs = ([torch.empty_like(piece) for _ in range(self.world_size)]
+                if self.rank == 0 else None)
+        dist.gather(piece, bufs, dst=0, group=self.group)
+        if bufs is None:
+            return None
+        return [json.loads(bytes(b[:int(s.item())].cpu().numpy()).decode())
+                for b, s in zip(bufs, sizes, strict=True)]
 
     def broadcast_object(self, obj: Any) -> Any:
-        box = [obj]
-        dist.broadcast_object_list(box, src=0, group=self.group)
-        return box[0]
+        """Rank 0's `obj` on every rank, as JSON bytes in a tensor (no rank unpickles)."""
+        import json
+
+        data = json.dumps(obj).encode() if self.rank == 0 else b""
+        size = torch.tensor([len(data)], dtype=torch.int64, device=self.device)
+        dist.broadcast(size, src=0, group=self.group)
+        buf = torch.zeros(int(size.item()), dtype=torch.uint8, device=self.device)
+        if self.rank == 0 and data:
+            buf[:] = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(self.device)
+        dist.broadcast(buf, src=0, group=self.group)
+        return json.loads(bytes(buf.cpu().numpy()).decode())
 
     def barrier(self) -> None:
         dist.barrier(group=self.group)

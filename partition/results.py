@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -19,18 +20,45 @@ from partition.timeline import measured, stage_imbalance
 RESULT_FILE = "result.json"
 WEIGHTS_FILE = "weights.npz"
 STATUSES = ("ok", "failed", "oom", "diverged")
+# The exit status of a run that ended with each status; 2 is bad input (refused before
+# anything starts), 130 an interrupted run. A sweep exits 0 and lists its jobs' statuses.
+EXIT_STATUS = {"ok": 0, "failed": 1, "oom": 3, "diverged": 4}
+BAD_INPUT_STATUS = 2
+INTERRUPTED_STATUS = 130
+
+
+def exit_status(status: str) -> int:
+    """What the process that reports a run exits with (1 for a status it does not know)."""
+    return EXIT_STATUS.get(status, 1)
+
+
+def umask() -> int:
+    """This process's umask, read without changing it where the system allows (Linux)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore at once
+    os.umask(mask)
+    return mask
 
 
 def atomic_write(path: str, write: Callable[[IO[bytes]], None]) -> None:
     """Write via a temporary file in the same folder, fsync, then rename over `path`.
 
-    A writer killed at any moment leaves either the old file or the new one.
+    A writer killed at any moment leaves either the old file or the new one. The file
+    gets the mode any new file would (0666 less the umask): mkstemp's 0600 would make
+    result.json and weights.npz private while everything around them is not.
     """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + os.path.basename(path), dir=folder)
     try:
         with os.fdopen(fd, "wb") as fh:
+            os.fchmod(fh.fileno(), 0o666 & ~umask())
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
@@ -39,6 +67,32 @@ def atomic_write(path: str, write: Callable[[IO[bytes]], None]) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def file_digest(path: str) -> dict[str, Any]:
+    """{bytes, sha256} of a file: what result.json records of weights.npz, so that a resumed
+    sweep can tell a whole weights file from a truncated or replaced one."""
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+            size += len(chunk)
+    return {"bytes": size, "sha256": h.hexdigest()}
+
+
+def weights_intact(run_dir: str, result: dict[str, Any]) -> bool:
+    """Whether the run's weights.npz is the one its result.json recorded (size and digest)."""
+    want = result.get("weights")
+    if not isinstance(want, dict):
+        return False
+    path = os.path.join(run_dir, str(want.get("file", WEIGHTS_FILE)))
+    try:
+        if os.path.getsize(path) != want.get("bytes"):
+            return False  # cheap first: a truncated file needs no hashing
+        return file_digest(path) == {"bytes": want["bytes"], "sha256": want.get("sha256")}
+    except OSError:
+        return False
 
 
 def write_json(path: str, obj: Any) -> None:
