@@ -46,6 +46,9 @@ class CommRecord:
     collective: int  # payload handed to a collective (0 for p2p)
     wire: int  # bytes put on the wire by this rank under a ring model
     seconds: float
+    # The mesh dimension of the group (hybrid: dp | pp | tp, `world` for the metric over
+    # all ranks); None for the 1-D strategies, whose one group is the world.
+    dim: str | None = None
 
 
 @dataclass
@@ -87,7 +90,28 @@ def summarize(records: list[CommRecord]) -> dict[str, Any]:
             by_phase[r.phase] += r.sent
     out["by_role"] = dict(sorted(by_role.items()))
     out["by_phase"] = dict(sorted(by_phase.items()))
+    if any(r.dim is not None for r in records):
+        out["by_dim"] = by_dim(records)
     return out
+
+
+def by_dim(records: list[CommRecord]) -> dict[str, dict[str, Any]]:
+    """{dim: {bytes, messages, wire_bytes, by_role: {role: {bytes, messages}}}}: what each
+    mesh dimension's links carry (payload as in `by_role`: what this rank sends or hands in)."""
+    out: dict[str, dict[str, Any]] = {}
+    for r in records:
+        if r.op == "recv" or r.dim is None:
+            continue
+        d = out.setdefault(r.dim, {"bytes": 0, "messages": 0, "wire_bytes": 0, "by_role": {}})
+        d["bytes"] += r.sent
+        d["messages"] += 1
+        d["wire_bytes"] += r.wire
+        role = d["by_role"].setdefault(r.role, {"bytes": 0, "messages": 0})
+        role["bytes"] += r.sent
+        role["messages"] += 1
+    for d in out.values():
+        d["by_role"] = dict(sorted(d["by_role"].items()))
+    return dict(sorted(out.items()))
 
 
 @dataclass
@@ -110,8 +134,15 @@ class Transport:
     moves nothing, so a dry run records exactly what a real run records.
     """
 
+    moves = True  # False for a transport that moves nothing (the dry run's)
+
     def __init__(self, group: Any = None) -> None:
         self.group = group
+
+    def on(self, group: Any) -> Transport:
+        """The same kind of transport on another process group (a mesh dimension's).
+        Peers are always global ranks, as torch.distributed's send/recv take them."""
+        return type(self)(group)
 
     def send(self, t: torch.Tensor, dst: int) -> None:
         dist.send(t, dst, group=self.group)
@@ -143,11 +174,30 @@ class Comm:
     """
 
     def __init__(self, *, rank: int, world_size: int, ledger: Ledger, group: Any = None,
-                 device: torch.device | None = None, transport: Transport | None = None) -> None:
+                 device: torch.device | None = None, transport: Transport | None = None,
+                 dim: str | None = None, members: tuple[int, ...] | None = None) -> None:
         self.rank, self.world_size, self.ledger, self.group = rank, world_size, ledger, group
         self.device = device or torch.device("cpu")
         self.transport = transport or Transport(group)
         self.tracer = None  # a trace.Tracer while a step is traced (set by the train loop)
+        # A mesh dimension's Comm: `rank` and peers are indices in `members` (the group's
+        # global ranks); every record names the global peer and the dimension.
+        self.dim = dim
+        self.members = members
+
+    def sub(self, *, dim: str, members: tuple[int, ...], group: Any) -> Comm:
+        """This rank's Comm on one mesh dimension: same ledger and device, its own group
+        (`group`, built by topology.mesh_groups; None in a dry run), rank = its index in
+        `members`. Callers address peers by that index; the transport gets global ranks."""
+        here = self.members[self.rank] if self.members else self.rank
+        if here not in members:
+            raise ValueError(f"rank {here} is not in its {dim} group {list(members)}")
+        return Comm(rank=members.index(here), world_size=len(members), ledger=self.ledger,
+                    group=group, device=self.device, transport=self.transport.on(group),
+                    dim=dim, members=tuple(members))
+
+    def _global(self, peer: int) -> int:
+        return self.members[peer] if self.members is not None else peer
 
     def _span(self, name: str, t0: float, t1: float, *, role: str, nbytes: int,
               peer: int | None = None, waiting: bool = False) -> None:
@@ -164,11 +214,12 @@ class Comm:
         if phase not in PHASES:
             raise ValueError(f"unknown phase {phase!r}")
         self.ledger.add(CommRecord(self.ledger.step, op, role, phase, peer, self.world_size,
-                                   sent, received, collective, wire, seconds))
+                                   sent, received, collective, wire, seconds, self.dim))
 
     # ------------------------------------------------------------ point to point
 
     def send(self, t: torch.Tensor, dst: int, *, role: str, phase: str) -> None:
+        dst = self._global(dst)
         t0 = time.perf_counter()
         self.transport.send(t.contiguous(), dst)
         t1 = time.perf_counter()
@@ -180,6 +231,7 @@ class Comm:
     def recv(self, shape: tuple[int, ...], dtype: torch.dtype, src: int, *, role: str,
              phase: str) -> torch.Tensor:
         t = torch.empty(shape, dtype=dtype, device=self.device)
+        src = self._global(src)
         t0 = time.perf_counter()
         self.transport.recv(t, src)
         t1 = time.perf_counter()
@@ -191,6 +243,7 @@ class Comm:
     def post_send(self, t: torch.Tensor, dst: int, *, role: str, phase: str) -> Pending:
         """Start sending `t`; it must stay alive until `wait_send` (the runtime keeps it)."""
         t = t.contiguous()
+        dst = self._global(dst)
         t0 = time.perf_counter()
         work = self.transport.isend(t, dst)
         t1 = time.perf_counter()
@@ -210,6 +263,7 @@ class Comm:
                   phase: str) -> Pending:
         """Post a receive into a new buffer; `wait_recv` returns it filled."""
         t = torch.empty(shape, dtype=dtype, device=self.device)
+        src = self._global(src)
         t0 = time.perf_counter()
         work = self.transport.irecv(t, src)
         t1 = time.perf_counter()

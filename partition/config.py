@@ -15,7 +15,7 @@ from typing import Any
 
 from partition.model import ACTIVATIONS, LOSSES, MLPSpec
 
-STRATEGIES = ("single", "pipeline", "tensor", "data")
+STRATEGIES = ("single", "pipeline", "tensor", "data", "hybrid")
 SCHEDULES = ("gpipe", "1f1b")  # or the path of a compute-only .csv (plans/schedule.py)
 LAYOUTS = ("megatron", "rowwise")
 DEVICES = ("auto", "cpu", "cuda")
@@ -47,6 +47,11 @@ class StrategyConfig:
     # pipeline: params (None) | flops | time | layers per stage (plans/stages.py)
     balance: tuple[int, ...] | str | None = None
     layout: str = "megatron"  # tensor: megatron | rowwise
+    # hybrid: the mesh's sizes (plans/mesh.py); dp=auto is world_size ÷ (pp·tp)
+    dp: int | str = "auto"
+    pp: int = 1
+    tp: int = 1
+    dp_shard: bool = False  # hybrid: the data dimension as fsdp (not built yet: refused)
 
 
 @dataclass(frozen=True)
@@ -332,6 +337,10 @@ def parse_config(d: dict[str, Any]) -> RunConfig:
         schedule=_schedule(_get(d, "strategy.schedule", "gpipe")),
         balance=_balance(balance_raw),
         layout=_choice("strategy.layout", _get(d, "strategy.layout", "megatron"), LAYOUTS),
+        dp=_mesh_size("strategy.dp", _get(d, "strategy.dp", "auto"), auto=True),
+        pp=_mesh_size("strategy.pp", _get(d, "strategy.pp", 1)),
+        tp=_mesh_size("strategy.tp", _get(d, "strategy.tp", 1)),
+        dp_shard=_bool("strategy.dp_shard", _get(d, "strategy.dp_shard", False)),
     )
 
     init = _choice("model.init", _get(d, "model.init", "seeded"), INITS)
@@ -445,6 +454,63 @@ def _balance(v: Any) -> tuple[int, ...] | str | None:
     return _int_list("strategy.balance", v, min_len=1, min_value=1)
 
 
+def _mesh_size(key: str, v: Any, *, auto: bool = False) -> int | str:
+    if auto and v == "auto":
+        return v
+    if isinstance(v, str) and not auto:
+        raise ConfigError(key, v, "must be an integer >= 1")
+    if isinstance(v, str):
+        raise ConfigError(key, v, "must be an integer >= 1 or auto")
+    return _int(key, v, min_value=1)
+
+
+def _check_hybrid(cfg: RunConfig) -> None:
+    """The mesh divides the world, and each dimension's plan fits the net and the batch."""
+    from partition.plans.mesh import resolve_mesh, stage_shards
+    from partition.plans.stages import plan_stages
+    from partition.plans.tensor import split_widths
+
+    s = cfg.strategy
+    if s.dp_shard:
+        raise ConfigError("strategy.dp_shard", True,
+                          "the sharded data dimension (fsdp × tensor) is not built yet; "
+                          "use strategy.dp_shard=false")
+    try:
+        mesh = resolve_mesh(world=cfg.world_size, dp=s.dp, pp=s.pp, tp=s.tp)
+    except ValueError as e:
+        key = "strategy.dp" if s.dp != "auto" else "world_size"
+        raise ConfigError(key, s.dp if key == "strategy.dp" else cfg.world_size,
+                          str(e)) from None
+    L, B, M = cfg.spec.num_layers, cfg.train.batch_size, cfg.train.microbatches
+    if mesh.pp > L:
+        raise ConfigError("strategy.pp", mesh.pp,
+                          f"a pipeline needs at most one stage per layer; model.dims has {L} layers")
+    if B % mesh.dp or (B // mesh.dp) % M:
+        raise ConfigError("train.batch_size", B,
+                          f"must split into strategy.dp={mesh.dp} equal replicas of "
+                          f"train.microbatches={M} equal micro-batches (a multiple of "
+                          f"{mesh.dp * M})")
+    bal = s.balance
+    if bal is not None and not isinstance(bal, str) and sum(bal) != L:
+        raise ConfigError("strategy.balance", list(bal), f"must sum to the {L} layers of model.dims")
+    _check_schedule(cfg, world=mesh.pp)
+    if bal == "time":
+        return  # resolved by measuring; the tp widths are checked when it is
+    for start, end in plan_stages(cfg.spec, mesh.pp, bal):
+        widths = split_widths(s.layout, cfg.model.dims[start:end + 1])
+        if widths and mesh.tp > min(widths):
+            raise ConfigError("strategy.tp", mesh.tp,
+                              f"tensor layout {s.layout} splits widths {widths} of the stage "
+                              f"holding layers {start}..{end - 1}; every tp rank needs at least "
+                              f"one unit of the narrowest, {min(widths)}")
+        stage_shards(s.layout, cfg.model.dims, start, end, tp=mesh.tp, rank=0)
+    if cfg.engine == "torch":
+        raise ConfigError("engine", "torch",
+                          "hybrid meshes on PyTorch's own engine (a DeviceMesh with DTensor "
+                          "tensor parallel, DDP/FSDP2 and pipelining stages) are not built; "
+                          "use engine=explicit")
+
+
 def _trace_steps(v: Any) -> str | tuple[int, ...]:
     if v in ("last", "all"):
         return v
@@ -461,12 +527,13 @@ def _schedule(v: Any) -> str:
     return _choice("strategy.schedule", v, SCHEDULES)
 
 
-def _check_schedule(cfg: RunConfig) -> None:
-    """Load and validate the pipeline schedule (complete, ordered, deadlock-free)."""
+def _check_schedule(cfg: RunConfig, *, world: int | None = None) -> None:
+    """Load and validate the pipeline schedule (complete, ordered, deadlock-free) over
+    `world` pipeline ranks (the world size; a hybrid mesh's pp)."""
     from partition.plans.schedule import ScheduleError, load_schedule
 
     try:
-        sched = load_schedule(cfg.strategy.schedule, world=cfg.world_size,
+        sched = load_schedule(cfg.strategy.schedule, world=world or cfg.world_size,
                               micro=cfg.train.microbatches)
     except ScheduleError as e:
         raise ConfigError("strategy.schedule", cfg.strategy.schedule, str(e)) from None
@@ -528,6 +595,8 @@ def _check_cross(cfg: RunConfig) -> None:
             raise ConfigError("world_size", cfg.world_size,
                               f"tensor layout {layout} splits widths {widths} of model.dims; "
                               f"every rank needs at least one unit of the narrowest, {min(widths)}")
+    if cfg.strategy.name == "hybrid":
+        _check_hybrid(cfg)
     if cfg.engine == "torch":
         _check_torch_engine(cfg)
 
@@ -537,9 +606,13 @@ def _check_cross(cfg: RunConfig) -> None:
 # silently ignored.
 def _strategy_settings(cfg: RunConfig) -> list[tuple[str, Any, Any, tuple[str, ...]]]:
     s, default = cfg.strategy, StrategyConfig()
-    return [("strategy.schedule", s.schedule, default.schedule, ("pipeline",)),
-            ("strategy.balance", s.balance, default.balance, ("pipeline",)),
-            ("strategy.layout", s.layout, default.layout, ("tensor",))]
+    return [("strategy.schedule", s.schedule, default.schedule, ("pipeline", "hybrid")),
+            ("strategy.balance", s.balance, default.balance, ("pipeline", "hybrid")),
+            ("strategy.layout", s.layout, default.layout, ("tensor", "hybrid")),
+            ("strategy.dp", s.dp, default.dp, ("hybrid",)),
+            ("strategy.pp", s.pp, default.pp, ("hybrid",)),
+            ("strategy.tp", s.tp, default.tp, ("hybrid",)),
+            ("strategy.dp_shard", s.dp_shard, default.dp_shard, ("hybrid",))]
 
 
 def _check_switches(cfg: RunConfig) -> None:

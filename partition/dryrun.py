@@ -58,7 +58,11 @@ def _moved(*tensors: torch.Tensor | list[torch.Tensor]) -> None:
 
 
 class DryTransport(Transport):
-    """Moves nothing: a receive leaves its (meta) buffer as it is, a collective too."""
+    """Moves nothing: a receive leaves its (meta) buffer as it is, a collective too.
+
+    One per group: a hybrid mesh's Comm per dimension gets its own (`Transport.on`)."""
+
+    moves = False
 
     def send(self, t: torch.Tensor, dst: int) -> None:
         _moved(t)
@@ -146,7 +150,30 @@ def signature(cfg: RunConfig, rank: int) -> Any:
         return ("shards", tuple((s.kind, width(s.rows) if s.rows else None,
                                  width(s.cols) if s.cols else None, s.bias_owner, s.primary)
                                 for s in shards))
+    if name == "hybrid":
+        return hybrid_signature(cfg, rank)
     return ("rank", rank)
+
+
+def hybrid_signature(cfg: RunConfig, rank: int) -> Any:
+    """A mesh rank is its pipeline coordinate, its stages' shard shapes, its replica's row
+    count, and whether it is the one of its dp / tp group that counts s and the loss (a
+    1024-rank mesh of dp=8 × pp=8 × tp=16 has a few dozen distinct ranks)."""
+    from partition.plans.mesh import replica_rows, stage_shards
+    from partition.plans.stages import plan_stages
+    from partition.strategies.hybrid import config_mesh
+
+    mesh = config_mesh(cfg)
+    c = mesh.coords(rank)
+    stages = plan_stages(cfg.spec, mesh.pp, cfg.strategy.balance)
+    shards = tuple(
+        (s.kind, width(s.rows) if s.rows else None, width(s.cols) if s.cols else None,
+         s.bias_owner, s.primary)
+        for start, end in stages
+        for s in stage_shards(cfg.strategy.layout, cfg.model.dims, start, end, tp=mesh.tp,
+                              rank=c.tp))
+    return ("mesh", c.pp, shards, width(replica_rows(cfg.train.batch_size, mesh, rank)),
+            c.dp == 0, c.tp == 0)
 
 
 def dry_rank(cfg: RunConfig, rank: int) -> DryRank:

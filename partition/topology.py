@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -85,6 +86,28 @@ def init_process_group(topo: Topology, *, timeout_s: float) -> None:
         timeout=timedelta(seconds=timeout_s),
         device_id=topo.device if topo.device.type == "cuda" else None,
     )
+
+
+def mesh_groups(mesh, rank: int) -> dict[str, tuple[tuple[int, ...], Any]]:  # noqa: ANN001
+    """The process groups of a hybrid mesh (plans.mesh.Mesh), built once per runner.
+
+    Every rank must create every group, in the same order (torch.distributed's rule for
+    `new_group`); each keeps its own group per dimension: {dim: (member ranks, group)}.
+    The groups take the world's backend: gloo on CPU, NCCL on CUDA. A dimension of size
+    1 has no group (nothing crosses it).
+    """
+    from partition.plans.mesh import DIMS
+
+    out: dict[str, tuple[tuple[int, ...], Any]] = {}
+    for dim in DIMS:
+        if mesh.size(dim) == 1:
+            continue
+        mine = mesh.group(rank, dim)
+        for members in mesh.groups(dim):
+            g = dist.new_group(ranks=list(members))
+            if members == mine:
+                out[dim] = (mine, g)
+    return out
 
 
 def destroy() -> None:

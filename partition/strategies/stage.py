@@ -100,7 +100,9 @@ class Stage:
         """W: dJ/dW from what the I kept."""
         backward_weight(self.deferred.pop(mb), self.grads)
 
-    def predict(self, x: torch.Tensor) -> torch.Tensor:
+    def predict(self, x: torch.Tensor, *, exchange: bool = True) -> torch.Tensor:
+        """A forward keeping nothing (`exchange` is for stages whose layers are sharded:
+        a whole stage has nothing to exchange)."""
         if self.probe is not None and self.holds_input:
             self.probe.inputs(x)
         out, _ = forward_layers(self.spec, self.layers, x, keep=False)

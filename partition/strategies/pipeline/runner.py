@@ -40,7 +40,11 @@ def pipeline_schedule(cfg: RunConfig) -> Schedule:
 
 class PipelineRunner:
     def __init__(self, cfg: RunConfig, topo: Topology, comm: Comm, data: Dataset,
-                 full: dict[str, torch.Tensor], *, schedule: Schedule | None = None) -> None:
+                 full: dict[str, torch.Tensor], *, schedule: Schedule | None = None,
+                 rows: tuple[int, int] | None = None) -> None:
+        """`topo` and `comm` are the pipeline's group (the world, or a hybrid mesh's pp
+        dimension); `rows`: the rows of each step's batch this pipeline takes (a hybrid
+        mesh's data-parallel replica), all of them by default."""
         self.cfg, self.topo, self.comm, self.data = cfg, topo, comm, data
         self.spec = cfg.spec
         self.dtype = getattr(torch, cfg.train.dtype)
@@ -49,18 +53,23 @@ class PipelineRunner:
         self.stages: dict[int, Stage] = {}
         for s in self.schedule.rank_stages(topo.rank):
             start, end = self.plan[s]
-            layers = [make_layer(full, l, dtype=self.dtype, device=topo.device)
-                      for l in range(start, end)]
-            self.stages[s] = Stage(self.spec, layers, index=s)
+            self.stages[s] = self._make_stage(s, start, end, full)
         self.layers: list[Layer] = [l for st in self.stages.values() for l in st.layers]
         self.opt = SGD(cfg.train.lr, cfg.train.momentum)
         self.micro = cfg.train.microbatches
-        self.mb_rows = cfg.train.batch_size // self.micro
+        self.rows = rows or (0, cfg.train.batch_size)
+        self.mb_rows = (self.rows[1] - self.rows[0]) // self.micro
         self.actions: tuple[Action, ...] = self.schedule.ranks[topo.rank]
         self.eager = eager_sends(self.schedule)
         self.first = 0 in self.stages
         self.last = self.schedule.stages - 1 in self.stages
         self.tracer = None  # a trace.Tracer, set by the train loop
+
+    def _make_stage(self, s: int, start: int, end: int, full: dict[str, torch.Tensor]) -> Stage:
+        """Stage `s`, layers [start, end): whole layers here (a hybrid mesh shards them)."""
+        layers = [make_layer(full, l, dtype=self.dtype, device=self.topo.device)
+                  for l in range(start, end)]
+        return Stage(self.spec, layers, index=s)
 
     def memory_stages(self) -> list[Stage]:
         """For memory.py: the stages that keep activations and hold the grads."""
@@ -157,7 +166,8 @@ class PipelineRunner:
     def _inputs(self, step: int) -> None:
         """Only the rank holding stage 0 reads X, only the one holding the last stage reads y."""
         t = self.cfg.train
-        idx = self.data.rows(step, t.batch_size, shuffle=self.cfg.data.shuffle, seed=self.cfg.seed)
+        idx = self.data.rows(step, t.batch_size, shuffle=self.cfg.data.shuffle,
+                             seed=self.cfg.seed)[slice(*self.rows)]
         dev = self.topo.device
         self._X = self.data.X[idx].to(device=dev, dtype=self.dtype).chunk(self.micro) if self.first else None
         if self.last:
@@ -175,6 +185,9 @@ class PipelineRunner:
         self._dloss: dict[int, torch.Tensor] = {}
         self._run()
         self._X = self._y = None
+        return self._finish(want_grads)
+
+    def _finish(self, want_grads: bool) -> StepOut:
         # J = L + s: L lives on the last stage, each stage holds its part of s.
         return finish_step(layers=self.layers, grads=[g for st in self.stages.values() for g in st.grads],
                            counted=self.layers, opt=self.opt, weight_decay=self.spec.weight_decay,
@@ -190,14 +203,15 @@ class PipelineRunner:
         exchange=False: each stage alone, on a locally allocated input of the shape it
         would receive, sending nothing — the same memory, no traffic.
         """
-        B = self.cfg.train.batch_size
+        B = self.rows[1] - self.rows[0]
         S = self.schedule.stages
         out: torch.Tensor | None = None
         sends: list[Pending] = []
         for s, st in sorted(self.stages.items()):
             width = self.spec.dims[self.plan[s][0]]
             if s == 0:
-                idx = self.data.rows(step, B, shuffle=self.cfg.data.shuffle, seed=self.cfg.seed)
+                idx = self.data.rows(step, self.cfg.train.batch_size, shuffle=self.cfg.data.shuffle,
+                                     seed=self.cfg.seed)[slice(*self.rows)]
                 x = self.data.X[idx].to(device=self.topo.device, dtype=self.dtype)
             elif s - 1 in self.stages and out is not None:
                 x = out  # the previous stage is on this rank: handed over
@@ -206,7 +220,7 @@ class PipelineRunner:
                                    role="activation", phase="forward")
             else:
                 x = torch.zeros((B, width), dtype=self.dtype, device=self.topo.device)
-            out = st.predict(x)
+            out = st.predict(x, exchange=exchange)
             del x
             if s + 1 < S and s + 1 not in self.stages:
                 if exchange:

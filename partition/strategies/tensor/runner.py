@@ -22,6 +22,8 @@ from partition.model import (
     activation_forward,
     correct_count,
     linear,
+    WeightPart,
+    input_grad,
     linear_backward,
     loss_grad,
     loss_sum,
@@ -36,36 +38,36 @@ from partition.topology import Topology
 from partition.trace import maybe_span
 
 
-class TensorRunner:
-    def __init__(self, cfg: RunConfig, topo: Topology, comm: Comm, data: Dataset,
-                 full: dict[str, torch.Tensor]) -> None:
-        self.cfg, self.topo, self.comm, self.data = cfg, topo, comm, data
-        self.spec = cfg.spec
-        self.dtype = getattr(torch, cfg.train.dtype)
-        self.P, self.rank = topo.world_size, topo.rank
-        self.plan: list[LayerShard] = plan_layers(cfg.strategy.layout, self.spec.dims,
-                                                  self.P, self.rank)
+class TensorShards:
+    """One rank's shards of a contiguous run of layers over a tensor group, with their
+    forward and backward (the collectives included): the whole tensor strategy is one
+    of these over every layer; a hybrid pipeline stage is one over its own layers.
+
+    `plan`: this rank's LayerShards (global layer indices, in order); `comm` is the
+    group's (world size P, this rank's index in it). Subclasses own the step.
+    """
+
+    def __init__(self, spec, plan: list[LayerShard], full: dict[str, torch.Tensor], *,  # noqa: ANN001
+                 comm: Comm | None, world: int, rank: int, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        self.spec, self.plan, self.comm = spec, plan, comm
+        self.P, self.rank = world, rank
         self.layers: list[Layer] = [
-            make_layer(full, s.layer, dtype=self.dtype, device=topo.device, rows=s.rows,
+            make_layer(full, s.layer, dtype=dtype, device=device, rows=s.rows,
                        cols=s.cols, bias_owner=s.bias_owner)
             for s in self.plan
         ]
         # Replicas are returned (and counted in s) by one rank only.
         self.saved_layers = [l for l, s in zip(self.layers, self.plan, strict=True) if s.primary]
         self.grads = zero_grads(self.layers)
-        self.opt = SGD(cfg.train.lr, cfg.train.momentum)
         # rowwise: every rank's row range of every layer's output (all-gather shapes,
         # reduce-scatter chunks).
-        self.splits = [split_evenly(self.spec.dims[l + 1], self.P) if s.kind == "rowwise" else None
-                       for l, s in enumerate(self.plan)]
-        # A memory tracker (memory.StorageTracker) while one measures a phase: this runner
+        self.splits = [split_evenly(spec.dims[s.layer + 1], self.P) if s.kind == "rowwise"
+                       else None for s in self.plan]
+        # A memory tracker (memory.StorageTracker) while one measures a phase: this object
         # plays the part of a `Stage` for it (it keeps its own caches and holds the grads).
         self.probe = None
         self.tracer = None  # a trace.Tracer, set by the train loop
-
-    def memory_stages(self) -> list[TensorRunner]:
-        """For memory.py: the objects that hold the grads and take `probe` (here, self)."""
-        return [self]
 
     # ------------------------------------------------------------ collectives (none at P = 1)
 
@@ -130,31 +132,67 @@ class TensorRunner:
                 h = z if layer.index == last else activation_forward(self.spec.activation, z)
             x = self._gather(h, splits, exchange=exchange) if sh.kind == "rowwise" else h
         if keep and self.probe is not None:
-            self.probe.kept(caches, holds_input=True)
+            self.probe.kept(caches, holds_input=self.layers[0].index == 0)
         return x, caches
 
-    def _backward(self, caches: list[Cache], g: torch.Tensor) -> None:
-        """g = dJ/do, whole on every rank (every rank computed the same loss gradient)."""
+    def _backward(self, caches: list[Cache], g: torch.Tensor, *, need_input_grad: bool = False,
+                  defer: list[WeightPart] | None = None) -> torch.Tensor | None:
+        """g = dJ/d(output), whole on every rank (the loss gradient, or what the next
+        pipeline stage sent). Returns dJ/d(input), whole on every rank, if asked (a
+        pipeline stage that is not the first). `defer`: a list to receive each layer's
+        (dJ/dz, x) instead of accumulating dJ/dW now (the I of an I/W split; the W is
+        `backward_weight`) — the same products either way."""
         last = self.spec.num_layers - 1
+        parts: list[WeightPart | None] = [None] * len(self.layers)
+        dx = None
         for i in range(len(self.layers) - 1, -1, -1):
             layer, sh, cache = self.layers[i], self.plan[i], caches[i]
+            want_dx = i > 0 or need_input_grad
             with maybe_span(self.tracer, f"B{layer.index}", kind="B", layer=layer.index):
                 if layer.index == last:
                     # rowwise: this rank's output columns of the whole dJ/do
                     dz = g[:, slice(*sh.rows)] if sh.kind == "rowwise" else g
                 else:
                     dz = activation_backward(self.spec.activation, cache.z, g)
-                dx = linear_backward(dz, cache.x, layer, self.grads[i], need_input_grad=i > 0)
+                if defer is None:
+                    dx = linear_backward(dz, cache.x, layer, self.grads[i],
+                                         need_input_grad=want_dx)
+                else:
+                    parts[i] = WeightPart(dz, cache.x)
+                    dx = input_grad(dz, layer) if want_dx else None
                 caches[i] = None  # type: ignore[call-overload]  # free as we go
             if dx is None:
                 break
             if sh.kind == "column":
                 # (mb, |R_r|) @ (|R_r|, n_in): a partial sum of the pair's input gradient
                 dx = self._all_reduce(dx, role="input_grad", phase="backward")
-            elif sh.kind == "rowwise":
+            elif sh.kind == "rowwise" and i > 0:
                 dx = self._reduce_scatter(dx, self.splits[i - 1])
+            elif sh.kind == "rowwise":
+                # the stage's input is whole on every rank: its gradient is summed whole
+                dx = self._all_reduce(dx, role="input_grad", phase="backward")
             # row: dx is already this rank's slice of dJ/dh; replicated: dx is whole
             g = dx
+        if defer is not None:
+            defer.extend(parts)  # type: ignore[arg-type]
+        return dx
+
+
+class TensorRunner(TensorShards):
+    """`tensor`: every layer sharded over all ranks; every rank reads the whole batch."""
+
+    def __init__(self, cfg: RunConfig, topo: Topology, comm: Comm, data: Dataset,
+                 full: dict[str, torch.Tensor]) -> None:
+        self.cfg, self.topo, self.data = cfg, topo, data
+        self.dtype = getattr(torch, cfg.train.dtype)
+        plan = plan_layers(cfg.strategy.layout, cfg.spec.dims, topo.world_size, topo.rank)
+        super().__init__(cfg.spec, plan, full, comm=comm, world=topo.world_size,
+                         rank=topo.rank, dtype=self.dtype, device=topo.device)
+        self.opt = SGD(cfg.train.lr, cfg.train.momentum)
+
+    def memory_stages(self) -> list[TensorRunner]:
+        """For memory.py: the objects that hold the grads and take `probe` (here, self)."""
+        return [self]
 
     # ------------------------------------------------------------ the step
 
