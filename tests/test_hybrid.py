@@ -1,0 +1,290 @@
+"""strategy=hybrid: the mesh plan, its config checks, and dp × pp × tp runs at world size 4.
+
+The spawned cases run once per module (one spawn of 4 gloo ranks for all of them): the
+float64 weights against single-device SGD, the bytes of every (dimension, role) against
+the plan (plans/mesh.py `hybrid_calls`), every c10d op recorded, memory against the dry run.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_config, spawn
+from strategy_runs import C10D, max_rel_err
+
+from partition.comm import Comm, Ledger, Observer, Transport
+from partition.config import ConfigError
+from partition.plans.mesh import Mesh, by_dim_role, hybrid_calls, resolve_mesh
+from partition.plans.schedule import load_schedule
+from partition.plans.stages import plan_stages
+from partition.topology import Topology
+
+# ---------------------------------------------------------------- the mesh (no processes)
+
+
+def test_layout_is_torchtitans_tp_innermost_then_pp_then_dp():
+    m = Mesh(dp=2, pp=2, tp=2)
+    assert [(c.dp, c.pp, c.tp) for c in map(m.coords, range(8))] == [
+        (0, 0, 0), (0, 0, 1), (0, 1, 0), (0, 1, 1), (1, 0, 0), (1, 0, 1), (1, 1, 0), (1, 1, 1)]
+    assert m.group(5, "tp") == (4, 5)
+    assert m.group(5, "pp") == (5, 7)
+    assert m.group(5, "dp") == (1, 5)
+    assert m.groups("pp") == [(0, 2), (1, 3), (4, 6), (5, 7)]
+    assert m.groups("dp") == [(0, 4), (1, 5), (2, 6), (3, 7)]
+    for r in range(8):
+        c = m.coords(r)
+        assert m.rank_of(dp=c.dp, pp=c.pp, tp=c.tp) == r
+
+
+def test_dp_auto_and_the_1024_rank_mesh():
+    assert resolve_mesh(world=1024, dp="auto", pp=8, tp=16) == Mesh(dp=8, pp=8, tp=16)
+    assert resolve_mesh(world=4, dp=2, pp=1, tp=2) == Mesh(2, 1, 2)
+
+
+@pytest.mark.parametrize(("world", "dp", "pp", "tp", "msg"), [
+    (4, "auto", 3, 1, "strategy.dp=auto: world_size=4 is not divisible by strategy.pp=3 × "
+                      "strategy.tp=1 = 3"),
+    (4, 2, 2, 2, "strategy.dp=2 × strategy.pp=2 × strategy.tp=2 = 8 ranks, but world_size=4"),
+    (4, 0, 2, 2, "strategy.dp=0: must be an integer >= 1 or auto"),
+])
+def test_mesh_refused_with_the_numbers(world, dp, pp, tp, msg):
+    with pytest.raises(ValueError) as e:
+        resolve_mesh(world=world, dp=dp, pp=pp, tp=tp)
+    assert str(e.value) == msg
+
+
+def _hybrid(**kw):
+    base = {"model.dims": [12, 8, 6, 8, 4], "train.batch_size": 16, "train.microbatches": 2,
+            "data.num_examples": 64, "model.bias": True, "model.weight_decay": 0.01,
+            "train.steps": 3}
+    base.update(kw)
+    return make_config(strategy="hybrid", world_size=base.pop("world_size", 4), **base)
+
+
+@pytest.mark.parametrize(("kw", "key", "words"), [
+    ({"strategy.pp": 3}, "world_size", "not divisible by strategy.pp=3"),
+    ({"strategy.dp": 2, "strategy.pp": 2, "strategy.tp": 2}, "strategy.dp", "= 8 ranks, but world_size=4"),
+    ({"strategy.dp_shard": True, "strategy.tp": 2}, "strategy.dp_shard", "not built yet"),
+    ({"strategy.tp": 4, "strategy.pp": 1, "model.dims": [12, 3, 4]}, "strategy.tp",
+     "narrowest, 3"),
+    ({"strategy.dp": 4, "train.batch_size": 12}, "train.batch_size", "a multiple of 8"),
+    ({"engine": "torch", "strategy.tp": 2}, "engine", "not built"),
+])
+def test_config_refuses_in_one_line(kw, key, words):
+    with pytest.raises(ConfigError) as e:
+        _hybrid(**kw)
+    assert e.value.key == key and words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_mesh_keys_belong_to_hybrid_only():
+    with pytest.raises(ConfigError) as e:
+        make_config(strategy="pipeline", world_size=2, **{"strategy.pp": 2})
+    assert str(e.value) == "strategy.pp=2: applies to strategy=hybrid only (strategy=pipeline)"
+
+
+def test_a_sweep_combination_that_does_not_divide_stops_before_its_first_job(capsys):
+    from experiments.cli import preflight
+
+    with pytest.raises(SystemExit) as e:
+        preflight(["-m", "world_size=4", "strategy=hybrid", "strategy.pp=1",
+                   "strategy.tp=1,2,3"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: world_size=4: strategy.dp=auto: world_size=4 is not divisible by "
+                   "strategy.pp=1 × strategy.tp=3 = 3"]
+
+
+class _Recording(Transport):
+    """Moves nothing; remembers the peer each call was given."""
+
+    moves = False
+    peers: list
+
+    def send(self, t, dst):  # noqa: ANN001
+        self.peers.append(("send", dst))
+
+    def recv(self, t, src):  # noqa: ANN001
+        self.peers.append(("recv", src))
+
+
+def test_a_dimension_comm_addresses_global_ranks():
+    """Callers name peers by their index in the group; torch.distributed's send/recv with a
+    group take the global rank, and the ledger records the global rank and the dimension."""
+    ledger = Ledger()
+    world = Comm(rank=5, world_size=8, ledger=ledger, transport=_Recording())
+    world.transport.peers = []
+    pp = world.sub(dim="pp", members=Mesh(2, 2, 2).group(5, "pp"), group=None)
+    pp.transport.peers = world.transport.peers
+    assert (pp.rank, pp.world_size) == (0, 2)
+    pp.send(torch.zeros(3, dtype=torch.float64), 1, role="activation", phase="forward")
+    pp.recv((3,), torch.float64, 1, role="activation_grad", phase="backward")
+    assert world.transport.peers == [("send", 7), ("recv", 7)]
+    assert [(r.peer, r.dim, r.group_size) for r in ledger.records] == [(7, "pp", 2), (7, "pp", 2)]
+
+
+def test_one_d_summaries_have_no_by_dim():
+    from partition.comm import summarize
+
+    ledger = Ledger()
+    c = Comm(rank=0, world_size=2, ledger=ledger, transport=_Recording())
+    c.transport.peers = []
+    c.send(torch.zeros(2), 1, role="activation", phase="forward")
+    assert "by_dim" not in summarize(ledger.records)
+    assert ledger.records[0].dim is None
+
+
+# ---------------------------------------------------------------- spawned runs, world size 4
+
+CASES = {  # id -> overrides
+    "dp2xpp2-gpipe": {"strategy.dp": 2, "strategy.pp": 2},
+    "dp2xtp2": {"strategy.dp": 2, "strategy.tp": 2},
+    "pp2xtp2-gpipe": {"strategy.pp": 2, "strategy.tp": 2, "strategy.balance": [2, 2]},
+    "dp2xpp2-1f1b": {"strategy.dp": 2, "strategy.pp": 2, "strategy.schedule": "1f1b"},
+    "pp2xtp2-1f1b": {"strategy.pp": 2, "strategy.tp": 2, "strategy.balance": [2, 2],
+                     "strategy.schedule": "1f1b"},
+}
+SLOW = {"dp2xpp2-1f1b", "pp2xtp2-1f1b"}
+PARAMS = [pytest.param(k, marks=pytest.mark.slow) if k in SLOW else k for k in CASES]
+
+
+def _rank_fn(rank: int, world: int, cfgs: list) -> list[dict]:
+    from partition.train import run_rank
+
+    out = []
+    for cfg in cfgs:
+        topo = Topology(rank, world, rank, torch.device("cpu"), "gloo")
+        ledger = Ledger()
+        comm = Comm(rank=rank, world_size=world, ledger=ledger)
+        with Observer() as obs:
+            rec = run_rank(cfg, topo, comm, ledger)
+        out.append({"shards": rec.shards, "records": list(ledger.records),
+                    "observed": [(o.op, o.bytes) for o in obs.ops], "memory": rec.memory,
+                    "comm": rec.comm, "objective": rec.objective})
+    return out
+
+
+_CACHE: dict[tuple[str, ...], dict[str, list[dict]]] = {}
+
+
+def _results(wanted: tuple[str, ...]) -> dict[str, list[dict]]:
+    """One spawn of 4 ranks for the cases this session runs (the slow ones only when asked)."""
+    if wanted not in _CACHE:
+        cfgs = [_hybrid(**CASES[k]) for k in wanted]
+        per_rank = spawn(_rank_fn, 4, cfgs, timeout=600)
+        _CACHE[wanted] = {k: [per_rank[r][i] for r in range(4)] for i, k in enumerate(wanted)}
+    return _CACHE[wanted]
+
+
+@pytest.fixture(scope="module")
+def runs(request):
+    slow = "not slow" not in (request.config.getoption("-m") or "")
+    return _results(tuple(k for k in CASES if slow or k not in SLOW))
+
+
+def _get(runs, case):
+    if case not in runs:
+        pytest.skip("slow case not in this session's spawn")
+    return runs[case]
+
+
+@pytest.mark.parametrize("case", PARAMS)
+def test_float64_weights_equal_single_device(runs, case):
+    per = _get(runs, case)
+    assert max_rel_err(_hybrid(**CASES[case]), per) <= 1e-12
+    # Every rank reports the same J.
+    assert len({tuple(p["objective"]) for p in per}) == 1
+
+
+def _ledger_by_dim(records: list, step: int) -> dict[str, dict[str, tuple[int, int, int]]]:
+    out: dict[str, dict[str, tuple[int, int, int]]] = {}
+    for r in records:
+        if r.step == step and r.op != "recv":
+            b, m, w = out.setdefault(r.dim, {}).get(r.role, (0, 0, 0))
+            out[r.dim][r.role] = (b + r.sent, m + 1, w + r.wire)
+    return out
+
+
+@pytest.mark.parametrize("case", PARAMS)
+def test_bytes_per_dimension_and_role_are_the_plans(runs, case):
+    cfg = _hybrid(**CASES[case])
+    s = cfg.strategy
+    mesh = resolve_mesh(world=4, dp=s.dp, pp=s.pp, tp=s.tp)
+    sched = load_schedule(s.schedule, world=mesh.pp, micro=cfg.train.microbatches)
+    stages = plan_stages(cfg.spec, mesh.pp, s.balance)
+    for rank, res in enumerate(_get(runs, case)):
+        plan = hybrid_calls(cfg.spec, mesh, sched, stages, layout=s.layout, rank=rank,
+                            batch=cfg.train.batch_size, micro=cfg.train.microbatches,
+                            itemsize=8)
+        want = {dim: {role: (t.bytes, t.messages, t.wire) for role, t in roles.items()}
+                for dim, roles in by_dim_role(plan).items()}
+        for step in range(cfg.train.steps):
+            assert _ledger_by_dim(res["records"], step) == want, (rank, step)
+        got = {dim: {role: (v["bytes"], v["messages"]) for role, v in d["by_role"].items()}
+               for dim, d in res["comm"]["by_dim"].items()}
+        assert got == {dim: {role: v[:2] for role, v in roles.items()}
+                       for dim, roles in want.items()}
+        # The independent observer saw exactly the recorded crossings, with their bytes.
+        recorded = [(C10D.get(r.op, r.op), r.sent) for r in res["records"] if r.op != "recv"]
+        assert recorded == [(o, b) for o, b in res["observed"] if o != "recv_"]
+
+
+def test_every_dimension_carries_what_its_strategy_does(runs):
+    """dp: weight_grad only; pp: activations and their gradients; tp: the tensor roles."""
+    for case in ("dp2xpp2-gpipe", "dp2xtp2", "pp2xtp2-gpipe"):
+        for res in runs[case]:
+            by_dim = res["comm"]["by_dim"]
+            assert set(by_dim.get("dp", {}).get("by_role", {})) <= {"weight_grad"}
+            assert set(by_dim.get("pp", {}).get("by_role", {})) <= {"activation", "activation_grad"}
+            assert set(by_dim.get("tp", {}).get("by_role", {})) <= {"partial_output", "input_grad"}
+            assert set(by_dim["world"]["by_role"]) == {"metric"}
+    assert "dp" in runs["dp2xtp2"][0]["comm"]["by_dim"]
+    assert "tp" in runs["pp2xtp2-gpipe"][2]["comm"]["by_dim"]
+
+
+MEMORY_CASES = ["dp2xtp2", pytest.param("dp2xpp2-gpipe", marks=pytest.mark.slow),
+                pytest.param("pp2xtp2-gpipe", marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("case", MEMORY_CASES)
+def test_memory_equals_the_dry_run(runs, case):
+    from partition.dryrun import dry_run
+
+    cfg = _hybrid(**CASES[case])
+    dry = dry_run(cfg)
+    for rank, res in enumerate(_get(runs, case)):
+        for k in ("peak_bytes", "predict_peak_bytes", "params_bytes", "grads_bytes",
+                  "optimizer_bytes", "breakdown"):
+            assert res["memory"][k] == dry[rank].memory[k], (rank, k)
+        assert {d: v["by_role"] for d, v in res["comm"]["by_dim"].items()} == \
+            {d: v["by_role"] for d, v in dry[rank].comm["by_dim"].items()}
+
+
+def test_the_dry_run_groups_identical_mesh_ranks():
+    from partition.dryrun import signature
+
+    cfg = _hybrid(world_size=1024, **{"strategy.pp": 2, "strategy.tp": 2,
+                                       "strategy.balance": [2, 2], "train.batch_size": 512,
+                                       "model.dims": [12, 8, 6, 8, 4]})
+    distinct = {signature(cfg, r) for r in range(1024)}
+    # per pp coordinate: tp rank 0 / 1 × dp replica 0 / others, rank 0 its own
+    assert len(distinct) <= 2 * 2 * 2 + 1
+
+
+@pytest.mark.slow
+def test_a_fault_in_one_rank_of_one_group_is_named(tmp_path):
+    from test_faults import SLACK_S, _workers
+
+    from partition.launch import run
+
+    before = _workers()
+    cfg = _hybrid(**{"strategy.dp": 2, "strategy.tp": 2, "train.steps": 5, "fault.rank": 3,
+                     "fault.step": 3, "fault.kind": "raise", "timeout_s": 30})
+    result = run(cfg, str(tmp_path))
+    assert _workers() - before == set(), "a rank outlived the run"
+    err = result["error"]
+    assert result["status"] == "failed"
+    assert (err["rank"], err["type"]) == (3, "InjectedFault"), err
+    assert err["message"] == "fault injected on rank 3 at step 3"
+    assert {o["rank"] for o in err["ranks"]} == {0, 1, 2, 3}
+    assert all(o["outcome"] != "error" for o in err["ranks"] if o["rank"] != 3)
+    assert err["teardown_s"] <= cfg.timeout_s + SLACK_S, err
