@@ -56,6 +56,9 @@ def render(pred: dict[str, Any], *, limit: int | None) -> list[str]:
         moved = comm["sent_bytes"] + comm["collective_bytes"]
         roles = ", ".join(f"{k} {_bytes(v['bytes'])} in {v['messages']}"
                           for k, v in comm["by_role"].items() if k != "metric") or "none"
+        if comm.get("by_dim"):  # a hybrid mesh: which links carry what
+            roles += "  | by dim: " + ", ".join(f"{d} {_bytes(v['bytes'])}"
+                                                for d, v in comm["by_dim"].items())
         peak = r["memory"]["peak_bytes"]
         fit = "" if limit is None else ("  fits" if peak <= limit else "  OVER the limit")
         who = _ranges(ranks) + (f" (x{len(ranks)})" if len(ranks) > 1 else "")

@@ -493,9 +493,11 @@ def _check_hybrid(cfg: RunConfig) -> None:
     bal = s.balance
     if bal is not None and not isinstance(bal, str) and sum(bal) != L:
         raise ConfigError("strategy.balance", list(bal), f"must sum to the {L} layers of model.dims")
-    _check_schedule(cfg, world=mesh.pp)
     if bal == "time":
-        return  # resolved by measuring; the tp widths are checked when it is
+        raise ConfigError("strategy.balance", bal, "strategy=hybrid takes params, flops or a "
+                                                   "list of layers per stage (time is measured "
+                                                   "for strategy=pipeline only)")
+    _check_schedule(cfg, world=mesh.pp)
     for start, end in plan_stages(cfg.spec, mesh.pp, bal):
         widths = split_widths(s.layout, cfg.model.dims[start:end + 1])
         if widths and mesh.tp > min(widths):

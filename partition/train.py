@@ -223,7 +223,8 @@ def run_rank(cfg: RunConfig, topo: Topology, comm: Comm | None, ledger: Ledger, 
     summaries = [ledger.step_summary(s) for s in steady]
     rec.comm = summaries[-1]
     keys = ("sent_bytes", "recv_bytes", "collective_bytes", "wire_bytes", "messages", "by_role")
-    rec.comm_steps_equal = all(all(s[k] == summaries[0][k] for k in keys) for s in summaries)
+    rec.comm_steps_equal = all(all(s.get(k) == summaries[0].get(k) for k in keys + ("by_dim",))
+                               for s in summaries)
     rec.comm["seconds"] = statistics.median(rec.comm_s[i] for i in steady)
     pmem = measure_prediction(probe, runner, len(rec.step_s) - 1, alone=comm is None)
     measured = [mems[i] for i in steady if mems[i] is not None] or [

@@ -69,6 +69,10 @@ def _hybrid(**kw):
      "narrowest, 3"),
     ({"strategy.dp": 4, "train.batch_size": 12}, "train.batch_size", "a multiple of 8"),
     ({"engine": "torch", "strategy.tp": 2}, "engine", "not built"),
+    ({"strategy.pp": 2, "strategy.balance": "time"}, "strategy.balance", "pipeline only"),
+    ({"strategy.pp": 5}, "world_size", "not divisible by strategy.pp=5"),
+    ({"strategy.dp": 1, "strategy.pp": 4, "strategy.balance": [1, 1, 1, 2]}, "strategy.balance",
+     "must sum to the 4 layers"),
 ])
 def test_config_refuses_in_one_line(kw, key, words):
     with pytest.raises(ConfigError) as e:
@@ -288,3 +292,17 @@ def test_a_fault_in_one_rank_of_one_group_is_named(tmp_path):
     assert {o["rank"] for o in err["ranks"]} == {0, 1, 2, 3}
     assert all(o["outcome"] != "error" for o in err["ranks"] if o["rank"] != 3)
     assert err["teardown_s"] <= cfg.timeout_s + SLACK_S, err
+
+
+def test_predict_shows_bytes_per_dimension():
+    from experiments.predict import render
+
+    comm = {"sent_bytes": 384, "collective_bytes": 24,
+            "by_role": {"activation": {"bytes": 384, "messages": 2},
+                        "metric": {"bytes": 24, "messages": 1}},
+            "by_dim": {"pp": {"bytes": 384, "messages": 2, "wire_bytes": 384, "by_role": {}},
+                       "world": {"bytes": 24, "messages": 1, "wire_bytes": 36, "by_role": {}}}}
+    pred = {"ranks": [{"rank": 0, "memory": {"peak_bytes": 2**20, "predict_peak_bytes": 2**20},
+                       "comm": comm, "flops": 0}]}
+    assert render(pred, limit=None)[1].endswith(
+        "activation 384 B in 2  | by dim: pp 384 B, world 24 B")
