@@ -29,7 +29,8 @@ import pandas as pd
 from partition.costs import rel_err
 from partition.results import load_results
 
-STRATEGY_ORDER = {"single": 0, "pipeline": 1, "tensor": 2, "data": 3}
+STRATEGY_ORDER = {"single": 0, "pipeline": 1, "tensor": 2, "data": 3, "hybrid": 4}
+MESH_DIMS = ("dp", "pp", "tp")  # a hybrid run's by_dim columns (plans/mesh.py)
 # Identical curves (every strategy computes the same update) stay visible on top of each other.
 LINESTYLE = {"single": "-", "pipeline": "--", "tensor": "-.", "data": ":"}
 MISSING = "—"
@@ -95,6 +96,14 @@ def _training_bytes(comm: Any) -> float | None:
     return None if all(p is None for p in parts) else float(sum(p or 0 for p in parts))
 
 
+def _mesh_variant(cfg: dict[str, Any], P: Any) -> str | None:
+    """dp×pp×tp of a hybrid run's config (dp=auto resolved against the world size)."""
+    pp, tp, dp = _get(cfg, "strategy.pp", 1), _get(cfg, "strategy.tp", 1), _get(cfg, "strategy.dp")
+    if dp in (None, "auto") and isinstance(P, int) and isinstance(pp, int) and isinstance(tp, int):
+        dp = P // (pp * tp) if pp * tp else None
+    return f"dp{dp}×pp{pp}×tp{tp}"
+
+
 def _worst(pairs: list[tuple[float | None, float | None]]) -> float | None:
     """The largest relative error (by magnitude, sign kept) over the ranks."""
     errs = [e for e in (rel_err(m, p) for m, p in pairs) if e is not None]
@@ -124,6 +133,8 @@ def result_row(res: dict[str, Any]) -> dict[str, Any]:
         variant = run.get("schedule") or _get(cfg, "strategy.schedule")
     elif strategy == "tensor":
         variant = run.get("layout") or _get(cfg, "strategy.layout")
+    elif strategy == "hybrid":
+        variant = _mesh_variant(cfg, P)
     elif strategy == "single" and (M or 1) > 1:
         variant = "accum"
     else:
@@ -166,6 +177,9 @@ def result_row(res: dict[str, Any]) -> dict[str, Any]:
         "pred_bytes_per_step": _max(pbytes),
         "comm_err": _worst(list(zip(tbytes, pbytes, strict=False))),
         "wire_bytes": _max(_get(r, "comm.wire_bytes") for r in ranks),
+        # hybrid: bytes per step per device along each mesh dimension (max over ranks)
+        **{f"{d}_bytes": _max(_get(r, f"comm.by_dim.{d}.bytes", 0 if _get(r, "comm.by_dim")
+                                     else None) for r in ranks) for d in MESH_DIMS},
         "step_s": step_s,
         "pred_step_s": pred_step,
         "time_err": rel_err(step_s, pred_step),
@@ -413,6 +427,24 @@ def write_plots(df: pd.DataFrame, out: str) -> Plots:
         save(fig, "step_time.png")
     else:
         res.notes.append("step_time.png skipped: no finished run has a step time")
+
+    # 5. Hybrid meshes: bytes per step per device along each dimension — which links carry
+    # what (what must be fast, what may be slow). Only drawn when the table has a mesh.
+    cols = [f"{d}_bytes" for d in MESH_DIMS]
+    mesh = df[df[cols].notna().any(axis=1)] if all(c in df for c in cols) else df.iloc[0:0]
+    if len(mesh):
+        fig, ax = plt.subplots(figsize=(7, 0.9 + 0.32 * len(mesh) * len(MESH_DIMS)))
+        labels = [f"{run_label(r, with_b=True)} M={r['M']}" for _, r in mesh.iterrows()]
+        h = 0.8 / len(MESH_DIMS)
+        for j, d in enumerate(MESH_DIMS):
+            vals = [(v or 0) / 2**20 for v in mesh[f"{d}_bytes"]]
+            ax.barh([i + j * h for i in range(len(mesh))], vals, height=h, label=d)
+        ax.set_yticks([i + h for i in range(len(mesh))], labels, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel("MiB per step per device (max over ranks)")
+        ax.set_title("Bytes per mesh dimension")
+        ax.legend(fontsize=8)
+        save(fig, "bytes_by_dim.png")
 
     # 4. J against step, and against examples seen (a smaller minibatch takes more steps).
     cur = df[df["loss_curve"].apply(lambda c: bool(c) and any(x is not None for x in c))]

@@ -306,3 +306,24 @@ def test_predict_shows_bytes_per_dimension():
                        "comm": comm, "flops": 0}]}
     assert render(pred, limit=None)[1].endswith(
         "activation 384 B in 2  | by dim: pp 384 B, world 24 B")
+
+
+def test_the_report_has_bytes_per_dimension(tmp_path):
+    from partition.report import build_table, write_report
+
+    def result(name, by_dim):
+        return {"path": str(tmp_path / name), "status": "ok",
+                "run": {"strategy": "hybrid", "world_size": 4, "batch_size": 16,
+                        "microbatches": 2},
+                "config": {"strategy": {"name": "hybrid", "dp": "auto", "pp": 2, "tp": 2},
+                           "train": {"batch_size": 16, "microbatches": 2, "steps": 3},
+                           "model": {"dims": [12, 8, 6, 8, 4]}},
+                "ranks": [{"comm": {"by_role": {}, "by_dim": by_dim}}]}
+
+    df = build_table([result("a", {"pp": {"bytes": 384}, "tp": {"bytes": 640}}),
+                      result("b", {"dp": {"bytes": 960}})])
+    assert list(df["variant"]) == ["dp1×pp2×tp2", "dp1×pp2×tp2"]
+    assert [df[c].tolist() for c in ("dp_bytes", "pp_bytes", "tp_bytes")] == [
+        [0, 960], [384, 0], [640, 0]]
+    rep = write_report(df, str(tmp_path / "report"))
+    assert str(tmp_path / "report" / "bytes_by_dim.png") in rep.files
