@@ -10,7 +10,9 @@ phase, and the memory peaks with their breakdown, for a training step and a pred
 forward — at any world size, without starting a process or allocating a byte of the model.
 
 Ranks whose plans are identical (data-parallel replicas with equal row shares, tensor
-ranks with equal shard widths) are run once and counted; a pipeline's stages all differ.
+ranks with equal shard widths, hybrid mesh ranks with the same stage, shards and rows)
+are run once and counted; a pipeline's stages all differ. A hybrid rank's Comm per mesh
+dimension gets its own transport that moves nothing.
 
 One known difference from a real run: on CUDA the data batch is gathered from the CPU
 copy of the dataset before it reaches the device, so the float64 staging copy a CPU run

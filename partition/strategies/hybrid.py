@@ -90,7 +90,8 @@ class HybridRunner(PipelineRunner):
         self.global_topo = topo
         self.coords = self.mesh.coords(topo.rank)
         # The groups, built once (every rank creates every group); none in a dry run,
-        # whose transport moves nothing.
+        # whose transport moves nothing. A dimension of size 1 has no group and its Comm
+        # is never called: the runners skip every crossing of a 1-rank group.
         groups = mesh_groups(self.mesh, topo.rank) if comm.transport.moves else {}
         self.comms: dict[str, Comm] = {
             dim: comm.sub(dim=dim, members=self.mesh.group(topo.rank, dim),
