@@ -126,6 +126,7 @@ class RunConfig:
     timeout_s: float = 60.0
     seed: int = 0
     memory_probe: bool = True
+    threads_per_rank: int | None = None  # intra-op threads of one rank; None = 1 on CPU
 
     @property
     def spec(self) -> MLPSpec:
@@ -358,6 +359,8 @@ def parse_config(d: dict[str, Any]) -> RunConfig:
         timeout_s=_float("timeout_s", _get(d, "timeout_s", 60), positive=True),
         seed=_int("seed", _get(d, "seed", 0), min_value=0),
         memory_probe=_bool("memory_probe", _get(d, "memory_probe", True)),
+        threads_per_rank=None if _get(d, "threads_per_rank", None) is None
+        else _int("threads_per_rank", _get(d, "threads_per_rank", None), min_value=1),
     )
     _check_cross(cfg)
     return cfg

@@ -13,7 +13,9 @@ from typing import IO, Any
 import torch
 
 from partition import costs
+from partition.boundaries import boundaries
 from partition.config import RunConfig
+from partition.topology import intra_op_threads
 
 RESULT_FILE = "result.json"
 WEIGHTS_FILE = "weights.npz"
@@ -76,7 +78,8 @@ def run_info(cfg: RunConfig, *, device: str, backend: str, seconds: float) -> di
         "torch": torch.__version__,
         "python": platform.python_version(),
         "host": platform.node(),
-        "cpu_threads_per_rank": torch.get_num_threads() if device == "cpu" and cfg.ranks == 1 else 1,
+        # Intra-op threads of every rank, `single` included (null: torch's default, on GPU).
+        "threads_per_rank": intra_op_threads(cfg.threads_per_rank, device.split(":")[0] or "cpu"),
         "seconds": seconds,
     }
 
@@ -131,7 +134,7 @@ def build_result(cfg: RunConfig, records: list[Any], *, seconds: float,
     errs = [r.grad_rel_err for r in records if r.grad_rel_err is not None]
     losses = r0.objective if r0 else []
     accs = r0.accuracy if r0 else []
-    return {
+    out = {
         "status": status,
         "error": error,
         "run": run_info(cfg, device=r0.device if r0 else "", backend=r0.backend if r0 else "",
@@ -159,6 +162,10 @@ def build_result(cfg: RunConfig, records: list[Any], *, seconds: float,
             "reference": "torch.autograd, float64, step 0, full weights" if errs else None,
         },
     }
+    if cfg.strategy.name == "pipeline" and records:
+        # Bytes each way per stage boundary in one steady step (from the ranks' ledgers).
+        out["boundaries"] = boundaries({r.rank: getattr(r, "sends", []) for r in records})
+    return out
 
 
 def cost_params(cfg: RunConfig, records: list[Any]) -> costs.CostParams:
