@@ -80,6 +80,8 @@ def run_info(cfg: RunConfig, *, device: str, backend: str, seconds: float) -> di
         "host": platform.node(),
         # Intra-op threads of every rank, `single` included (null: torch's default, on GPU).
         "threads_per_rank": intra_op_threads(cfg.threads_per_rank, device.split(":")[0] or "cpu"),
+        "cpu_count": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+        else os.cpu_count(),  # cores this process may use: ranks beyond them share cores
         "seconds": seconds,
     }
 
