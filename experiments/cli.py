@@ -178,8 +178,59 @@ def compose_config(overrides: list[str], *, with_hydra: bool = False) -> Any:
             key = next((g for g in m.groups() if g), None) if m else None
             where = _override_for(key, overrides) if key else None
             if where and msg.startswith("Could not override"):
-                fail(f"{where}: no such key in the config (to add one, use +{where.lstrip('+')})")
+                fail(f"{where}: no such key in the config{_no_such_key_hint(key, overrides)}")
             fail(f"{where}: {msg}" if where else msg)
+
+
+def _config_keys(overrides: list[str]) -> list[str]:
+    """Every dotted key of the config these overrides compose (the bad one left out)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    def walk(node: Any, prefix: str) -> list[str]:
+        if not isinstance(node, dict):
+            return [prefix]
+        return [k for name, v in node.items() for k in walk(v, f"{prefix}{name}.")] or [prefix]
+
+    for attempt in (overrides, []):
+        GlobalHydra.instance().clear()
+        try:
+            with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+                cfg = compose(config_name="config", overrides=attempt)
+            return [k.rstrip(".") for k in walk(OmegaConf.to_container(cfg), "")]
+        except Exception:  # noqa: BLE001 - another bad override: fall back to the defaults
+            continue
+    return []
+
+
+def _no_such_key_hint(key: str, overrides: list[str]) -> str:
+    """`; did you mean train.batch_size?` for a mistyped key (difflib's close match). Hydra's
+    `+key=value` hint only for keys outside the project's own sections: `+train.batchsize=5`
+    would be refused in turn, since train has no such key."""
+    import difflib
+
+    key = key.lstrip("+~")
+    rest = [o for o in overrides if o.lstrip("+~").partition("=")[0] != key]
+    keys = _config_keys(rest)
+    section, _, leaf = key.rpartition(".")
+    siblings = sorted(k.rpartition(".")[2] for k in keys if k.rpartition(".")[0] == section)
+    if section and siblings:  # a known section, a mistyped key in it
+        close = difflib.get_close_matches(leaf, siblings, n=1, cutoff=0.6)
+        if close:
+            return f"; did you mean {section}.{close[0]}?"
+        return f"; {section} has {', '.join(siblings)}"
+    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.75)
+    if not close:  # the last part alone: batchsize -> train.batch_size
+        leaves = {k.rpartition(".")[2]: k for k in keys}
+        close = [leaves[m] for m in difflib.get_close_matches(leaf, leaves, n=1, cutoff=0.8)]
+    if close:
+        return f"; did you mean {close[0]}?"
+    sections = {k.split(".", 1)[0] for k in keys if "." in k} | set(groups())
+    if key.split(".", 1)[0] in sections:
+        return ""
+    where = _override_for(key, overrides) or key
+    return f" (to add one, use +{where.lstrip('+~')})"
 
 
 def to_plain(cfg: Any, overrides: list[str]) -> dict[str, Any]:

@@ -254,8 +254,12 @@ def _check_sections(d: dict[str, Any]) -> None:
             raise ConfigError(name, node, f"must be a group of keys ({', '.join(known)})")
         unknown = sorted(set(node) - set(known))
         if unknown:
+            import difflib
+
+            close = difflib.get_close_matches(unknown[0], known, n=1, cutoff=0.6)
+            mean = f" (did you mean {name}.{close[0]}?)" if close else ""
             raise ConfigError(f"{name}.{unknown[0]}", node[unknown[0]],
-                              f"no such key; {name} has {', '.join(known)}")
+                              f"no such key{mean}; {name} has {', '.join(known)}")
 
 
 def parse_config(d: dict[str, Any]) -> RunConfig:
