@@ -1,7 +1,7 @@
 """Every crossing of a device boundary, and its ledger.
 
 This is the only module that moves training data through torch.distributed. Each
-call names a `role` (DESIGN §5) and a `phase` (forward / backward / update /
+call names a `role` (docs/results.md) and a `phase` (forward / backward / update /
 metric) and is recorded with its payload, its wire bytes under a ring model, its
 peer or group size and the seconds spent in it. `Observer` is an independent
 check: a TorchDispatchMode that sees every c10d op with its tensors, used by the
@@ -107,7 +107,7 @@ class Comm:
     """Typed, recorded communication for one rank of a process group.
 
     Pipeline calls are named from the stage's point of view: forward traffic
-    goes to rank+1, backward traffic to rank-1 (DESIGN §3).
+    goes to rank+1, backward traffic to rank-1 (docs/strategies.md).
     """
 
     def __init__(self, *, rank: int, world_size: int, ledger: Ledger, group: Any = None,

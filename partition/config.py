@@ -96,7 +96,7 @@ class FaultConfig:
 
 @dataclass(frozen=True)
 class CostConfig:
-    """The analytic model's machine: α + n/β per message, a compute rate (DESIGN §6).
+    """The analytic model's machine: α + n/β per message, a compute rate (docs/cost-model.md).
 
     Defaults are what a 2-core CPU box with loopback gloo showed; `calibrate` measures
     them at start-up instead (a short micro-benchmark, recorded in result.json).

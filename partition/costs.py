@@ -1,4 +1,4 @@
-"""The analytic model: bytes, memory, FLOPs, bubble and time per rank (DESIGN §3, §6). Pure.
+"""The analytic model: bytes, memory, FLOPs, bubble and time per rank (docs/cost-model.md). Pure.
 
 Everything here is a function of the RunConfig (and the device type, since on CPU the
 data batch is staged in float64 on the same "device"); nothing runs, nothing is timed.
@@ -93,7 +93,7 @@ def stage_layers(cfg: RunConfig, rank: int) -> list[LocalLayer]:
 
 def tensor_layers(dims: tuple[int, ...], world: int, rank: int, layout: str, *,
                   bias: bool) -> list[LocalLayer]:
-    """Tensor-parallel shards (DESIGN §3), as `tensor.plan.plan_layers` gives them.
+    """Tensor-parallel shards (docs/strategies.md), as `tensor.plan.plan_layers` gives them.
 
     megatron: pairs (2k, 2k+1): W_{2k} by rows (its hidden units R_r), W_{2k+1} by the
     matching columns; the row-parallel bias lives on rank 0; an odd last layer is

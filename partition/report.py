@@ -141,7 +141,7 @@ def _error_text(err: Any) -> str | None:
 
 
 def result_row(res: dict[str, Any]) -> dict[str, Any]:
-    """One table row from one result.json (any subset of DESIGN §5's keys)."""
+    """One table row from one result.json (any subset of its keys, docs/results.md)."""
     run, cfg, tr = res.get("run") or {}, res.get("config") or {}, res.get("train") or {}
     ranks = [r for r in res.get("ranks") or [] if isinstance(r, dict)]
     pred = res.get("predicted") or {}

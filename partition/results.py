@@ -1,4 +1,4 @@
-"""The result record (result.json, DESIGN §5), atomic writing, and loading many into one table."""
+"""The result record (result.json, docs/results.md), atomic writing, and loading many into one table."""
 
 from __future__ import annotations
 
