@@ -31,6 +31,7 @@ from partition.report import (
     CATEGORIES,
     STRATEGY_ORDER,
     Plots,
+    busy_machine,
     fmt_bytes,
     fmt_seconds,
     num,
@@ -309,6 +310,11 @@ def summary_figure(df: pd.DataFrame, path: str) -> str | None:
         foot = (f"Hatched (*): more ranks than the {cores} cores of this machine, so its ranks "
                 "take turns on the cores; that time says more about the machine than about "
                 "the strategy.")
+    busy = busy_machine(df)
+    if busy:
+        foot += ("  " if foot else "") + (f"The machine was busy (load average up to "
+                                          f"{busy[0]:.1f} on {busy[1]} cores): times are "
+                                          "noisy, memory and bytes are not.")
 
     axes[0].set_yticks(ys, labels, fontsize=8.5)
     axes[0].invert_yaxis()

@@ -54,7 +54,7 @@ COMPACT = [
 FULL = [
     ("id", "id"), ("name", "run"), ("strategy", "strategy"), ("P", "P"), ("B", "B"),
     ("M", "M"), ("variant", "variant"), ("status", "status"),
-    ("threads", "threads/rank"), ("cores", "cores"),
+    ("threads", "threads/rank"), ("cores", "cores"), ("load", "load"),
     ("peak_bytes", "peak/dev"), ("pred_peak_bytes", "pred peak"),
     ("infer_peak_bytes", "infer peak"), ("params_bytes", "params/dev"),
     ("bytes_per_step", "bytes/step/dev"), ("pred_bytes_per_step", "pred bytes"),
@@ -203,6 +203,7 @@ def result_row(res: dict[str, Any]) -> dict[str, Any]:
         # Intra-op threads per rank (older results: cpu_threads_per_rank) and usable cores.
         "threads": run.get("threads_per_rank", run.get("cpu_threads_per_rank")),
         "cores": run.get("cpu_count"),
+        "load": num((run.get("load_average") or [None])[0]),  # 1-minute, as the run ended
         "status": res.get("status") or "unknown",
         "error": _error_text(res.get("error")),
         "memory_limit": cfg.get("memory_limit"),
@@ -341,6 +342,8 @@ def _fmt(col: str, x: Any) -> str:
         return f"{x:.2f}×"
     if col == "final_loss":
         return f"{x:.4f}"
+    if col == "load":
+        return f"{x:.1f}"
     if col == "loss_delta":
         return f"{x:+.2e}"
     if isinstance(x, float) and x.is_integer():
@@ -459,6 +462,11 @@ def legend(df: pd.DataFrame) -> list[str]:
     if crowded:
         lines.append(f"*: a CPU run with more ranks than the {crowded[0]} cores it had: its ranks "
                      "took turns on them, so its time is the machine's more than the strategy's.")
+    busy = busy_machine(df)
+    if busy:
+        lines.append(f"The machine was busy while these runs ran (1-minute load average up to "
+                     f"{busy[0]:.1f} on {busy[1]} cores): times are noisy, bytes and memory "
+                     "are not.")
     ex = sorted({int(x) for x in df["examples"] if num(x)}) if len(df) else []
     if len(ex) > 1:
         lines.append("The runs saw different numbers of examples (" + ", ".join(f"{e:,}" for e in ex)
@@ -472,6 +480,16 @@ def legend(df: pd.DataFrame) -> list[str]:
                      + ", ".join(map(str, threads)) + "): a device is not the same compute in "
                      "every row (threads/rank in results.md).")
     return lines
+
+
+def busy_machine(df: pd.DataFrame) -> tuple[float, int] | None:
+    """(the highest load, the cores) when some CPU run ended with more load than cores."""
+    if not len(df) or "load" not in df.columns:
+        return None
+    over = [(num(r["load"]), int(num(r["cores"]))) for _, r in df.iterrows()
+            if r["device"] == "cpu" and num(r["load"]) and num(r["cores"])
+            and num(r["load"]) > num(r["cores"])]
+    return max(over) if over else None
 
 
 def _crowded(r: pd.Series) -> bool:

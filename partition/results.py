@@ -82,6 +82,9 @@ def run_info(cfg: RunConfig, *, device: str, backend: str, seconds: float) -> di
         "threads_per_rank": intra_op_threads(cfg.threads_per_rank, device.split(":")[0] or "cpu"),
         "cpu_count": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
         else os.cpu_count(),  # cores this process may use: ranks beyond them share cores
+        # 1, 5, 15-minute load average as the run ended: a busy machine makes times noisy.
+        "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg")
+        else None,
         "seconds": seconds,
     }
 

@@ -25,7 +25,8 @@ def fake_result(strategy: str, P: int, batch: int = B, M: int = 1, *, variant: s
                 role_bytes: dict[str, int] | None = None, step_s: float | None = 0.1,
                 loss: list[float] | None = None, bubble: float | None = None,
                 steps: int = 4, error: dict | None = None, cores: int = 2,
-                threads: int = 1, boundaries: list | None = None) -> dict:
+                threads: int = 1, boundaries: list | None = None,
+                load: list | None = None) -> dict:
     """A result.json as the contract has it (the keys a strategy of this kind would fill)."""
     role_bytes = role_bytes or {}
     loss = [2.3, 2.1, 1.9, 1.7] if loss is None and status == "ok" else (loss or [])
@@ -56,7 +57,7 @@ def fake_result(strategy: str, P: int, batch: int = B, M: int = 1, *, variant: s
         "status": status,
         "error": error,
         "run": {"strategy": strategy, "world_size": P, "ranks": P, "device": "cpu",
-                "threads_per_rank": threads, "cpu_count": cores,
+                "threads_per_rank": threads, "cpu_count": cores, "load_average": load,
                 "backend": "gloo" if P > 1 else "none",
                 "schedule": variant if strategy == "pipeline" else None,
                 "layout": variant if strategy == "tensor" else None,
@@ -289,7 +290,7 @@ def test_console_fits_120_columns_and_names_the_folder_once(tmp_path):
                                      "memory_per_rank.png, loss.png")
     # Every column is in results.md, even those the console leaves out.
     md = (out / "results.md").read_text()
-    assert md.splitlines()[4].count(" | ") == 34  # 35 columns
+    assert md.splitlines()[4].count(" | ") == 35  # 36 columns
     # Long case names still fit: columns are dropped (and said so), never wrapped.
     many = [(f"{i:02d}-x", fake_result("pipeline", 2, M=4, variant="interleaved_1f1b_long",
                                        peak=20 * MiB, role_bytes={"activation": ACT}))
@@ -367,6 +368,18 @@ def test_threads_are_stated_and_a_difference_is_flagged(tmp_path):
     assert rep.legend[-1] == ("Intra-op threads per rank differ between rows (1, 2): a device "
                               "is not the same compute in every row (threads/rank in "
                               "results.md).")
+
+
+def test_a_busy_machine_is_said_once(tmp_path):
+    cases = [("a", fake_result("single", 1, peak=20 * MiB, load=[1.5, 1.0, 1.0])),
+             ("b", fake_result("data", 2, peak=20 * MiB, load=[7.25, 3.0, 2.0]))]
+    rep = write_report(load_table([_write(tmp_path, cases)]), str(tmp_path / "o"), plots=False)
+    busy = [line for line in rep.legend if "busy" in line]
+    assert busy == ["The machine was busy while these runs ran (1-minute load average up to 7.2 "
+                    "on 2 cores): times are noisy, bytes and memory are not."]
+    calm = write_report(load_table([_write(tmp_path / "c", cases[:1])]), str(tmp_path / "o2"),
+                        plots=False)
+    assert not [line for line in calm.legend if "busy" in line]
 
 
 def test_summary_figure_has_a_row_per_case(tmp_path):
