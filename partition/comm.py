@@ -1,7 +1,7 @@
 """Every crossing of a device boundary, and its ledger.
 
 This is the only module that moves training data through torch.distributed. Each
-call names a `role` (DESIGN §5) and a `phase` (forward / backward / update /
+call names a `role` (docs/results.md) and a `phase` (forward / backward / update /
 metric) and is recorded with its payload, its wire bytes under a ring model, its
 peer or group size and the seconds spent in it. `Observer` is an independent
 check: a TorchDispatchMode that sees every c10d op with its tensors, used by the

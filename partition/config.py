@@ -97,7 +97,7 @@ class FaultConfig:
 
 @dataclass(frozen=True)
 class CostConfig:
-    """The analytic model's machine: α + n/β per message, a compute rate (DESIGN §6).
+    """The analytic model's machine: α + n/β per message, a compute rate (docs/cost-model.md).
 
     Defaults are what a 2-core CPU box with loopback gloo showed; `calibrate` measures
     them at start-up instead (a short micro-benchmark, recorded in result.json).
@@ -137,6 +137,7 @@ class RunConfig:
     timeout_s: float = 60.0
     seed: int = 0
     memory_probe: bool = True
+    threads_per_rank: int | None = None  # intra-op threads of one rank; None = 1 on CPU
 
     @property
     def spec(self) -> MLPSpec:
@@ -429,6 +430,8 @@ def parse_config(d: dict[str, Any]) -> RunConfig:
                        why="2**32 - 1 at most: the data's shuffle multiplies it into "
                            "torch's 64-bit generator seeds"),
         memory_probe=_bool("memory_probe", _get(d, "memory_probe", True)),
+        threads_per_rank=None if _get(d, "threads_per_rank", None) is None
+        else _int("threads_per_rank", _get(d, "threads_per_rank", None), min_value=1),
     )
     _check_cross(cfg)
     return cfg

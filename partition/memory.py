@@ -1,4 +1,4 @@
-"""Peak memory per device, by category (DESIGN §6): measured, never process RSS.
+"""Peak memory per device, by category (docs/measurement.md): measured, never process RSS.
 
 CPU has no allocator statistics, so `StorageTracker` — a TorchDispatchMode — keeps a
 ledger of live tensor storages on the rank's device: it is seeded with what exists
