@@ -343,9 +343,12 @@ class MemoryProbe:
             torch.cuda.reset_peak_memory_stats(self.device)
         stages = stages_of(runner)
         seeded = {}
+        # Read before the tracker starts: a torch engine's state comes out through detach /
+        # to_local, ops the tracker would otherwise register as temporaries, not as state.
+        state = state_tensors(runner)
         try:
             with tracker:
-                for cat, ts in state_tensors(runner).items():
+                for cat, ts in state.items():
                     tracker.seed(cat, ts)
                 seeded = {c: tracker.totals[c] for c in _SEEDED}
                 if self.cuda and m is not None:
