@@ -42,7 +42,8 @@ from partition.config import RunConfig
 # One definition of the shard split and the metric vector: the runners' own.
 from partition.strategies.tensor.plan import METRIC_BYTES, split_evenly
 
-CATEGORIES = ("params", "grads", "optimizer", "input", "activations", "comm", "temporaries")
+CATEGORIES = ("params", "grads", "optimizer", "input", "activations", "gathered", "comm",
+              "temporaries")  # memory.CATEGORIES
 ITEMSIZE = {"float32": 4, "float64": 8}
 INDEX = 8  # int64 row indices and class labels
 DIGITS_EXAMPLES = 1797
@@ -1001,12 +1002,49 @@ def _single_predict(rp: _Replay, cfg: RunConfig, rank: int, layers: list[LocalLa
     single_predict(rp, cfg, layers)
 
 
+def fsdp_rank_cost(cfg: RunConfig, rank: int, device: str = "cpu") -> RankCost:
+    """fsdp from its plan (partition/plans/fsdp.py): the messages and state exactly; memory
+    as the plan's closed form — params + grads + optimizer + gathered layers + kept
+    activations — which is a floor, not a replay (the batch, the layer's local gradient
+    being reduce-scattered and the temporaries are left out)."""
+    from partition.plans import fsdp as plan
+
+    P, item, st = cfg.world_size, ITEMSIZE[cfg.train.dtype], cfg.strategy
+    dims, bias = cfg.model.dims, cfg.model.bias
+    shards = plan.shard_plan(dims, world=P, bias=bias)
+    calls = plan.fsdp_calls(shards, zero_stage=st.zero_stage,
+                            reshard_after_forward=st.reshard_after_forward,
+                            micro=cfg.train.microbatches, itemsize=item)
+    messages = [CommRecord(None, c.op, c.role, c.phase, None, P, c.payload, c.received,
+                           c.payload, c.wire, 0.0) for c in calls]
+    messages.append(_all_reduce("metric", "metric", METRIC_BYTES, P))
+    rows = data_rows(cfg.train.batch_size, P, rank)
+    mem = plan.memory(dims, world=P, rank=rank, rows=rows, micro=cfg.train.microbatches,
+                      zero_stage=st.zero_stage, reshard_after_forward=st.reshard_after_forward,
+                      bias=bias, momentum=bool(cfg.train.momentum), itemsize=item)
+    state = {k: mem[k] for k in ("params_bytes", "grads_bytes", "optimizer_bytes")}
+    train = dict.fromkeys(CATEGORIES, 0) | {
+        "params": mem["params_bytes"], "grads": mem["grads_bytes"],
+        "optimizer": mem["optimizer_bytes"], "gathered": mem["gathered_bytes"],
+        "activations": mem["activations_bytes"]}
+    one_layer = plan.gathered_bytes(shards, zero_stage=st.zero_stage,
+                                    reshard_after_forward=True, itemsize=item)
+    pred = dict.fromkeys(CATEGORIES, 0) | {"params": mem["params_bytes"], "gathered": one_layer}
+    layers = [LocalLayer(l, dims[l], dims[l + 1], bias) for l in range(len(dims) - 1)]
+    return RankCost(rank, layers, messages, state,
+                    PhaseMemory(mem["peak_bytes"], train, dict(train)),
+                    PhaseMemory(sum(pred.values()), pred, dict(pred)),
+                    sum(layer_flops(rows, l, input_grad=l.index > 0) for l in layers), 1,
+                    extra={"memory": "closed form (a floor)"})
+
+
 # One function per strategy: (cfg, rank, device) -> RankCost.
 MODELS: dict[str, Callable[..., RankCost]] = {
     "single": _model(_single_train, _single_predict, None),
     "pipeline": _model(pipeline_train, pipeline_predict, pipeline_messages),
     "tensor": _model(tensor_train, tensor_predict, tensor_messages),
     "data": _model(data_train, data_predict, data_messages),
+    "fsdp": fsdp_rank_cost,
 }
 
 
