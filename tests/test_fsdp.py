@@ -40,6 +40,10 @@ CASES += [
     ("z3-keep-4L-bias-momentum", {**NETS["4L-bias-momentum"],
                                   "strategy.reshard_after_forward": False}),
     ("z3-seed-f64", {"model.dims": [784, 256, 10], "train.batch_size": 32}),
+    # FSDP2 (torch engine), zero stage 3: with and without resharding after forward
+    ("torch-2L", {**NETS["2L"], "engine": "torch"}),
+    ("torch-keep-4L-bias-momentum", {**NETS["4L-bias-momentum"], "engine": "torch",
+                                     "strategy.reshard_after_forward": False}),
 ]
 NAMES = [n for n, _ in CASES]
 EXPLICIT = [n for n in NAMES if not n.startswith("torch-")]
@@ -80,6 +84,20 @@ def test_weights_match_single_device(runs):
         for r, rr in enumerate(res):  # each rank's gradient piece is the full batch's
             assert rr["grad_rel_err"] <= 1e-12, f"{name} P={P} rank {r}"
         assert all(rr["objective"] == res[0]["objective"] for rr in res), name
+
+
+def test_torch_engine_matches_the_explicit_engine(runs):
+    """FSDP2 and the explicit stage 3 end at the same weights (both also match SGD above)."""
+    P, by_name = runs
+    for torch_name, explicit_name in (("torch-2L", "z3-2L"),
+                                      ("torch-keep-4L-bias-momentum",
+                                       "z3-keep-4L-bias-momentum")):
+        (tc, tres), (ec, eres) = by_name[torch_name], by_name[explicit_name]
+        got = assemble(tc.spec, [s for rr in tres for s in rr["shards"]], np.dtype("float64"))
+        want = assemble(ec.spec, [s for rr in eres for s in rr["shards"]], np.dtype("float64"))
+        for k in want:
+            assert np.linalg.norm(got[k] - want[k]) <= 1e-12 * np.linalg.norm(want[k]), \
+                (torch_name, P, k)
 
 
 def test_pieces_cover_every_weight_once(runs):
@@ -178,6 +196,28 @@ def test_observer_sees_exactly_the_recorded_ops(runs):
         for r, rr in enumerate(by_name[name][1]):
             recorded = [(c10d[x.op], x.sent) for x in rr["records"]]
             assert recorded == rr["observed"], f"{name} P={P} rank {r}"
+
+
+def test_torch_engine_bytes_are_fsdp2s(runs):
+    """FSDP2 shards W's rows (⌈n_out/P⌉ each, padded) and gathers a layer's W and b in one
+    call: piece = ⌈n_out/P⌉·(n_in + [bias])·b; reduce-scatter P pieces; forward gathers
+    each layer, backward again unless kept."""
+    P, by_name = runs
+    for name in ("torch-2L", "torch-keep-4L-bias-momentum"):
+        cfg, res = by_name[name]
+        dims, bias = cfg.model.dims, cfg.model.bias
+        pieces = [-(-dims[l + 1] // P) * (dims[l] + bias) * 8 for l in range(len(dims) - 1)]
+        gathers = 2 if cfg.strategy.reshard_after_forward else 1
+        want = {"metric": (24, 1)}
+        if P > 1:
+            want["weight_gather"] = (gathers * sum(pieces), gathers * len(pieces))
+            want["weight_grad"] = (P * sum(pieces), len(pieces))
+        for rr in res:
+            got = role_traffic(rr["records"], 1)
+            assert {k: (v["bytes"], v["messages"]) for k, v in got.items()} == want, name
+            if P > 1:
+                assert got["weight_gather"]["phases"] == (
+                    {"forward", "backward"} if gathers == 2 else {"forward"})
 
 
 def test_costs_predict_the_measured_messages(runs):
@@ -307,6 +347,9 @@ def test_config_keys():
     with pytest.raises(ConfigError, match=r"strategy.reshard_after_forward=False"):
         make_config(strategy="fsdp", **{"strategy.zero_stage": 1,
                                         "strategy.reshard_after_forward": False})
+    with pytest.raises(ConfigError, match=r"strategy.zero_stage=2: engine=torch runs FSDP2"):
+        make_config(strategy="fsdp", engine="torch", world_size=2,
+                    **{"strategy.zero_stage": 2})
     with pytest.raises(ConfigError, match=r"train.batch_size=3: fsdp parallel needs"):
         make_config(strategy="fsdp", world_size=4, **{"train.batch_size": 3})
 
