@@ -1004,9 +1004,9 @@ def _single_predict(rp: _Replay, cfg: RunConfig, rank: int, layers: list[LocalLa
 
 def fsdp_rank_cost(cfg: RunConfig, rank: int, device: str = "cpu") -> RankCost:
     """fsdp from its plan (partition/plans/fsdp.py): the messages and state exactly; memory
-    as the plan's closed form — params + grads + optimizer + gathered layers + kept
-    activations — which is a floor, not a replay (the batch, the layer's local gradient
-    being reduce-scattered and the temporaries are left out)."""
+    as the plan's closed form — params + grads + optimizer + gathered layers + the
+    unsharded gradient being reduce-scattered (a comm buffer) + kept activations — which
+    is a floor, not a replay (the batch and the temporaries are left out)."""
     from partition.plans import fsdp as plan
 
     P, item, st = cfg.world_size, ITEMSIZE[cfg.train.dtype], cfg.strategy
@@ -1026,7 +1026,7 @@ def fsdp_rank_cost(cfg: RunConfig, rank: int, device: str = "cpu") -> RankCost:
     train = dict.fromkeys(CATEGORIES, 0) | {
         "params": mem["params_bytes"], "grads": mem["grads_bytes"],
         "optimizer": mem["optimizer_bytes"], "gathered": mem["gathered_bytes"],
-        "activations": mem["activations_bytes"]}
+        "comm": mem["grad_buffer_bytes"], "activations": mem["activations_bytes"]}
     one_layer = plan.gathered_bytes(shards, zero_stage=st.zero_stage,
                                     reshard_after_forward=True, itemsize=item)
     pred = dict.fromkeys(CATEGORIES, 0) | {"params": mem["params_bytes"], "gathered": one_layer}

@@ -237,8 +237,9 @@ def test_costs_predict_the_measured_messages(runs):
 
 def test_memory_is_the_closed_form(runs):
     """params, grads, optimizer state, the gathered layers alive at once and the kept
-    activations: measured = plans.fsdp.memory, to the byte. The peak is above the sum of
-    those (the batch, the local gradient being reduce-scattered, temporaries): shown."""
+    activations: measured = plans.fsdp.memory, to the byte. The peak is at least the
+    closed form's sum (which also counts the unsharded gradient being reduce-scattered);
+    what it adds — the batch, dJ/dz and other temporaries — is in docs/fsdp.md."""
     P, by_name = runs
     for name in EXPLICIT:
         cfg, res = by_name[name]

@@ -44,10 +44,11 @@ piece n, reduce-scatter ⌊(P−1)N/P⌋. So stage 3 puts 2(P−1)·Σc_l·b + (
 
 Memory (`memory`): params + grads + optimizer as above, plus the gathered layers live at
 once (stage 3: the largest P·c_l·b with resharding, Σ_l P·c_l·b without; stages 1, 2:
-none — the gather lands in the params) plus the kept activations 2·⌈rows/M⌉·Σ hidden·b
-(every hidden layer's z and h, as `data`). That sum is a floor: the measured peak adds the
-data batch, the local padded gradient of the layer being reduce-scattered (stages 2, 3),
-and the loss's and backward's temporaries.
+none — the gather lands in the params), plus the unsharded local gradient of the layer
+being reduce-scattered (stages 2, 3: the largest P·c_l·b; stage 1's full gradients are
+its grads already), plus the kept activations 2·⌈rows/M⌉·Σ hidden·b (every hidden
+layer's z and h, as `data`). That sum is a floor: the measured peak adds the data batch
+and the loss's and backward's temporaries (dJ/dz, …).
 """
 
 from __future__ import annotations
@@ -273,6 +274,14 @@ def gathered_bytes(shards: list[FlatShard], *, zero_stage: int,
     return max(sizes) if reshard_after_forward else sum(sizes)
 
 
+def grad_buffer_bytes(shards: list[FlatShard], *, zero_stage: int, itemsize: int) -> int:
+    """The largest layer's unsharded local gradient, P·c·b, made for its reduce-scatter
+    (stages 2, 3; 0 at P = 1, where the gradient piece is the layer's gradient)."""
+    if zero_stage == 1 or shards[0].world == 1:
+        return 0
+    return max(s.padded for s in shards) * itemsize
+
+
 def kept_activation_bytes(dims: tuple[int, ...] | list[int], *, rows: int, micro: int,
                           itemsize: int) -> int:
     """What one micro-batch keeps for backward: each hidden layer's z and h = φ(z);
@@ -291,6 +300,8 @@ def memory(dims: tuple[int, ...] | list[int], *, world: int, rank: int, rows: in
     out["gathered_bytes"] = gathered_bytes(shards, zero_stage=zero_stage,
                                            reshard_after_forward=reshard_after_forward,
                                            itemsize=itemsize)
+    out["grad_buffer_bytes"] = grad_buffer_bytes(shards, zero_stage=zero_stage,
+                                                 itemsize=itemsize)
     out["activations_bytes"] = kept_activation_bytes(dims, rows=rows, micro=micro,
                                                      itemsize=itemsize)
     out["peak_bytes"] = sum(out.values())
