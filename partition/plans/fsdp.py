@@ -38,9 +38,10 @@ Bytes per rank per step (payload this rank hands to collectives; nothing at P = 
     all       metric         3·8 in 1 all-reduce (the runners' METRIC_BYTES; not in this plan)
 
 Ring wire bytes per call (`ring_wire`): all-reduce ⌊2(P−1)N/P⌋, all-gather (P−1)·n for a
-piece n, reduce-scatter ⌊(P−1)N/P⌋. So stage 3 puts 2(P−1)·Σc_l·b + (P−1)·Σc_l·b ≈
-3(P−1)/P·N·b on the wire per step at M = 1, about 1.5× data parallel's 2(P−1)/P·N·b
-(1× with reshard_after_forward=false); stages 1 and 2 about 1.5× as well.
+piece n, reduce-scatter ⌊(P−1)N/P⌋. So at M = 1, with N = Σ_l N_l·b (and padding aside),
+stage 3 puts 2(P−1)/P·N (two gathers) + (P−1)/P·N (the reduce-scatter) = 3(P−1)/P·N on
+the wire per step, 1.5× data parallel's 2(P−1)/P·N; 1× with reshard_after_forward=false.
+Stage 2 (reduce-scatter + one gather) is 1×, stage 1 (all-reduce + one gather) 1.5×.
 
 Memory (`memory`): params + grads + optimizer as above, plus the gathered layers live at
 once (stage 3: the largest P·c_l·b with resharding, Σ_l P·c_l·b without; stages 1, 2:
