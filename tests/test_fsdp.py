@@ -7,7 +7,6 @@ every registered suite); the plan tests need no processes at all.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 

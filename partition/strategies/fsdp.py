@@ -279,10 +279,9 @@ class FsdpRunner:
         sq = float(decay_sq_sum(self.opt_layers))  # s at the weights the step starts from
         self.opt.step(self.opt_layers, self.opt_grads)
         if self.zero_stage != 3 and self.P > 1:
-            for l, s in enumerate(self.plan):
-                piece = self.pieces[l].clone()  # the input may not alias the output
-                self.comm.all_gather_into(self.flats[l], piece, role="weight_gather",
-                                          phase="update")
+            for flat, mine in zip(self.flats, self.pieces, strict=True):
+                piece = mine.clone()  # the input may not alias the output (a view of it)
+                self.comm.all_gather_into(flat, piece, role="weight_gather", phase="update")
                 del piece
         return sq, grads
 
