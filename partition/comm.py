@@ -22,7 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from partition.plans.traffic import ring_wire_bytes
 
 ROLES = ("activation", "activation_grad", "partial_output", "input_grad", "gather",
-         "weight_grad", "metric", "calibration")
+         "weight_grad", "weight_gather", "metric", "calibration")
 # `setup`: outside training steps (the cost model's start-up micro-benchmark).
 PHASES = ("forward", "backward", "update", "metric", "setup")
 
@@ -267,6 +267,27 @@ class Comm:
                   received=(self.world_size - 1) * n, collective=n,
                   wire=ring_wire_bytes("all_gather", n, self.world_size), seconds=dt)
         return outs
+
+    def all_gather_into(self, out: torch.Tensor, piece: torch.Tensor, *, role: str,
+                        phase: str) -> torch.Tensor:
+        """Gather every rank's equal-sized `piece` into `out` (P pieces in rank order), in one call.
+
+        The flat form FSDP uses: the caller keeps its shards padded to one size, so the
+        gathered tensor is one buffer whose front is the whole (views, no copy). The
+        padded piece is what is recorded, since that is what crosses.
+        """
+        if out.numel() != piece.numel() * self.world_size:
+            raise ValueError(f"all_gather_into: out has {out.numel()} elements, not "
+                             f"{self.world_size} x {piece.numel()}")
+        piece = piece.contiguous()
+        t0 = time.perf_counter()
+        dist.all_gather_single(out, piece, group=self.group)
+        n = nbytes(piece)
+        self._rec("all_gather", role, phase, peer=None, sent=n,
+                  received=(self.world_size - 1) * n, collective=n,
+                  wire=ring_wire_bytes("all_gather", n, self.world_size),
+                  seconds=time.perf_counter() - t0)
+        return out
 
     def reduce_scatter(self, chunks: list[torch.Tensor], *, role: str,
                        phase: str) -> torch.Tensor:

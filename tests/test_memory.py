@@ -76,7 +76,7 @@ def test_tracker_counts_storages_by_hand():
         del c
     assert tr.peak == 1600
     assert tr.breakdown() == {"params": 800, "grads": 0, "optimizer": 0, "input": 0,
-                              "activations": 400, "comm": 0, "temporaries": 400}
+                              "activations": 400, "gathered": 0, "comm": 0, "temporaries": 400}
     assert tr.category_peaks["activations"] == 400 and tr.live_bytes == 800
 
 

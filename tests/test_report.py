@@ -439,7 +439,8 @@ def test_compare_cases_see_the_same_examples():
     assert names == ["01-single-full-batch", "02-single-smaller-minibatch",
                      "03-single-grad-accumulation", "04-pipeline-gpipe-P2", "05-pipeline-1f1b-P2",
                      "06-tensor-megatron-P2", "07-tensor-megatron-P4", "08-tensor-rowwise-P2",
-                     "09-tensor-rowwise-P4", "10-data-P2", "11-data-P4"]
+                     "09-tensor-rowwise-P4", "10-data-P2", "11-data-P4", "12-fsdp-P2",
+                     "13-fsdp-P4"]
     cfgs = {n: rc for (c, rc), n in zip(planned, names, strict=True)}
     assert {rc.train.batch_size * rc.train.steps for rc in cfgs.values()} == {4096}
     assert cfgs["02-single-smaller-minibatch"].train.batch_size == 256
