@@ -134,6 +134,9 @@ class Transport:
     def reduce_scatter(self, out: torch.Tensor, ins: list[torch.Tensor]) -> None:
         dist.reduce_scatter(out, ins, op=dist.ReduceOp.SUM, group=self.group)
 
+    def all_gather_into(self, out: torch.Tensor, piece: torch.Tensor) -> None:
+        dist.all_gather_single(out, piece, group=self.group)
+
 
 class Comm:
     """Typed, recorded communication for one rank of a process group.
@@ -281,12 +284,13 @@ class Comm:
                              f"{self.world_size} x {piece.numel()}")
         piece = piece.contiguous()
         t0 = time.perf_counter()
-        dist.all_gather_single(out, piece, group=self.group)
+        self.transport.all_gather_into(out, piece)
+        t1 = time.perf_counter()
         n = nbytes(piece)
         self._rec("all_gather", role, phase, peer=None, sent=n,
                   received=(self.world_size - 1) * n, collective=n,
-                  wire=ring_wire_bytes("all_gather", n, self.world_size),
-                  seconds=time.perf_counter() - t0)
+                  wire=ring_wire_bytes("all_gather", n, self.world_size), seconds=t1 - t0)
+        self._span(f"all_gather {role}", t0, t1, role=role, nbytes=n, waiting=True)
         return out
 
     def reduce_scatter(self, chunks: list[torch.Tensor], *, role: str,

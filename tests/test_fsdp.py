@@ -19,7 +19,7 @@ from partition import costs
 from partition.comm import summarize
 from partition.config import ConfigError
 from partition.plans import fsdp as plan
-from partition.strategies.tensor.plan import split_evenly
+from partition.plans.split import split_evenly
 from partition.weights import assemble
 
 BASE = {"strategy": "fsdp", "train.batch_size": 10, "train.steps": 3, "train.grad_check": True}

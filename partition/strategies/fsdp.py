@@ -29,8 +29,6 @@ ranges of b (`FlatShard.pieces`), so the pieces of all ranks cover every weight 
 
 from __future__ import annotations
 
-import time
-
 import torch
 
 from partition.comm import Comm
@@ -45,18 +43,19 @@ from partition.model import (
     activation_forward,
     add_decay,
     correct_count,
-    decay_sq_sum,
     linear,
     linear_backward,
     loss_grad,
     loss_sum,
+    to_float,
     weight_names,
 )
 from partition.plans.fsdp import FlatShard, shard_plan
-from partition.strategies.base import StepOut
+from partition.plans.split import split_evenly
+from partition.strategies.base import StepOut, reduce_metric, sq_norm
 from partition.strategies.data import flat_grads
-from partition.strategies.tensor.plan import split_evenly
 from partition.topology import Topology
+from partition.trace import maybe_span
 
 
 def flat_layer(full: dict[str, torch.Tensor], shard: FlatShard, *, dtype: torch.dtype,
@@ -150,6 +149,7 @@ class FsdpRunner:
                        for l in piece_layers(s, r, p)]
         self.saved_layers = self.layers  # the pieces of all ranks cover every weight once
         self.probe = None  # memory.StorageTracker while measured (memory_stages)
+        self.tracer = None  # a trace.Tracer, set by the train loop
         self._bufs: dict[str, torch.Tensor] = {}  # the step's reused buffers (_step_buffer)
 
     # ------------------------------------------------------------ weights and gradients
@@ -220,12 +220,13 @@ class FsdpRunner:
         held: dict[int, Layer] = {}
         for l in range(self.spec.num_layers):
             layer = self._gather(l, "forward", exchange=exchange)
-            z = linear(x, layer)  # (rows, n_l) @ (n_l, n_{l+1}) -> (rows, n_{l+1})
-            if keep:
-                caches.append(Cache(x, None if l == last else z))
-                if self.zero_stage == 3 and not self.reshard:
-                    held[l] = layer
-            x = z if l == last else activation_forward(self.spec.activation, z)
+            with maybe_span(self.tracer, f"F{l}", kind="F", layer=l):
+                z = linear(x, layer)  # (rows, n_l) @ (n_l, n_{l+1}) -> (rows, n_{l+1})
+                if keep:
+                    caches.append(Cache(x, None if l == last else z))
+                    if self.zero_stage == 3 and not self.reshard:
+                        held[l] = layer
+                x = z if l == last else activation_forward(self.spec.activation, z)
             del layer, z  # resharded: the gathered buffer goes before the next gather
         if keep and self.probe is not None:
             self.probe.kept(caches, holds_input=True)
@@ -238,10 +239,11 @@ class FsdpRunner:
             layer = held.pop(l) if l in held else self._gather(l, "backward")
             cache = caches[l]
             caches[l] = None  # type: ignore[call-overload]  # free as we go
-            dz = g if l == last else activation_backward(self.spec.activation, cache.z, g)
             buf, grads = self._grad_target(l)
-            # dJ/dW += dzᵀ x: (n_{l+1}, rows) @ (rows, n_l); dJ/dx = dz W: (rows, n_{l+1}) @ (n_{l+1}, n_l)
-            g = linear_backward(dz, cache.x, layer, grads, need_input_grad=l > 0)
+            with maybe_span(self.tracer, f"B{l}", kind="B", layer=l):
+                dz = g if l == last else activation_backward(self.spec.activation, cache.z, g)
+                # dJ/dW += dzᵀ x: (n_{l+1}, rows) @ (rows, n_l); dJ/dx = dz W: (rows, n_{l+1}) @ (n_{l+1}, n_l)
+                g = linear_backward(dz, cache.x, layer, grads, need_input_grad=l > 0)
             del layer, cache, dz, grads
             self._grad_done(l, buf)
             del buf
@@ -261,7 +263,7 @@ class FsdpRunner:
     def _loss(self, o: torch.Tensor, y: torch.Tensor) -> tuple[float, int, torch.Tensor]:
         if self.probe is not None:
             self.probe.inputs(y)
-        total = float(loss_sum(self.spec.loss, o, y))
+        total = to_float(loss_sum(self.spec.loss, o, y))
         correct = correct_count(o, y) if self.spec.loss == "cross_entropy" else 0
         # divides by the full B, not by this rank's rows
         return total, correct, loss_grad(self.spec.loss, o, y, self.cfg.train.batch_size)
@@ -276,7 +278,7 @@ class FsdpRunner:
         if want_grads:
             grads = [g.clone() for s, p in zip(self.plan, self.grad_pieces, strict=True)
                      for g in piece_grads(s, self.rank, p)]
-        sq = float(decay_sq_sum(self.opt_layers))  # s at the weights the step starts from
+        sq = sq_norm(self.opt_layers)  # s at the weights the step starts from
         self.opt.step(self.opt_layers, self.opt_grads)
         if self.zero_stage != 3 and self.P > 1:
             for flat, mine in zip(self.flats, self.pieces, strict=True):
@@ -286,8 +288,6 @@ class FsdpRunner:
         return sq, grads
 
     def step(self, step: int, *, want_grads: bool) -> StepOut:
-        t_start = time.perf_counter()
-        n_rec = len(self.comm.ledger.records)
         B, M = self.cfg.train.batch_size, self.cfg.train.microbatches
         for g in self.grad_pieces if self.zero_stage != 1 else [self.flat_grad]:
             g.zero_()
@@ -297,28 +297,26 @@ class FsdpRunner:
             self.probe.inputs(X)
         loss_total, correct = 0.0, 0
         # tensor_split: exactly M pieces, as even as possible (config keeps them non-empty)
-        for xm, ym in zip(X.tensor_split(M), y.tensor_split(M), strict=True):
+        for m, (xm, ym) in enumerate(zip(X.tensor_split(M), y.tensor_split(M), strict=True)):
             o, caches, held = self._forward(xm, keep=True)
-            ls, c, g = self._loss(o, ym)
-            del o
+            with maybe_span(self.tracer, f"loss{m}", kind="loss", mb=m):
+                ls, c, g = self._loss(o, ym)
+                del o
             self._backward(caches, held, g)
             del g, caches, held
             loss_total += ls
             correct += c
         del X, y, xm, ym
         self._bufs = {}
-        sq, grads = self._update(want_grads=want_grads)
-        metric = torch.tensor([loss_total, sq, float(correct)], dtype=torch.float64,
-                              device=self.topo.device)
-        self.comm.all_reduce(metric, role="metric", phase="metric")
-        loss_sum_all, sq_all, correct_all = metric.tolist()
+        with maybe_span(self.tracer, "update", kind="update"):
+            sq, grads = self._update(want_grads=want_grads)
+        loss_sum_all, sq_all, correct_all = reduce_metric(self.comm, loss_total, sq, correct,
+                                                          device=self.topo.device)
         L = loss_sum_all / B
-        comm_s = sum(r.seconds for r in self.comm.ledger.records[n_rec:])
         return StepOut(
             objective=L + 0.5 * self.spec.weight_decay * sq_all, data_loss=L,
             correct=int(correct_all) if self.spec.loss == "cross_entropy" else None,
             grads=grads, in_flight_max=1,
-            compute_s=max(0.0, time.perf_counter() - t_start - comm_s),
         )
 
     def predict(self, step: int, *, exchange: bool = True) -> torch.Tensor:
