@@ -630,24 +630,21 @@ def rank_cost(cfg: RunConfig, rank: int, device: str = "cpu") -> RankCost:
 # ---------------------------------------------------------------- time and the whole run
 
 
-def rank_time(cost: RankCost, params: CostParams, bubble: float) -> dict[str, float]:
-    """FLOPs / rate, stretched by the bubble, plus Σ (α + n/β) over the rank's messages."""
-    compute = cost.flops["total"] / params.flops_per_s
-    comm = sum(r.seconds for r in with_times(cost.messages, params))
-    return {"compute_s": compute, "comm_s": comm,
-            "step_s": compute / (1.0 - bubble) + comm}
-
-
-def predict(cfg: RunConfig, *, device: str = "cpu",
-            params: CostParams | None = None) -> dict[str, Any]:
+def predict(cfg: RunConfig, *, device: str = "cpu", params: CostParams | None = None,
+            times: list[dict[str, float]] | None = None) -> dict[str, Any]:
     """The `predicted` block of result.json: per rank the dry run's comm and memory, the
-    time model, and the closed forms under `formula`."""
+    simulated timing (when `times`, each rank's calibrated action durations, are given),
+    and the closed forms under `formula`."""
+    from partition.timeline import simulated_block
+
     params = params or CostParams.from_config(cfg)
     costs = rank_costs(cfg, device=device)
     bubble = bubble_fraction(cfg)
+    sim = simulated_block(cfg, times, params) if times else None
     ranks = []
     for c in costs:
-        timing = rank_time(c, params, bubble)
+        timing = ({k: sim["ranks"][c.rank][k] for k in ("step_s", "compute_s", "idle_fraction")}
+                  if sim else {"step_s": None, "compute_s": None, "idle_fraction": None})
         ranks.append({"rank": c.rank, "comm": c.comm, "memory": c.memory(), "timing": timing,
                       "flops": c.flops["total"], "flops_by_kind": c.flops,
                       "in_flight_max": c.in_flight_max,
@@ -659,7 +656,9 @@ def predict(cfg: RunConfig, *, device: str = "cpu",
         "ranks": ranks,
         "bubble_fraction": bubble,
         "flops_per_step": sum(c.flops["total"] for c in costs),
-        "step_time_s": max(r["timing"]["step_s"] for r in ranks),
+        "step_time_s": sim["step_time_s"] if sim else None,
+        "idle_fraction": sim["idle_fraction"] if sim else None,
+        "idle_causes": sim["causes"] if sim else None,
         "cost_params": params.as_dict(),
         "device": device,
         "formula": {"ranks": [formula(cfg, c.rank) for c in costs]} if has_formula else None,

@@ -31,7 +31,8 @@ import csv
 import io
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import lru_cache
 
 KINDS = ("F", "B", "I", "W")
 NAMED = ("gpipe", "1f1b")
@@ -74,10 +75,10 @@ class Message:
 class Schedule:
     """Per-rank action lists and the stage -> rank map."""
 
-    name: str
-    ranks: tuple[tuple[Action, ...], ...]
-    stage_rank: tuple[int, ...]
-    micro: int
+    name: str = field(compare=False)  # where it came from; two equal orders are one schedule
+    ranks: tuple[tuple[Action, ...], ...] = ()
+    stage_rank: tuple[int, ...] = ()
+    micro: int = 1
 
     @property
     def world(self) -> int:
@@ -136,6 +137,11 @@ def one_stage_per_rank(name: str, world: int, micro: int) -> Schedule:
 
 
 def named_schedule(name: str, *, world: int, micro: int) -> Schedule:
+    return _named(name, world, micro)
+
+
+@lru_cache(maxsize=64)
+def _named(name: str, world: int, micro: int) -> Schedule:
     if name not in NAMED:
         raise ScheduleError(f"unknown schedule {name!r}; expected one of {NAMED} or a .csv file")
     return one_stage_per_rank(name, world, micro)

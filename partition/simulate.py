@@ -1,0 +1,272 @@
+"""Discrete-event simulation of a plan: each rank's timeline, the step time, the idle fraction.
+
+Pure (no torch, nothing timed here). A plan becomes a list of `Op`s per rank, in the order
+the rank runs them, each with a duration: compute actions, and communication. An op starts
+when its rank is free (one compute stream per rank) and every op it depends on has ended
+(plus a lag: a message's transfer time); the members of a collective start together, when
+the last of them arrives. Durations come from a calibration at the run's own shapes
+(calibrate.py) or, in tests, from hand-picked units.
+
+    pipeline_ops    the action lists of a schedule (plans/schedule.py): F/B/I/W per stage and
+                    micro-batch, a transfer between stages on different ranks, then the
+                    update and the J reduction
+    simulate        the timeline of any ops
+
+Idle fraction of a rank = 1 − (its compute inside the step) / (step time), the same
+definition the measured timeline uses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from partition.plans.schedule import Action, Message, Schedule, needs
+
+
+@dataclass(frozen=True)
+class Op:
+    """One thing a rank does: compute, or its part of a communication."""
+
+    rank: int
+    kind: str  # compute | comm
+    label: str  # e.g. "0F1", "update", "all_reduce metric"
+    duration: float
+    deps: tuple[tuple[int, float], ...] = ()  # (index of an op in the flat list, lag)
+    sync: str | None = None  # a collective: ops with the same key start together
+    args: dict = field(default_factory=dict, compare=False, hash=False)
+
+
+@dataclass(frozen=True)
+class Span:
+    rank: int
+    kind: str
+    label: str
+    start: float
+    end: float
+    args: dict = field(default_factory=dict, compare=False, hash=False)
+
+
+@dataclass
+class Timeline:
+    spans: list[Span]
+    world: int
+
+    @property
+    def step_time(self) -> float:
+        return max((s.end for s in self.spans), default=0.0)
+
+    def compute(self, rank: int) -> float:
+        return sum(s.end - s.start for s in self.spans if s.rank == rank and s.kind == "compute")
+
+    def idle_fraction(self, rank: int) -> float:
+        t = self.step_time
+        return 1.0 - self.compute(rank) / t if t > 0 else 0.0
+
+    def rank_spans(self, rank: int) -> list[Span]:
+        return [s for s in self.spans if s.rank == rank]
+
+
+def simulate(ops: list[Op], world: int) -> Timeline:
+    """Play the ops: each rank in its own order, deps and collectives honoured."""
+    per_rank: list[list[int]] = [[] for _ in range(world)]
+    for i, op in enumerate(ops):
+        per_rank[op.rank].append(i)
+    members: dict[str, list[int]] = {}
+    for i, op in enumerate(ops):
+        if op.sync is not None:
+            members.setdefault(op.sync, []).append(i)
+    end: dict[int, float] = {}
+    start: dict[int, float] = {}
+    free = [0.0] * world
+    pos = [0] * world
+
+    def ready(i: int) -> float | None:
+        t = free[ops[i].rank]
+        for d, lag in ops[i].deps:
+            if d not in end:
+                return None
+            t = max(t, end[d] + lag)
+        return t
+
+    remaining = len(ops)
+    while remaining:
+        moved = False
+        for r in range(world):
+            while pos[r] < len(per_rank[r]):
+                i = per_rank[r][pos[r]]
+                op = ops[i]
+                if op.sync is None:
+                    t = ready(i)
+                    if t is None:
+                        break
+                    start[i], end[i] = t, t + op.duration
+                    free[r] = end[i]
+                    pos[r] += 1
+                    remaining -= 1
+                    moved = True
+                    continue
+                group = members[op.sync]
+                # every member must be at its turn (the next op of its rank) and ready
+                if not all(per_rank[ops[j].rank][pos[ops[j].rank]] == j
+                           if pos[ops[j].rank] < len(per_rank[ops[j].rank]) else False
+                           for j in group):
+                    break
+                times = [ready(j) for j in group]
+                if any(x is None for x in times):
+                    break
+                t = max(times)  # type: ignore[type-var]
+                for j in group:
+                    start[j], end[j] = t, t + ops[j].duration
+                    free[ops[j].rank] = end[j]
+                    pos[ops[j].rank] += 1
+                    remaining -= 1
+                moved = True
+        if not moved:
+            stuck = [ops[per_rank[r][pos[r]]].label for r in range(world) if pos[r] < len(per_rank[r])]
+            raise ValueError(f"the plan cannot be simulated: ranks wait forever at {stuck}")
+    spans = [Span(op.rank, op.kind, op.label, start[i], end[i], op.args) for i, op in enumerate(ops)]
+    return Timeline(spans, world)
+
+
+def pipeline_ops(s: Schedule, *, compute: Callable[[Action], float],
+                 transfer: Callable[[Message], float], tail: Callable[[int], float] | None = None,
+                 metric: float = 0.0) -> list[Op]:
+    """The ops of one pipeline step: every rank's actions in its order, each waiting for what
+    it needs (the producing action's end, plus `transfer` when the stages are on different
+    ranks; B/I also wait for their F, W for its I), then per rank the update (`tail(rank)`)
+    and the J all-reduce (`metric`, a collective of every rank)."""
+    # Lay the ops out rank by rank first, so that every action's index is known.
+    index: dict[tuple[int, str, int], int] = {}
+    at = 0
+    for r in range(s.world):
+        for a in s.ranks[r]:
+            index[(a.stage, a.kind, a.mb)] = at
+            at += 1
+        at += 2 if tail is not None else 1
+
+    def producer(msg: Message) -> int:
+        kinds = "F" if msg.role == "activation" else "BI"
+        return next(index[(msg.from_stage, k, msg.mb)] for k in kinds
+                    if (msg.from_stage, k, msg.mb) in index)
+
+    ops: list[Op] = []
+    for r in range(s.world):
+        for a in s.ranks[r]:
+            deps: list[tuple[int, float]] = []
+            msg = needs(a, s.stages)
+            if msg is not None:
+                remote = s.stage_rank[msg.from_stage] != s.stage_rank[msg.to_stage]
+                deps.append((producer(msg), transfer(msg) if remote else 0.0))
+            if a.kind in ("B", "I"):
+                deps.append((index[(a.stage, "F", a.mb)], 0.0))
+            if a.kind == "W":
+                deps.append((index[(a.stage, "I", a.mb)], 0.0))
+            ops.append(Op(r, "compute", str(a), compute(a), tuple(deps),
+                          args={"stage": a.stage, "kind": a.kind, "mb": a.mb}))
+        if tail is not None:
+            ops.append(Op(r, "compute", "update", tail(r), args={"kind": "update"}))
+        ops.append(Op(r, "comm", "all_reduce metric", metric, sync="metric",
+                      args={"role": "metric"}))
+    return ops
+
+
+# ---------------------------------------------------------------- every strategy's step
+
+
+@dataclass(frozen=True)
+class Links:
+    """α + n/β per message: point to point by payload, collectives by ring wire bytes."""
+
+    p2p_alpha: float
+    p2p_beta: float
+    coll_alpha: float
+    coll_beta: float
+
+    def p2p(self, nbytes: int) -> float:
+        return self.p2p_alpha + nbytes / self.p2p_beta
+
+    def collective(self, wire: int, group: int) -> float:
+        return 0.0 if group <= 1 else self.coll_alpha + wire / self.coll_beta
+
+    def free(self) -> Links:
+        return Links(0.0, float("inf"), 0.0, float("inf"))
+
+
+ITEM = {"float32": 4, "float64": 8}
+
+
+def step_ops(cfg, times: list[dict[str, float]], links: Links, *, schedule=None) -> list[Op]:  # noqa: ANN001
+    """One training step of `cfg`'s strategy as ops, from each rank's `calibrate.action_times`.
+
+    pipeline: the schedule's action lists; data: each micro-batch's F and B, the gradient
+    all-reduce, the update; tensor: layer by layer with the plan's collectives in between;
+    single: F and B per micro-batch. Every multi-rank step ends with the J all-reduce."""
+    from partition.plans.stages import plan_stages
+    from partition.plans.tensor import plan_layers, tensor_calls
+    from partition.plans.traffic import METRIC_BYTES, ring_wire_bytes
+
+    name, P, M = cfg.strategy.name, cfg.ranks, cfg.train.microbatches
+    item, B = ITEM[cfg.train.dtype], cfg.train.batch_size
+    metric = links.collective(ring_wire_bytes("all_reduce", METRIC_BYTES, P), P)
+    if name == "pipeline":
+        plan = plan_stages(cfg.spec, schedule.stages, cfg.strategy.balance)
+
+        def transfer(m: Message) -> float:
+            return links.p2p(B // M * cfg.model.dims[plan[max(m.from_stage, m.to_stage)][0]] * item)
+
+        return pipeline_ops(schedule, compute=lambda a: times[schedule.stage_rank[a.stage]][
+            f"s{a.stage}:{a.kind}"], transfer=transfer, tail=lambda r: times[r]["update"],
+            metric=metric)
+    ops: list[Op] = []
+    for r in range(P):
+        t = times[r]
+        if name in ("single", "data"):
+            for m in range(M):
+                ops.append(Op(r, "compute", f"F{m}", t["F"], args={"kind": "F", "mb": m}))
+                ops.append(Op(r, "compute", f"B{m}", t["B"], args={"kind": "B", "mb": m}))
+            if name == "data" and P > 1:
+                n = _params(cfg) * item
+                ops.append(Op(r, "comm", "all_reduce weight_grad",
+                              links.collective(ring_wire_bytes("all_reduce", n, P), P),
+                              sync="weight_grad", args={"role": "weight_grad"}))
+        elif name == "tensor":
+            shards = plan_layers(cfg.strategy.layout, cfg.model.dims, P, r)
+            calls = tensor_calls(cfg.strategy.layout, cfg.model.dims, world=P, rank=r, batch=B,
+                                 micro=M, itemsize=item)[:-1]
+            at = 0
+
+            def comm(m: int) -> None:
+                nonlocal at
+                c = calls[at]
+                ops.append(Op(r, "comm", f"{c.op} {c.role}", links.collective(c.wire, P),
+                              sync=f"{m}:{at}", args={"role": c.role}))
+                at += 1
+
+            for m in range(M):
+                for s in shards:
+                    ops.append(Op(r, "compute", f"F{s.layer}", t[f"F{s.layer}"],
+                                  args={"kind": "F", "layer": s.layer, "mb": m}))
+                    if P > 1 and (s.kind == "row" or s.kind == "rowwise"):
+                        comm(m)
+                ops.append(Op(r, "compute", "loss", t["loss"], args={"kind": "loss", "mb": m}))
+                for i in range(len(shards) - 1, -1, -1):
+                    s = shards[i]
+                    ops.append(Op(r, "compute", f"B{s.layer}", t[f"B{s.layer}"],
+                                  args={"kind": "B", "layer": s.layer, "mb": m}))
+                    if P > 1 and i > 0 and s.kind in ("column", "rowwise") and not (
+                            s.kind == "column" and s.layer == 0):
+                        comm(m)
+        else:
+            raise ValueError(f"no simulation for strategy {name!r}")
+        ops.append(Op(r, "compute", "update", t["update"], args={"kind": "update"}))
+        if P > 1:
+            ops.append(Op(r, "comm", "all_reduce metric", metric, sync="metric",
+                          args={"role": "metric"}))
+    return ops
+
+
+def _params(cfg) -> int:  # noqa: ANN001
+    from partition.plans.data import param_count
+
+    return param_count(cfg.spec)
