@@ -298,7 +298,8 @@ def test_pipeline_measured_equals_predicted(P):
 
 def test_done_when_pipeline_stage_params():
     d, h, q = 784, 2048, 10
-    cd = config_dict(strategy="pipeline", world_size=2, **{**SEED, "train.steps": 1})
+    cd = config_dict(strategy="pipeline", world_size=2,
+                     **{**SEED, "train.steps": 1, "train.warmup_steps": 0})
     out = spawn(_ranks_run, 2, [cd], timeout=240)
     assert [o[0][0].memory["params_bytes"] for o in out] == [d * h * 4, h * q * 4]
 
