@@ -23,13 +23,16 @@ Time is still the simple model (FLOPs ÷ rate, stretched by the ideal bubble, pl
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 from partition.comm import CommRecord, summarize
 from partition.config import RunConfig
 from partition.plans.data import data_calls, data_rows
 from partition.plans.schedule import (
+    NAMED,
     Message,
+    Schedule,
     eager_sends,
     gpipe_bubble,
     in_flight,
@@ -70,7 +73,14 @@ class LocalLayer:
 
 
 def _schedule(cfg: RunConfig):  # noqa: ANN202 - plans.schedule.Schedule
+    if cfg.strategy.schedule in NAMED:  # built and validated once: every rank's formulas read it
+        return _named_schedule(cfg.strategy.schedule, cfg.world_size, cfg.train.microbatches)
     return load_schedule(cfg.strategy.schedule, world=cfg.world_size, micro=cfg.train.microbatches)
+
+
+@lru_cache(maxsize=16)
+def _named_schedule(name: str, world: int, micro: int):  # noqa: ANN202
+    return load_schedule(name, world=world, micro=micro)
 
 
 def stage_layers(cfg: RunConfig, rank: int) -> list[LocalLayer]:
@@ -424,6 +434,11 @@ def tail_bytes(cfg: RunConfig, rank: int) -> int:
     return w + input_bytes(cfg, rank) + (_loss_gradient(cfg, rank) if last else 0)
 
 
+@lru_cache(maxsize=16)
+def _eager_sends(sched: Schedule) -> bool:
+    return eager_sends(sched)  # plays every rank's list: once per schedule, not per rank
+
+
 def _pipeline_moments(cfg: RunConfig, rank: int) -> dict[str, int]:
     """A pipeline rank's largest `backward` and `hand-off` live sets beyond state and the
     data batch, read off its action list. At each action: the activations of the
@@ -445,7 +460,7 @@ def _pipeline_moments(cfg: RunConfig, rank: int) -> dict[str, int]:
     r, item, q = _rows(cfg, rank), ITEMSIZE[cfg.train.dtype], cfg.model.dims[-1]
     kept_mb = _kept_per_microbatch(cfg, rank)
     transient = {s: backward_transient(cfg, rank, s) for s in kept_mb}
-    eager = eager_sends(sched)
+    eager = _eager_sends(sched)
     live = dict.fromkeys(kept_mb, 0)  # micro-batches in flight per stage (F until B or W)
     held: list[int] = []
     local: dict[Message, int] = {}
