@@ -259,8 +259,13 @@ def test_memory_is_the_closed_form(runs):
             # the dry run is the real runner: measured = dry run, to the byte
             dry = costs.rank_cost(cfg, r).memory()
             for k in ("params_bytes", "grads_bytes", "optimizer_bytes", "gathered_bytes",
-                      "activations_bytes", "peak_bytes"):
+                      "activations_bytes"):
                 assert m[k] == dry[k], (name, P, r, k, m[k], dry[k])
+            # The peak: gloo's worker thread can let go of a collective's buffer after the
+            # call returns (seen: 96 B on one rank of a 3-layer net), so a real run may
+            # exceed the dry run by at most the largest buffer it hands a collective.
+            largest = max((x.collective for x in rr["records"] if x.step == 1), default=0)
+            assert 0 <= m["peak_bytes"] - dry["peak_bytes"] <= largest, (name, P, r)
 
 
 def test_seed_stage3_holds_a_quarter_at_p4(runs):
