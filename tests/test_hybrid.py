@@ -309,7 +309,8 @@ def test_predict_shows_bytes_per_dimension():
 
 
 def test_the_report_has_bytes_per_dimension(tmp_path):
-    from partition.report import build_table, write_report
+    from partition.plots import bytes_by_dim_figure
+    from partition.report import build_table
 
     def result(name, by_dim):
         return {"path": str(tmp_path / name), "status": "ok",
@@ -325,5 +326,7 @@ def test_the_report_has_bytes_per_dimension(tmp_path):
     assert list(df["variant"]) == ["dp1×pp2×tp2", "dp1×pp2×tp2"]
     assert [df[c].tolist() for c in ("dp_bytes", "pp_bytes", "tp_bytes")] == [
         [0, 960], [384, 0], [640, 0]]
-    rep = write_report(df, str(tmp_path / "report"))
-    assert str(tmp_path / "report" / "bytes_by_dim.png") in rep.files
+    path = str(tmp_path / "bytes_by_dim.png")
+    assert bytes_by_dim_figure(df, path) == path and (tmp_path / "bytes_by_dim.png").stat().st_size
+    one_d = df.assign(dp_bytes=None, pp_bytes=None, tp_bytes=None)
+    assert bytes_by_dim_figure(one_d, path) is None  # no mesh, no figure

@@ -85,7 +85,7 @@ class HybridRunner(PipelineRunner):
                  full: dict[str, torch.Tensor]) -> None:
         if cfg.strategy.dp_shard:
             raise ValueError("strategy.dp_shard=true: the sharded data dimension (fsdp) is "
-                             "not built on this branch")
+                             "not built yet (strategy=fsdp is the 1-D form)")
         self.mesh = config_mesh(cfg)
         self.global_topo = topo
         self.coords = self.mesh.coords(topo.rank)
