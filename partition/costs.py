@@ -447,9 +447,9 @@ def _pipeline_moments(cfg: RunConfig, rank: int) -> dict[str, int]:
 
     Boundary buffers, each one micro-batch of a boundary width (r·n_k·b):
       G         a B's incoming dJ/d(output), held through the stage's backward
-      held      sent buffers still referenced: with eager sends the last one (the wait
-                loop's variable holds it until the next send completes), otherwise every
-                send of the step (waited for at its end)
+      held      sent buffers not yet waited for: none with eager sends (each is waited for
+                and freed right after the next receive is posted), otherwise every send of
+                the step (waited for at its end)
       local     outputs handed to a stage on the same rank, until it takes them
       posted    the receive posted for the next action, as soon as this one is done
     An F's received input is not a term of its own: it is the first layer's kept x.
@@ -506,7 +506,7 @@ def _pipeline_moments(cfg: RunConfig, rank: int) -> dict[str, int]:
         hand_off = max(hand_off, kept() + loss_grads() + sent + sum(held) + sum(local.values())
                        + posted)
         if sent:
-            held = [sent] if eager else [*held, sent]
+            held = [] if eager else [*held, sent]
     return {"backward": backward, "hand-off": hand_off}
 
 
@@ -581,8 +581,9 @@ def formula_deviation(cfg: RunConfig) -> list[dict[str, Any]]:
         if d.same_as:
             continue
         f = formula(cfg, d.rank)
-        row: dict[str, Any] = {"rank": d.rank, "count": d.count,
-                               "moment": peak_terms(cfg, d.rank)["moment"]}
+        moment = ("floor (plans/fsdp.py)" if cfg.strategy.name == "fsdp"
+                  else peak_terms(cfg, d.rank)["moment"])
+        row: dict[str, Any] = {"rank": d.rank, "count": d.count, "moment": moment}
         for k in _DEVIATION_KEYS:
             row[k] = (d.memory[k], f[k], rel_err(f[k], d.memory[k]))
         for k in _DEVIATION_COMM:

@@ -138,14 +138,13 @@ class PipelineRunner:
                 nxt = needs(self.actions[i + 1], S)
                 if self._remote(nxt) and nxt not in self._posted:
                     self._posted[nxt] = self._post(nxt)
-            if self.eager:
-                for p in sends:
-                    self.comm.wait_send(p)
-                sends.clear()
+            if self.eager:  # popped, so no name keeps the sent buffer alive after its wait
+                while sends:
+                    self.comm.wait_send(sends.pop(0))
             self._in_flight_max = max(self._in_flight_max,
                                       sum(st.in_flight for st in self.stages.values()))
-        for p in sends:
-            self.comm.wait_send(p)
+        while sends:
+            self.comm.wait_send(sends.pop(0))
         assert not self._local and not self._posted and not self._dloss
         assert all(st.idle() for st in self.stages.values())
 
