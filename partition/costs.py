@@ -27,7 +27,7 @@ from typing import Any
 from partition.comm import CommRecord, summarize
 from partition.config import RunConfig
 from partition.plans.data import data_calls, data_rows
-from partition.plans.schedule import gpipe_bubble, in_flight, load_schedule, transfers
+from partition.plans.schedule import in_flight, load_schedule, transfers
 from partition.plans.split import piece_sizes, split_evenly, width
 from partition.plans.stages import plan_stages
 from partition.plans.tensor import plan_layers, tensor_calls
@@ -60,7 +60,8 @@ class LocalLayer:
 
 
 def _schedule(cfg: RunConfig):  # noqa: ANN202 - plans.schedule.Schedule
-    return load_schedule(cfg.strategy.schedule, world=cfg.world_size, micro=cfg.train.microbatches)
+    return load_schedule(cfg.strategy.schedule, world=cfg.world_size, micro=cfg.train.microbatches,
+                         virtual=cfg.strategy.virtual_stages)
 
 
 def stage_layers(cfg: RunConfig, rank: int) -> list[LocalLayer]:
@@ -207,10 +208,15 @@ def rank_flops(cfg: RunConfig, rank: int) -> dict[str, int]:
 
 
 def bubble_fraction(cfg: RunConfig) -> float:
-    """Ideal idle share of a pipeline step with equal stages: (P−1)/(M+P−1) (GPipe, 1F1B)."""
+    """Ideal idle share of a pipeline step: the schedule's action lists simulated with equal
+    stages, F = I = W (B = 2F) and free communication, averaged over the ranks —
+    (P−1)/(M+P−1) for GPipe and 1F1B (simulate.ideal_idle)."""
     if cfg.strategy.name != "pipeline":
         return 0.0
-    return gpipe_bubble(cfg.world_size, cfg.train.microbatches)
+    from partition.simulate import ideal_idle
+
+    idle = ideal_idle(_schedule(cfg))
+    return sum(idle) / len(idle)
 
 
 def in_flight_per_stage(cfg: RunConfig, rank: int) -> dict[int, int]:
@@ -245,10 +251,32 @@ def _kept_per_microbatch(cfg: RunConfig, rank: int) -> dict[int, int]:
     return out
 
 
+def _kept_for_weight_grad(cfg: RunConfig, rank: int) -> dict[int, int]:
+    """Per stage, bytes one micro-batch keeps from its I to its W (a deferred weight
+    gradient): every layer's input x (but the data batch) and its dJ/dz, z freed."""
+    item, rows = ITEMSIZE[cfg.train.dtype], _rows(cfg, rank)
+    out: dict[int, int] = {}
+    for lay in stage_layers(cfg, rank):
+        n = (lay.n_in if lay.index > 0 else 0) + lay.n_out
+        out[lay.stage] = out.get(lay.stage, 0) + rows * n * item
+    return out
+
+
 def kept_activation_bytes(cfg: RunConfig, rank: int) -> int:
-    """The kept-activation peak: Σ over stages of micro-batches in flight × what each keeps."""
-    flight = in_flight_per_stage(cfg, rank)
-    return sum(flight.get(s, 1) * n for s, n in _kept_per_microbatch(cfg, rank).items())
+    """The kept-activation peak. A pipeline rank walks its action list: F keeps what a
+    micro-batch keeps for backward, I trades it for what the deferred W needs, W and B free
+    it; the peak of that running sum (with F and B only, and one stage per rank: micro-batches
+    in flight × what each keeps). Elsewhere one micro-batch's worth."""
+    kf = _kept_per_microbatch(cfg, rank)
+    if cfg.strategy.name != "pipeline":
+        return sum(kf.values())
+    kw = _kept_for_weight_grad(cfg, rank)
+    live = peak = 0
+    for a in _schedule(cfg).ranks[rank]:
+        live += {"F": kf[a.stage], "B": -kf[a.stage], "I": kw[a.stage] - kf[a.stage],
+                 "W": -kw[a.stage]}[a.kind]
+        peak = max(peak, live)
+    return peak
 
 
 def input_bytes(cfg: RunConfig, rank: int) -> int:
