@@ -484,6 +484,16 @@ def in_flight(actions: Iterable[Action]) -> dict[int, int]:
     return peak
 
 
+def held_at_once(actions: Iterable[Action]) -> int:
+    """The most micro-batches a rank holds at once over all its stages, each from its F
+    until its B or W: what the runtime reports as `in_flight_max`."""
+    live = peak = 0
+    for a in actions:
+        live += 1 if a.kind == "F" else -1 if a.kind in ("B", "W") else 0
+        peak = max(peak, live)
+    return peak
+
+
 def max_in_flight(actions: Sequence[Action]) -> int:
     return max(in_flight(actions).values(), default=0)
 
