@@ -153,7 +153,7 @@ def to_markdown(df: pd.DataFrame) -> str:
         lines.append(f"| {r['run']} | {r['schedule']} | {r['P']} | {r['M']} | {r['v']} | {step} | "
                      f"{_pct(r['idle_measured'])} | {_pct(r['idle_simulated'])} | "
                      f"{_pct(r['idle_paper'])} | {_pct(r['idle_ideal'])} | {diff} | {kib} | "
-                     f"{r['bytes_per_step']:,} |")
+                     f"{'—' if r['bytes_per_step'] is None else format(r['bytes_per_step'], ',')} |")
     return "\n".join(lines)
 
 
@@ -173,7 +173,7 @@ def write_figure(df: pd.DataFrame, path: str) -> str | None:
                              sharey=True)
     cols = [("idle_measured", "measured (ranks[].timing)"),
             ("idle_simulated", "simulated (simulate.py, FLOP-proportional)"),
-            ("idle_paper", "paper formula (equal F = I = W)")]
+            ("idle_paper", "paper formula (solid); unit F = I = W simulated (dashed)")]
     for i, P in enumerate(Ps):
         sub = ok[ok["P"] == P]
         for j, (col, title) in enumerate(cols):
@@ -185,6 +185,11 @@ def write_figure(df: pd.DataFrame, path: str) -> str | None:
                 if pts:
                     ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], "o-",
                             color=f"C{ORDER.index(s)}", label=s)
+                if col == "idle_paper":  # the exact action lists, equal stages, free comm
+                    ideal = [(m, y) for m, y in zip(g["M"], g["idle_ideal"], strict=True)
+                             if y is not None]
+                    ax.plot([p[0] for p in ideal], [100 * p[1] for p in ideal], "s--",
+                            mfc="none", color=f"C{ORDER.index(s)}")
             ax.set_xscale("log", base=2)
             ax.set_xticks(sorted(sub["M"].unique()), [str(m) for m in sorted(sub["M"].unique())])
             ax.set_title(f"P={P}: {title}", fontsize=9)
@@ -199,6 +204,54 @@ def write_figure(df: pd.DataFrame, path: str) -> str | None:
     return path
 
 
+_COLORS = {"F": "#4c72b0", "B": "#dd8452", "I": "#55a868", "W": "#8172b3"}
+
+
+def write_timelines(results: list[dict[str, Any]], path: str) -> str | None:
+    """The simulated timeline (as `schedule_row` simulates it) of every `ok` run with
+    M = 2P at the smallest P: ranks as rows, F / B / I / W as coloured spans labelled by
+    stage and micro-batch, white where the rank waits."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = []
+    for res in results:
+        row = schedule_row(res)
+        if row and row["status"] == "ok" and row["M"] == 2 * row["P"] and row["idle_simulated"]:
+            runs.append((row, res))
+    if not runs:
+        return None
+    P0 = min(r["P"] for r, _ in runs)
+    runs = sorted([x for x in runs if x[0]["P"] == P0],
+                  key=lambda x: ORDER.index(x[0]["schedule"]) if x[0]["schedule"] in ORDER else 99)
+    fig, axes = plt.subplots(len(runs), 1, figsize=(13, 0.6 + 0.55 * P0 * len(runs) + 0.4 * len(runs)),
+                             squeeze=False)
+    for ax, (row, res) in zip(axes[:, 0], runs, strict=True):
+        tl = simulated_timeline(res)
+        for sp in tl.spans:
+            if sp.kind != "compute" or "kind" not in sp.args or sp.args["kind"] == "update":
+                continue
+            ax.barh(sp.rank, (sp.end - sp.start) * 1e3, left=sp.start * 1e3, height=0.8,
+                    color=_COLORS[sp.args["kind"]], edgecolor="white", linewidth=0.5)
+            if (sp.end - sp.start) / max(tl.step_time, 1e-12) > 0.012:
+                ax.text((sp.start + sp.end) / 2 * 1e3, sp.rank, sp.label, ha="center",
+                        va="center", fontsize=6, color="white")
+        ax.set_yticks(range(P0), [f"rank {r}" for r in range(P0)], fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlim(0, tl.step_time * 1e3)
+        idle = " / ".join(f"{100 * x:.0f}" for x in row["idle_simulated"])
+        meas = " / ".join(f"{100 * x:.0f}" for x in row["idle_measured"])
+        ax.set_title(f"{row['schedule']}  P={P0} M={row['M']}: simulated idle {idle} %, "
+                     f"measured {meas} %", fontsize=9, loc="left")
+    axes[-1, 0].set_xlabel("ms (simulated step; F blue, B orange, I green, W purple)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def write_schedule_report(results: list[dict[str, Any]], out: str) -> str:
     """schedules.csv, schedules.md and idle_vs_microbatches.png in `out`; returns the text
     the entry point prints."""
@@ -207,6 +260,7 @@ def write_schedule_report(results: list[dict[str, Any]], out: str) -> str:
     csv_path = os.path.join(out, "schedules.csv")
     df.to_csv(csv_path, index=False)
     fig = write_figure(df, os.path.join(out, "idle_vs_microbatches.png")) if len(df) else None
+    tls = write_timelines(results, os.path.join(out, "timelines.png"))
     md = ["# Pipeline schedules: idle fraction, memory and bytes", "", to_markdown(df), "",
           "Idle fraction per rank = 1 − compute / step time. measured: ranks[].timing; "
           "simulated: the action lists in partition/simulate.py with each rank's measured "
@@ -217,8 +271,12 @@ def write_schedule_report(results: list[dict[str, Any]], out: str) -> str:
           "gradients sent, all ranks.", ""]
     if fig:
         md.append(f"![idle fraction against M]({os.path.basename(fig)})")
+    if tls:
+        md += ["", "Simulated timelines at M = 2P (measured per-action spans are not recorded "
+               "yet; the runs record per-step compute and communication time only):", "",
+               f"![simulated timelines]({os.path.basename(tls)})"]
     md_path = os.path.join(out, "schedules.md")
     with open(md_path, "w") as fh:
         fh.write("\n".join(md) + "\n")
-    files = [csv_path, md_path] + ([fig] if fig else [])
+    files = [csv_path, md_path] + [p for p in (fig, tls) if p]
     return to_markdown(df) + "\n\nwrote " + ", ".join(files)
