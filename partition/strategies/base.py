@@ -8,6 +8,7 @@ from typing import Protocol
 import torch
 
 from partition.model import Grads, Layer, add_decay, tensors_bytes, to_float
+from partition.trace import maybe_span
 
 
 @dataclass
@@ -19,9 +20,9 @@ class StepOut:
     correct: int | None  # examples classified right (cross-entropy only)
     grads: list[Grads] | None = None  # copies of the final gradients, when asked (grad check)
     in_flight_max: int = 0  # most micro-batches whose activations were held at once
-    # Seconds in local arithmetic. None: the step's wall time less the time inside the
-    # ledger's communication calls (train.py), the one definition for the explicit engine;
-    # the torch engines, whose crossings the ledger does not time, set it themselves.
+    # Seconds in local arithmetic. None: the sum of the step's compute spans (trace.Tracer,
+    # train.py), the one definition for the explicit engine; the torch engines, whose
+    # work the tracer does not see, set it themselves.
     compute_s: float | None = None
     extra: dict = field(default_factory=dict)
 
@@ -68,7 +69,7 @@ def sq_norm(layers: list[Layer]) -> float:
 def finish_step(*, layers: list[Layer], grads: list[Grads], counted: list[Layer], opt,  # noqa: ANN001
                 weight_decay: float, comm, loss_sum: float, correct: int,  # noqa: ANN001
                 batch: int, want_grads: bool, cross_entropy: bool,
-                in_flight_max: int, device: torch.device) -> StepOut:
+                in_flight_max: int, device: torch.device, tracer=None) -> StepOut:  # noqa: ANN001
     """The step tail every runner shares, after its gradients are complete (and reduced).
 
     s = λ/2 Σ‖W‖² from the weights before the update (`counted`: the layers this rank
@@ -76,10 +77,11 @@ def finish_step(*, layers: list[Layer], grads: list[Grads], counted: list[Layer]
     final gradients for the check, the optimizer update, and J's reduction over the group
     (role `metric`: [this rank's loss sum, its Σ‖W‖², its correct count] in float64).
     """
-    sq = sq_norm(counted)
-    add_decay(layers, grads, weight_decay)
-    copies = [g.clone() for g in grads] if want_grads else None
-    opt.step(layers, grads)
+    with maybe_span(tracer, "update", kind="update"):
+        sq = sq_norm(counted)
+        add_decay(layers, grads, weight_decay)
+        copies = [g.clone() for g in grads] if want_grads else None
+        opt.step(layers, grads)
     if comm is not None:
         loss_sum, sq, correct = reduce_metric(comm, loss_sum, sq, correct, device=device)
     L = loss_sum / batch

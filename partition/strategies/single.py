@@ -16,6 +16,7 @@ from partition.model import SGD, Layer, make_layer
 from partition.strategies.base import StepOut, finish_step, state_bytes
 from partition.strategies.stage import Stage
 from partition.topology import Topology
+from partition.trace import maybe_span
 
 
 class SingleRunner:
@@ -28,6 +29,7 @@ class SingleRunner:
                                     for l in range(self.spec.num_layers)]
         self.stage = Stage(self.spec, self.layers)
         self.opt = SGD(cfg.train.lr, cfg.train.momentum)
+        self.tracer = None  # a trace.Tracer, set by the train loop
 
     def _batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         t = self.cfg.train
@@ -41,10 +43,12 @@ class SingleRunner:
         st.start_step()
         loss_total, correct_total = 0.0, 0
         for m, (xm, ym) in enumerate(zip(X.chunk(M), y.chunk(M))):
-            o = st.forward(xm, m)
-            ls, c, g = st.loss(o, ym, B)
-            del o
-            st.backward(g, m, need_input_grad=False)
+            with maybe_span(self.tracer, f"F{m}", kind="F", mb=m):
+                o = st.forward(xm, m)
+                ls, c, g = st.loss(o, ym, B)
+                del o
+            with maybe_span(self.tracer, f"B{m}", kind="B", mb=m):
+                st.backward(g, m, need_input_grad=False)
             loss_total += ls
             correct_total += c or 0
         del X, y
@@ -52,7 +56,8 @@ class SingleRunner:
                            weight_decay=self.spec.weight_decay, comm=None, loss_sum=loss_total,
                            correct=correct_total, batch=B, want_grads=want_grads,
                            cross_entropy=self.spec.loss == "cross_entropy",
-                           in_flight_max=st.in_flight_max, device=self.topo.device)
+                           in_flight_max=st.in_flight_max, device=self.topo.device,
+                           tracer=self.tracer)
 
     def predict(self, step: int, *, exchange: bool = True) -> torch.Tensor:
         X, _ = self._batch(step)

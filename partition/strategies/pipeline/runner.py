@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from partition.comm import Comm, PendingRecv, PendingSend
+from partition.comm import Comm, Pending
 from partition.config import RunConfig
 from partition.data import Dataset
 from partition.model import SGD, Layer, make_layer
@@ -41,6 +41,7 @@ from partition.plans.stages import plan_stages
 from partition.strategies.base import StepOut, finish_step, state_bytes
 from partition.strategies.stage import Stage
 from partition.topology import Topology
+from partition.trace import maybe_span
 
 _PHASE = {"activation": "forward", "activation_grad": "backward"}
 
@@ -74,6 +75,7 @@ class PipelineRunner:
         self._sent_order = sent_order(self.schedule, topo.rank)
         self.first = 0 in self.stages
         self.last = self.schedule.stages - 1 in self.stages
+        self.tracer = None  # a trace.Tracer, set by the train loop
 
     def memory_stages(self) -> list[Stage]:
         """For memory.py: the stages that keep activations and hold the grads."""
@@ -133,11 +135,14 @@ class PipelineRunner:
     def _run(self) -> None:
         S = self.schedule.stages
         self._local: dict[Message, torch.Tensor] = {}
-        self._posted: dict[Message, PendingRecv] = {}
+        self._posted: dict[Message, Pending] = {}
         self._order = ReceiveOrder(self._sent_order, self.schedule.stage_rank)
-        sends: list[PendingSend] = []
+        sends: list[Pending] = []
         for i, a in enumerate(self.actions):
-            out = self._compute(a, self._input(a))
+            x = self._input(a)
+            with maybe_span(self.tracer, str(a), stage=a.stage, kind=a.kind, mb=a.mb):
+                out = self._compute(a, x)
+            del x
             msg = produces(a, S)
             if msg is not None and out is not None:
                 if self._remote_to(msg):
@@ -194,7 +199,8 @@ class PipelineRunner:
                            comm=self.comm, loss_sum=self._loss, correct=self._correct,
                            batch=self.cfg.train.batch_size, want_grads=want_grads,
                            cross_entropy=self.spec.loss == "cross_entropy",
-                           in_flight_max=self._in_flight_max, device=self.topo.device)
+                           in_flight_max=self._in_flight_max, device=self.topo.device,
+                           tracer=self.tracer)
 
     def predict(self, step: int, *, exchange: bool = True) -> torch.Tensor | None:
         """A prediction forward through the pipeline (no micro-batching, nothing kept).
@@ -205,7 +211,7 @@ class PipelineRunner:
         B = self.cfg.train.batch_size
         S = self.schedule.stages
         out: torch.Tensor | None = None
-        sends: list[PendingSend] = []
+        sends: list[Pending] = []
         for s, st in sorted(self.stages.items()):
             width = self.spec.dims[self.plan[s][0]]
             if s == 0:

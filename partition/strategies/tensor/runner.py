@@ -33,6 +33,7 @@ from partition.plans.split import split_evenly
 from partition.plans.tensor import LayerShard, plan_layers
 from partition.strategies.base import StepOut, finish_step, state_bytes
 from partition.topology import Topology
+from partition.trace import maybe_span
 
 
 class TensorRunner:
@@ -60,6 +61,7 @@ class TensorRunner:
         # A memory tracker (memory.StorageTracker) while one measures a phase: this runner
         # plays the part of a `Stage` for it (it keeps its own caches and holds the grads).
         self.probe = None
+        self.tracer = None  # a trace.Tracer, set by the train loop
 
     def memory_stages(self) -> list[TensorRunner]:
         """For memory.py: the objects that hold the grads and take `probe` (here, self)."""
@@ -116,13 +118,16 @@ class TensorRunner:
         for layer, sh, splits in zip(self.layers, self.plan, self.splits, strict=True):
             # column: (mb, n_in) -> (mb, |R_r|); row: (mb, |R_r|) -> (mb, n_out) partial;
             # replicated: (mb, n_in) -> (mb, n_out); rowwise: (mb, n_in) -> (mb, |R_r|)
-            z = linear(x, layer)
+            name = f"F{layer.index}"
+            with maybe_span(self.tracer, name, kind="F", layer=layer.index):
+                z = linear(x, layer)
             if sh.kind == "row":
                 z = self._all_reduce(z, role="partial_output", phase="forward",
                                      exchange=exchange)
-            if keep:
-                caches.append(Cache(x, None if layer.index == last else z))
-            h = z if layer.index == last else activation_forward(self.spec.activation, z)
+            with maybe_span(self.tracer, name, kind="F", layer=layer.index):
+                if keep:
+                    caches.append(Cache(x, None if layer.index == last else z))
+                h = z if layer.index == last else activation_forward(self.spec.activation, z)
             x = self._gather(h, splits, exchange=exchange) if sh.kind == "rowwise" else h
         if keep and self.probe is not None:
             self.probe.kept(caches, holds_input=True)
@@ -133,13 +138,14 @@ class TensorRunner:
         last = self.spec.num_layers - 1
         for i in range(len(self.layers) - 1, -1, -1):
             layer, sh, cache = self.layers[i], self.plan[i], caches[i]
-            if layer.index == last:
-                # rowwise: this rank's output columns of the whole dJ/do
-                dz = g[:, slice(*sh.rows)] if sh.kind == "rowwise" else g
-            else:
-                dz = activation_backward(self.spec.activation, cache.z, g)
-            dx = linear_backward(dz, cache.x, layer, self.grads[i], need_input_grad=i > 0)
-            caches[i] = None  # type: ignore[call-overload]  # free as we go
+            with maybe_span(self.tracer, f"B{layer.index}", kind="B", layer=layer.index):
+                if layer.index == last:
+                    # rowwise: this rank's output columns of the whole dJ/do
+                    dz = g[:, slice(*sh.rows)] if sh.kind == "rowwise" else g
+                else:
+                    dz = activation_backward(self.spec.activation, cache.z, g)
+                dx = linear_backward(dz, cache.x, layer, self.grads[i], need_input_grad=i > 0)
+                caches[i] = None  # type: ignore[call-overload]  # free as we go
             if dx is None:
                 break
             if sh.kind == "column":
@@ -166,10 +172,11 @@ class TensorRunner:
         ce = self.spec.loss == "cross_entropy"
         for xm, ym in zip(X.chunk(M), y.chunk(M), strict=True):
             o, caches = self._forward(xm, keep=True)
-            loss_total += to_float(loss_sum(self.spec.loss, o, ym))
-            correct += correct_count(o, ym) if ce else 0
-            g = loss_grad(self.spec.loss, o, ym, B)
-            del o
+            with maybe_span(self.tracer, "loss", kind="loss"):
+                loss_total += to_float(loss_sum(self.spec.loss, o, ym))
+                correct += correct_count(o, ym) if ce else 0
+                g = loss_grad(self.spec.loss, o, ym, B)
+                del o
             self._backward(caches, g)
         del X, y
         # λW is local to each shard. The loss is the same on every rank (each has the whole
@@ -179,7 +186,7 @@ class TensorRunner:
                            opt=self.opt, weight_decay=self.spec.weight_decay, comm=self.comm,
                            loss_sum=loss_total if mine else 0.0, correct=correct if mine else 0,
                            batch=B, want_grads=want_grads, cross_entropy=ce, in_flight_max=1,
-                           device=self.topo.device)
+                           device=self.topo.device, tracer=self.tracer)
 
     def predict(self, step: int, *, exchange: bool = True) -> torch.Tensor:
         """A prediction forward (nothing kept); the whole output is on every rank.
