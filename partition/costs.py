@@ -31,7 +31,6 @@ from partition.plans.data import data_calls, data_rows
 from partition.plans.schedule import (
     Message,
     eager_sends,
-    gpipe_bubble,
     in_flight,
     load_schedule,
     needs,

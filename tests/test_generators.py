@@ -335,3 +335,84 @@ def test_schedule_command_prints_the_v_and_writes_its_csv(tmp_path):
     assert "zbv: 2 ranks, 4 stages, 4 micro-batches; 2 of 50 slots idle" in out.stdout
     assert from_csv(path.read_text(), name="p", world=2, micro=4) == named_schedule(
         "zbv", world=2, micro=4)
+
+
+# ---------------------------------------------------------------- the schedules experiment
+
+
+def test_schedules_experiment_cases():
+    from omegaconf import OmegaConf
+
+    from experiments.cli import compose_config
+    from experiments.compare import _parse, expand_cases
+
+    spec = OmegaConf.to_container(compose_config(["experiment=schedules"]).compare)
+    assert spec["out"] == "outputs/schedules" and spec["report"] == "schedules"
+    cases = expand_cases(spec, 512, 10, {c["name"]: False for c in spec["cases"]})
+    assert len(cases) == 20 and cases[0].name == "01-gpipe-P2-M2"
+    assert [c.name for c in cases if "dualpipev" in c.name] == ["19-dualpipev-P2-M4",
+                                                                "20-dualpipev-P2-M8"]
+    _, rc = _parse(["experiment=schedules", *cases[17].overrides])  # every case is valid: a
+    assert (rc.strategy.schedule, rc.world_size, rc.train.microbatches,  # slow test runs them
+            rc.strategy.virtual_stages, rc.model.dims) == ("zbv", 2, 8, 2, (256,) * 9)
+    from experiments.compare import expand_cases
+
+    spec = {"world_sizes": [2, 4], "cases": [{"name": "zbv", "microbatches_per_rank": [1, 4],
+                                              "world_sizes": [2, 4], "overrides": ["x=1"]}]}
+    assert [(c.name, c.overrides) for c in expand_cases(spec, 512, 10, {"zbv": False})] == [
+        ("01-zbv-P2-M2", ("x=1", "world_size=2", "train.microbatches=2")),
+        ("02-zbv-P2-M8", ("x=1", "world_size=2", "train.microbatches=8")),
+        ("03-zbv-P4-M4", ("x=1", "world_size=4", "train.microbatches=4")),
+        ("04-zbv-P4-M16", ("x=1", "world_size=4", "train.microbatches=16"))]
+
+
+def test_schedule_report_reads_the_runs_figures(tmp_path):
+    from partition.schedule_report import schedule_table, write_schedule_report
+
+    cfg = make_config(**BASE, **{"strategy.schedule": "zbv"})
+    res = {"status": "ok", "path": str(tmp_path / "01-zbv-P2-M4"), "config": cfg.to_dict(),
+           "train": {"step_time_s": {"median": 0.02},
+                     "idle_causes": {"schedule": 0.04, "imbalance": 0.1, "communication": 0.06}},
+           "ranks": [{"timing": {"idle_fraction": 0.3}, "memory": {"activations_bytes": 2048},
+                      "comm": {"by_role": {"activation": {"bytes": 100},
+                                           "activation_grad": {"bytes": 50},
+                                           "metric": {"bytes": 24}}}},
+                     {"timing": {"idle_fraction": 0.25}, "memory": {"activations_bytes": 1024},
+                      "comm": {"by_role": {"activation": {"bytes": 50},
+                                           "activation_grad": {"bytes": 100}}}}],
+           "predicted": {"bubble_fraction": 0.04, "step_time_s": 0.015,
+                         "ranks": [{"timing": {"idle_fraction": 0.2}},
+                                   {"timing": {"idle_fraction": 0.22}}]}}
+    df = schedule_table([res, {"config": make_config().to_dict()}])  # single: not a row
+    assert len(df) == 1
+    r = df.iloc[0]
+    assert (r["schedule"], r["P"], r["M"], r["v"]) == ("zbv", 2, 4, 2)
+    assert r["idle_measured"] == [0.3, 0.25] and r["idle_simulated"] == [0.2, 0.22]
+    assert r["max_abs_diff"] == pytest.approx(0.1)
+    assert r["idle_paper"] == 0.0 and r["bytes_per_step"] == 300
+    text = write_schedule_report([res], str(tmp_path))
+    assert "| 01-zbv-P2-M4 | zbv | 2 | 4 | 2 | 20.0 (15.0) | 30.0 / 25.0 | 20.0 / 22.0 | 0.100 |" \
+        in text
+    assert (tmp_path / "idle_vs_microbatches.png").stat().st_size > 0
+    assert (tmp_path / "schedules.csv").exists() and (tmp_path / "schedules.md").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_schedules_experiment_end_to_end_small(tmp_path):
+    """Every case of both world sizes is a valid config; two schedules run for real on a
+    small net, and the schedule table and figure are written."""
+    from experiments.compare import plan
+
+    _, both = plan(["experiment=schedules", "compare.world_sizes=[2,4]"])
+    assert len(both) == 40
+    out = tmp_path / "sch"
+    p = subprocess.run(
+        [sys.executable, "-m", "experiments.compare", "experiment=schedules", f"compare.out={out}",
+         "model.dims=[32,32,32,32,32]", "train.batch_size=64", "train.steps=3",
+         "data.num_examples=192", "compare.only=[zb1p,zbv]"],
+        cwd=ROOT, capture_output=True, text=True, timeout=800)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "| 04-zbv-P2-M2 | zbv | 2 | 2 | 2 |" in p.stdout
+    for f in ("schedules.md", "schedules.csv", "idle_vs_microbatches.png"):
+        assert (out / f).exists()
