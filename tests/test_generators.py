@@ -150,9 +150,10 @@ def test_in_flight_counts(P):
 
 def test_when_the_runtime_may_wait_for_each_send_at_once():
     """ZB-H1 keeps 1F1B's property that a send may be waited for at once (its buffer freed
-    as a blocking send would); with several stages per rank a rank sends to a neighbour
-    that is itself waiting to send to it, so those sends are waited for at the end of the
-    step, as torch's runtime always does. Pinned: the runtime's memory depends on it."""
+    as a blocking send would); with several stages per rank two neighbours would each
+    wait for a send whose receive the other posts only later (interleaved, P=2: 2B0's and
+    3B1's gradients), so those sends are waited for at the end of the step, as torch's
+    runtime always does. Pinned: the runtime's memory depends on it."""
     for P in (2, 3, 4):
         for M in (P, 2 * P, 4 * P):
             assert eager_sends(named_schedule("zb1p", world=P, micro=M))
@@ -228,6 +229,26 @@ def test_ideal_idle_is_the_closed_form_for_gpipe_and_1f1b():
 
 
 DEEP = [24, 20, 18, 16, 14, 12, 10, 8, 6]  # 8 layers: P·v stages for P ≤ 4
+
+
+def test_zb1p_holds_1f1b_counts_but_not_1f1b_bytes():
+    """ZB-H1 keeps 1F1B's most micro-batches per rank (P, on rank 0), but every rank holds
+    min(P, M) and a deferred W keeps x and ∂J/∂z, as much as F kept: on an equal-width net
+    its later ranks, and so its peak over the ranks, hold more bytes than 1F1B's."""
+    P, M, B = 2, 4, 64
+    kw = {"strategy": "pipeline", "world_size": P, "model.dims": [32] * 5,
+          "train.batch_size": B, "train.microbatches": M, "train.dtype": "float32"}
+    zb = make_config(**kw, **{"strategy.schedule": "zb1p"})
+    one = make_config(**kw, **{"strategy.schedule": "1f1b"})
+    kept = {c.strategy.schedule: [costs.kept_activation_bytes(c, r) for r in range(P)]
+            for c in (zb, one)}
+    rows, n = B // M, 32
+    # rank 0 (layers 0, 1): z0, x1 and z1 per micro-batch either way, P of them
+    assert kept["1f1b"][0] == kept["zb1p"][0] == P * rows * 3 * n * 4
+    # rank 1 (layers 2, 3): F keeps x2, z2, x3; after I, x2, dz2, x3 and dz3 = dJ/do
+    assert kept["1f1b"][1] == 1 * rows * 3 * n * 4
+    assert kept["zb1p"][1] == P * rows * 4 * n * 4 > max(kept["1f1b"])
+    assert [d.memory["activations_bytes"] for d in dry_run(zb)] == kept["zb1p"]
 
 
 @pytest.mark.parametrize("name", NEW)

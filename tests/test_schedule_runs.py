@@ -35,7 +35,7 @@ TOL = 1e-12
 C10D = {"send": "send", "recv_": "recv", "allreduce_": "all_reduce"}
 
 
-def _cases(P: int, M: int, engine: str, csv: str | None) -> list[dict]:
+def _cases(P: int, M: int, engine: str, csvs: list[str]) -> list[dict]:
     dims = [14, 12, 11, 10, 9, 8, 7, 6, 5][: 2 * P + 1]  # 2P layers: P·2 stages at most
     base = {"strategy": "pipeline", "world_size": P, "engine": engine, "model.dims": dims,
             "model.bias": True, "model.weight_decay": 0.01, "train.momentum": 0.9,
@@ -44,8 +44,7 @@ def _cases(P: int, M: int, engine: str, csv: str | None) -> list[dict]:
     out = [dict(base, **{"strategy.schedule": n}) for n in NEW]
     out.append(dict(base, **{"strategy.schedule": "interleaved_1f1b",
                              "strategy.virtual_stages": 1, "model.activation": "tanh"}))
-    if csv is not None:
-        out.append(dict(base, **{"strategy.schedule": csv}))
+    out += [dict(base, **{"strategy.schedule": csv}) for csv in csvs]
     return out
 
 
@@ -143,16 +142,20 @@ def check(cases: list[dict], out: list[list[dict]], P: int) -> None:
         assert np.linalg.norm(preds[0] - y) / np.linalg.norm(y) <= TOL
 
 
-def _zbv_csv(tmp_path_factory, P: int, M: int) -> str:
-    path = tmp_path_factory.mktemp("csv") / f"zbv-P{P}.csv"
-    path.write_text(named_schedule("zbv", world=P, micro=M).to_csv())
-    return str(path)
+def _csvs(tmp_path_factory, P: int, M: int) -> list[str]:
+    """ZB-V (two stages per rank) and ZB-H1 (one, split backward) written as CSVs."""
+    out = []
+    for name in ("zbv", "zb1p"):
+        path = tmp_path_factory.mktemp("csv") / f"{name}-P{P}.csv"
+        path.write_text(named_schedule(name, world=P, micro=M).to_csv())
+        out.append(str(path))
+    return out
 
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("engine", ["explicit", "torch"])
 def test_every_schedule_is_single_device_training_on_two_ranks(engine, tmp_path_factory):
-    cases = _cases(2, 4, engine, _zbv_csv(tmp_path_factory, 2, 4) if engine == "torch" else None)
+    cases = _cases(2, 4, engine, _csvs(tmp_path_factory, 2, 4) if engine == "torch" else [])
     check(cases, spawn(_rank, 2, cases, timeout=500), 2)
 
 
@@ -160,5 +163,5 @@ def test_every_schedule_is_single_device_training_on_two_ranks(engine, tmp_path_
 @pytest.mark.timeout(1200)
 @pytest.mark.parametrize("engine", ["explicit", "torch"])
 def test_every_schedule_is_single_device_training_on_four_ranks(engine, tmp_path_factory):
-    cases = _cases(4, 8, engine, _zbv_csv(tmp_path_factory, 4, 8))
+    cases = _cases(4, 8, engine, _csvs(tmp_path_factory, 4, 8))
     check(cases, spawn(_rank, 4, cases, timeout=1100), 4)

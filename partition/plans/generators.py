@@ -183,9 +183,12 @@ def zb1p(world: int, micro: int, virtual: int = 1) -> Schedule:
     (v−1)·m + (P−1−r) forwards, then runs forward / I pairs; from its (r+1)-th pair on
     each I is followed by the oldest deferred W, and the Ws still pending fill the
     drain, where 1F1B's ranks sit idle. With one stage per rank every rank holds at
-    most min(P, M) micro-batches from F to W: 1F1B's figure on its first rank, so the
-    peak over the ranks is 1F1B's; a later rank's extra ones, past their I, keep only
-    what W needs (each layer's x and ∂J/∂z). Bubble with
+    most min(P, M) micro-batches from F to W: 1F1B's count on its first rank, where
+    1F1B's rank r holds min(P−r, M). The paper's "1F1B's activation memory" rests on
+    W keeping less than B would; here W keeps each layer's x and ∂J/∂z — as much as F
+    kept (∂J/∂z replaces z), plus the output layer's ∂J/∂o — so in bytes the later
+    ranks hold more than under 1F1B and the peak over the ranks can exceed 1F1B's
+    (tests/test_generators.py pins it). Bubble with
     equal stages and free communication: (P−1)(F+B−2W) in this project's notation
     (B = I+W; the paper writes (p−1)(T_F+T_B−T_W) with its B our I), so with
     F = I = W it is (P−1)·F, a third of 1F1B's (P−1)(F+B) = 3(P−1)·F.
