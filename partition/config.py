@@ -14,8 +14,9 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from partition.model import ACTIVATIONS, LOSSES, MLPSpec
+from partition.plans.fsdp import ZERO_STAGES
 
-STRATEGIES = ("single", "pipeline", "tensor", "data")
+STRATEGIES = ("single", "pipeline", "tensor", "data", "fsdp")
 # or the path of a compute-only .csv (plans/schedule.py); the last five in plans/generators.py
 SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "looped_bfs", "zb1p", "zbv", "dualpipev")
 LAYOUTS = ("megatron", "rowwise")
@@ -52,6 +53,8 @@ class StrategyConfig:
     # pipeline: params (None) | flops | time | layers per stage (plans/stages.py)
     balance: tuple[int, ...] | str | None = None
     layout: str = "megatron"  # tensor: megatron | rowwise
+    zero_stage: int = 3  # fsdp: 1 | 2 | 3 (what is sharded: optimizer; + grads; + params)
+    reshard_after_forward: bool = True  # fsdp stage 3: free gathered weights after forward
 
 
 @dataclass(frozen=True)
@@ -102,7 +105,7 @@ class FaultConfig:
 
 @dataclass(frozen=True)
 class CostConfig:
-    """The analytic model's machine: α + n/β per message, a compute rate (DESIGN §6).
+    """The analytic model's machine: α + n/β per message, a compute rate (docs/cost-model.md).
 
     Defaults are what a 2-core CPU box with loopback gloo showed; `calibrate` measures
     them at start-up instead (a short micro-benchmark, recorded in result.json).
@@ -142,6 +145,7 @@ class RunConfig:
     timeout_s: float = 60.0
     seed: int = 0
     memory_probe: bool = True
+    threads_per_rank: int | None = None  # intra-op threads of one rank; None = 1 on CPU
 
     @property
     def spec(self) -> MLPSpec:
@@ -266,6 +270,14 @@ def parse_bytes(key: str, v: Any) -> int | None:
     return int(n)
 
 
+def _zero_stage(v: Any) -> int:
+    stage = _int("strategy.zero_stage", v)
+    if stage not in ZERO_STAGES:
+        raise ConfigError("strategy.zero_stage", v,
+                          f"must be one of {', '.join(map(str, ZERO_STAGES))}")
+    return stage
+
+
 # ---------------------------------------------------------------- the parser
 
 
@@ -340,6 +352,9 @@ def parse_config(d: dict[str, Any]) -> RunConfig:
                                 resolve=name == "pipeline"),
         balance=_balance(balance_raw),
         layout=_choice("strategy.layout", _get(d, "strategy.layout", "megatron"), LAYOUTS),
+        zero_stage=_zero_stage(_get(d, "strategy.zero_stage", 3)),
+        reshard_after_forward=_bool("strategy.reshard_after_forward",
+                                    _get(d, "strategy.reshard_after_forward", True)),
     )
 
     init = _choice("model.init", _get(d, "model.init", "seeded"), INITS)
@@ -437,6 +452,8 @@ def parse_config(d: dict[str, Any]) -> RunConfig:
                        why="2**32 - 1 at most: the data's shuffle multiplies it into "
                            "torch's 64-bit generator seeds"),
         memory_probe=_bool("memory_probe", _get(d, "memory_probe", True)),
+        threads_per_rank=None if _get(d, "threads_per_rank", None) is None
+        else _int("threads_per_rank", _get(d, "threads_per_rank", None), min_value=1),
     )
     _check_cross(cfg)
     return cfg
@@ -540,14 +557,16 @@ def _check_cross(cfg: RunConfig) -> None:
                 raise ConfigError("strategy.balance", list(bal),
                                   f"must sum to the {L} layers of model.dims")
         _check_schedule(cfg)
-    if cfg.strategy.name == "data" and cfg.train.batch_size < cfg.world_size:
+    if cfg.strategy.name in ("data", "fsdp") and cfg.train.batch_size < cfg.world_size:
         raise ConfigError("train.batch_size", cfg.train.batch_size,
-                          f"data parallel needs at least one example per rank (world_size={cfg.world_size})")
-    if cfg.strategy.name == "data":
+                          f"{cfg.strategy.name} parallel needs at least one example per rank "
+                          f"(world_size={cfg.world_size})")
+    if cfg.strategy.name in ("data", "fsdp"):
         fewest = cfg.train.batch_size // cfg.world_size  # rows on the last ranks
         if cfg.train.microbatches > fewest:
             raise ConfigError("train.microbatches", cfg.train.microbatches,
-                              f"data parallel splits each rank's rows into micro-batches; the "
+                              f"{cfg.strategy.name} parallel splits each rank's rows into "
+                              f"micro-batches; the "
                               f"smallest share of train.batch_size={cfg.train.batch_size} over "
                               f"world_size={cfg.world_size} is {fewest} rows")
     if cfg.strategy.name == "tensor":
@@ -560,6 +579,12 @@ def _check_cross(cfg: RunConfig) -> None:
             raise ConfigError("world_size", cfg.world_size,
                               f"tensor layout {layout} splits widths {widths} of model.dims; "
                               f"every rank needs at least one unit of the narrowest, {min(widths)}")
+    if (cfg.strategy.name == "fsdp" and not cfg.strategy.reshard_after_forward
+            and cfg.strategy.zero_stage != 3):
+        raise ConfigError("strategy.reshard_after_forward", False,
+                          f"only applies to strategy.zero_stage=3 (stage "
+                          f"{cfg.strategy.zero_stage} keeps full weights, it gathers nothing "
+                          f"before a forward)")
     if cfg.engine == "torch":
         _check_torch_engine(cfg)
 
@@ -600,6 +625,10 @@ def _check_torch_engine(cfg: RunConfig) -> None:
     """What PyTorch's own engines (partition/engines) cannot do, refused before any rank starts."""
     P, M = cfg.world_size, cfg.train.microbatches
     sched = cfg.strategy.schedule
+    if cfg.strategy.name == "fsdp" and cfg.strategy.zero_stage != 3:
+        raise ConfigError("strategy.zero_stage", cfg.strategy.zero_stage,
+                          "engine=torch runs FSDP2 (fully_shard), which is zero_stage=3; "
+                          "stages 1 and 2 run on engine=explicit")
     if cfg.strategy.name == "pipeline" and sched == "1f1b" and M < P:
         raise ConfigError("train.microbatches", M,
                           f"engine=torch's Schedule1F1B needs >= world_size={P} micro-batches")
