@@ -3,11 +3,25 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-from partition.model import Grads, Layer, add_decay, tensors_bytes, to_float
+from partition.model import (
+    SGD,
+    Adam,
+    Grads,
+    Layer,
+    add_decay,
+    copy_tensors,
+    refresh_copies,
+    tensors_bytes,
+    to_float,
+)
+
+
+if TYPE_CHECKING:
+    from partition.config import RunConfig
 
 
 @dataclass
@@ -54,10 +68,47 @@ def saved_layers(runner: Runner) -> list[Layer]:
     return getattr(runner, "saved_layers", runner.layers)
 
 
-def state_bytes(layers: list[Layer], optimizer_bytes: int) -> dict[str, int]:
-    """params, grads (one buffer per parameter) and optimizer state, exact."""
+def state_bytes(layers: list[Layer], optimizer_bytes: int,
+                copies: list[Layer] | None = None) -> dict[str, int]:
+    """params, grads (one buffer per parameter) and optimizer state, exact.
+
+    `copies`: mixed precision's compute copies of the weights, which live as long as the
+    masters and count as params (float32 masters + their bfloat16 copy: 6 bytes a weight).
+    """
     p = tensors_bytes([t for l in layers for t in l.tensors()])
-    return {"params_bytes": p, "grads_bytes": p, "optimizer_bytes": optimizer_bytes}
+    c = 0 if copies is None else tensors_bytes(copy_tensors(layers, copies))
+    return {"params_bytes": p + c, "grads_bytes": p, "optimizer_bytes": optimizer_bytes}
+
+
+# ---------------------------------------------------------------- the one-device policy
+
+
+def master_dtype(cfg: RunConfig) -> torch.dtype:
+    """train.dtype: how the weights, their gradients and the optimizer state are stored."""
+    return getattr(torch, cfg.train.dtype)
+
+
+def compute_dtype(cfg: RunConfig) -> torch.dtype:
+    """What forward and backward compute in: bfloat16 under train.precision=bf16, else the
+    master dtype (config.py refuses the combinations that make no sense)."""
+    return torch.bfloat16 if cfg.train.precision == "bf16" else master_dtype(cfg)
+
+
+def recomputes(cfg: RunConfig) -> bool:
+    return cfg.train.recompute == "full"
+
+
+def build_optimizer(cfg: RunConfig) -> SGD | Adam:
+    """train.optimizer, chosen here for every runner: sgd (with train.momentum), adam (λ as
+    L2 in dJ/dW, as in the seed), adamw (λ decoupled, applied by the optimizer)."""
+    t = cfg.train
+    if t.optimizer == "sgd":
+        return SGD(t.lr, t.momentum)
+    if t.optimizer in ("adam", "adamw"):
+        adamw = t.optimizer == "adamw"
+        return Adam(t.lr, tuple(t.betas), t.eps,
+                    weight_decay=cfg.spec.weight_decay if adamw else 0.0, decoupled=adamw)
+    raise ValueError(f"unknown train.optimizer {t.optimizer!r}")
 
 
 def sq_norm(layers: list[Layer]) -> float:
@@ -68,18 +119,26 @@ def sq_norm(layers: list[Layer]) -> float:
 def finish_step(*, layers: list[Layer], grads: list[Grads], counted: list[Layer], opt,  # noqa: ANN001
                 weight_decay: float, comm, loss_sum: float, correct: int,  # noqa: ANN001
                 batch: int, want_grads: bool, cross_entropy: bool,
-                in_flight_max: int, device: torch.device) -> StepOut:
+                in_flight_max: int, device: torch.device,
+                compute: list[Layer] | None = None) -> StepOut:
     """The step tail every runner shares, after its gradients are complete (and reduced).
 
     s = λ/2 Σ‖W‖² from the weights before the update (`counted`: the layers this rank
-    contributes to s, so a replica counts once), dJ/dW += λW once per step, a copy of the
-    final gradients for the check, the optimizer update, and J's reduction over the group
-    (role `metric`: [this rank's loss sum, its Σ‖W‖², its correct count] in float64).
+    contributes to s, so a replica counts once), dJ/dW += λW once per step (unless the
+    optimizer applies λ itself: AdamW), a copy of the final gradients dJ/dW for the check,
+    the optimizer update of the master weights, the compute copies rounded from them
+    (`compute`, mixed precision), and J's reduction over the group (role `metric`:
+    [this rank's loss sum, its Σ‖W‖², its correct count] in float64).
     """
     sq = sq_norm(counted)
-    add_decay(layers, grads, weight_decay)
+    if not opt.decoupled:
+        add_decay(layers, grads, weight_decay)
     copies = [g.clone() for g in grads] if want_grads else None
+    if copies is not None and opt.decoupled:
+        add_decay(layers, copies, weight_decay)  # the check compares dJ/dW, λW included
     opt.step(layers, grads)
+    if compute is not None:
+        refresh_copies(layers, compute)
     if comm is not None:
         loss_sum, sq, correct = reduce_metric(comm, loss_sum, sq, correct, device=device)
     L = loss_sum / batch
