@@ -3,6 +3,7 @@
     python -m experiments.compare
     python -m experiments.compare compare.world_sizes=[2] compare.out=/tmp/cmp
     python -m experiments.compare model.dims=[784,4096,10] memory_limit=96MiB
+    python -m experiments.compare compare.optimizer=adam   # Adam's state in the budget
 
 Runs every case of conf/experiment/compare.yaml (each in its own folder under
 compare.out, through the same launcher as experiments.run), then writes results.csv,
@@ -84,6 +85,15 @@ def plan(overrides: list[str]) -> tuple[str, list[tuple[Case, Any]]]:
     except ConfigError as e:
         fail(str(e))
     spec = OmegaConf.to_container(cfg.compare, resolve=True)
+    optimizer = spec.get("optimizer")
+    if optimizer is not None:
+        # every case with this optimizer, its state in the same memory budget, apart
+        base = [*base, f"train.optimizer={optimizer}"]
+        try:
+            cfg, rc = _parse(base)
+        except ConfigError as e:
+            fail(f"compare.optimizer={optimizer}: {e}")
+        spec["out"] = f"{spec.get('out') or 'outputs/compare'}-{optimizer}"
     singles = {}
     for case in spec.get("cases") or []:
         try:

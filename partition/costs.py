@@ -429,6 +429,42 @@ def _mixed_weight_grad_live(cfg: RunConfig, rank: int) -> int:
     return best
 
 
+# bfloat16 keeps 8 significant bits: round-to-nearest errs by at most 2⁻⁸ relative.
+BF16_UNIT_ROUNDOFF = 2.0**-8
+
+
+def bf16_growth(cfg: RunConfig) -> dict[str, int]:
+    """How many unit roundoffs one bf16 step can add (docs/one-device.md): every matrix
+    product of the forward rounds its weight copy and its output, the data batch is
+    rounded once (2L+1, at most 3L with a rounded φ); the gradient of W¹ also passes back
+    through every layer, each rounding dJ/dz, its product and φ'(z) from a rounded z (6L)."""
+    L = cfg.spec.num_layers
+    return {"forward": 3 * L, "step": 6 * L}
+
+
+def bf16_loss_tolerance(cfg: RunConfig, losses: list[float]) -> float:
+    """|J_bf16 − J_float64| after the steps of `losses` (J per step), to first order:
+    evaluating J at the end errs by ≤ 3L·u·|J_T| (the forward's growth), and each step's
+    gradient by ≤ 6L·u relative, which changes that step's decrease of J by as much, so the
+    path adds ≤ 6L·u·Σ_t |J_t − J_{t+1}|. u = 2⁻⁸; no cancellation assumed."""
+    u, g = BF16_UNIT_ROUNDOFF, bf16_growth(cfg)
+    path = sum(abs(a - b) for a, b in zip(losses, losses[1:]))
+    return u * (g["forward"] * abs(losses[-1]) + g["step"] * path)
+
+
+def precision_check(cfg: RunConfig, losses: list[float]) -> dict[str, Any]:
+    """result.json's `check` under train.precision=bf16: the tolerance on the final J against
+    a float64 run of the same config (from this run's own curve), and what it rests on;
+    the achieved gradient error is `grad_max_rel_err` beside it. Empty otherwise."""
+    if cfg.train.precision != "bf16" or not losses:
+        return {}
+    g = bf16_growth(cfg)
+    return {"precision": "bf16", "unit_roundoff": BF16_UNIT_ROUNDOFF, "growth": g,
+            "grad_rel_err_first_order": g["step"] * BF16_UNIT_ROUNDOFF,
+            "final_loss_tolerance": bf16_loss_tolerance(cfg, losses),
+            "tolerance_reference": "float64, same config (docs/one-device.md)"}
+
+
 # ---------------------------------------------------------------- the exact prediction
 
 
