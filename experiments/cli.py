@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 from typing import Any, NoReturn
 
 CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
@@ -17,6 +18,21 @@ _VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--info", "--config-name", "-c
                 "--config-path", "-cp", "--config-dir", "-cd", "--experimental-rerun"}
 _INSPECT_FLAGS = {"--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "--shell-completion",
                   "-sc"}
+# Every flag Hydra's command line has (hydra/_internal/utils.py get_args_parser).
+_KNOWN_FLAGS = _VALUE_FLAGS | _INSPECT_FLAGS | {"--version", "--resolve", "--run", "-r",
+                                                "--multirun", "-m", "-i"}
+_MULTIRUN_FLAGS = ("-m", "--multirun")
+# Flags refused outright, and why: Hydra's rerun unpickles its FILE (which can run any code).
+_REFUSED_FLAGS = {
+    "--experimental-rerun": "refused: Hydra's rerun unpickles its file, which can run any "
+                            "code; rerun with the overrides in <run>/.hydra/overrides.yaml",
+    "--config-path": "refused: experiments.run composes conf/ only (add an option to a "
+                     "group there, or use +experiment=<name>)",
+    "-cp": "refused: experiments.run composes conf/ only",
+    "--config-dir": "refused: experiments.run composes conf/ only (add an option to a "
+                    "group there)",
+    "-cd": "refused: experiments.run composes conf/ only",
+}
 
 
 def fail(message: str | None, *, remove: str | None = None) -> NoReturn:
@@ -50,6 +66,62 @@ def _remove_hydra_leftovers(folder: str) -> None:
             os.unlink(os.path.join(folder, name))
     if not os.listdir(folder):
         os.rmdir(folder)
+
+
+def check_flags(flags: list[str]) -> None:
+    """Hydra's flags, checked before Hydra parses them (its errors are several lines, and
+    one flag, --experimental-rerun, unpickles a file)."""
+    it = iter(flags)
+    for f in it:
+        name, eq, value = f.partition("=")
+        if name in _VALUE_FLAGS and not eq:
+            value = next(it, "")
+        if name in _REFUSED_FLAGS:
+            fail(f"{name}: {_REFUSED_FLAGS[name]}")
+        if name not in _KNOWN_FLAGS:
+            fail(f"{name}: no such option (python -m experiments.run --help lists them)")
+        if name in ("--config-name", "-cn"):
+            primaries = sorted(n[:-5] for n in os.listdir(CONF_DIR) if n.endswith(".yaml"))
+            if value.removesuffix(".yaml") not in primaries:
+                fail(f"--config-name={value}: no such config in conf/ "
+                     f"(there is: {', '.join(primaries)})")
+
+
+def is_multirun(args: list[str]) -> bool:
+    return any(f in _MULTIRUN_FLAGS for f in split_args(args)[0])
+
+
+def _project_key(key: str) -> bool:
+    """A key of the project's own config (not Hydra's)."""
+    return key.split(".")[0] not in ("hydra", "")
+
+
+def check_overrides(overrides: list[str]) -> None:
+    """What Hydra lets through but a run would quietly misread, refused in one line:
+
+    - `~key` deletes a setting, which then silently falls back to its default;
+    - `+key=value` adds a key, so a typo (`+world_sise=4`) would be ignored: only the
+      project's own keys may be added (conf/ leaves some out: tools add theirs).
+    """
+    from partition.config import schema, unknown_key_reason
+
+    keys = schema()
+    known_groups = groups()
+    for o in overrides:
+        key = o.partition("=")[0]
+        bare = key.lstrip("+~")
+        if key.startswith("~") and _project_key(bare):
+            fail(f"{o}: a setting cannot be deleted (it would silently fall back to its "
+                 f"default); set it instead: {bare}=…")
+        if not key.startswith("+") or not _project_key(bare) or bare in known_groups:
+            continue
+        section, _, rest = bare.partition(".")
+        if section not in keys:
+            fail(f"{o}: {unknown_key_reason(None, section)}")
+        if rest and keys[section] is None:
+            fail(f"{o}: no such key ({section} is a setting, not a section)")
+        if rest and rest not in keys[section]:
+            fail(f"{o}: {unknown_key_reason(section, rest)}")
 
 
 def split_args(args: list[str]) -> tuple[list[str], list[str]]:
@@ -106,8 +178,9 @@ def _override_for(key: str, overrides: list[str]) -> str | None:
     return next((o for o in overrides if o.lstrip("+~").partition("=")[0] == key), None)
 
 
-def expand(overrides: list[str]) -> list[list[str]]:
-    """Every job of a sweep as a plain override list (Hydra's basic sweeper: the product)."""
+def expand(overrides: list[str], *, multirun: bool = True) -> list[list[str]]:
+    """Every job of a sweep as a plain override list (Hydra's basic sweeper: the product).
+    Without `multirun`, a sweep value (a,b; range(…); choice(…)) is refused."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     parser = OverridesParser.create()
@@ -124,6 +197,10 @@ def expand(overrides: list[str]) -> list[list[str]]:
     choices = []
     for o in parsed:
         key = o.get_key_element()
+        if o.is_sweep_override() and not multirun:
+            bare = key.lstrip("+~")
+            fail(f"{o.input_line}: a sweep over several values runs only with -m; "
+                 f"for a list write {bare}=[…], for a string quote it: {bare}='…'")
         if o.is_sweep_override():
             choices.append([f"{key}={v}" for v in o.sweep_string_iterator()])
         else:
@@ -157,7 +234,7 @@ def check_groups(overrides: list[str]) -> None:
     for o in overrides:
         key, _, value = o.partition("=")
         key = key.lstrip("+~")
-        if key in known and value not in known[key] and value not in ("null", ""):
+        if key in known and value not in known[key] and value != "null":
             fail(f"{key}={value}: must be one of {', '.join(known[key])}")
 
 
@@ -178,8 +255,24 @@ def compose_config(overrides: list[str], *, with_hydra: bool = False) -> Any:
             key = next((g for g in m.groups() if g), None) if m else None
             where = _override_for(key, overrides) if key else None
             if where and msg.startswith("Could not override"):
-                fail(f"{where}: no such key in the config (to add one, use +{where.lstrip('+')})")
+                fail(f"{where}: {_no_such_key(key)}")
             fail(f"{where}: {msg}" if where else msg)
+
+
+def _no_such_key(key: str) -> str:
+    """Why `key` cannot be set: a close match among the project's keys, or (for a key
+    outside them, which some tool may read) how Hydra adds one."""
+    from partition.config import schema, unknown_key_reason
+
+    keys = schema()
+    section, _, rest = key.partition(".")
+    if rest and keys.get(section) is not None:
+        return unknown_key_reason(section, rest)
+    if not rest:
+        reason = unknown_key_reason(None, key)
+        if "did you mean" in reason:
+            return reason
+    return f"no such key in the config (to add one, use +{key})"
 
 
 def to_plain(cfg: Any, overrides: list[str]) -> dict[str, Any]:
@@ -201,21 +294,89 @@ def preflight(args: list[str]) -> None:
     from partition.launch import check_dataset
 
     flags, overrides = split_args(args)
+    check_flags(flags)
     if is_inspecting(args):
         return  # the user is asking Hydra about the config; nothing will run
+    check_overrides(overrides)
+    multirun = is_multirun(args)
     seen_data: set[tuple] = set()
-    for job in expand(overrides):
-        plain = [o for o in job if not o.lstrip("+~").startswith("hydra")]
+    for num, job in enumerate(expand(overrides, multirun=multirun)):
+        plain = [o for o in job if _project_key(o.lstrip("+~").partition("=")[0])]
         cfg = compose_config(plain)
         container = to_plain(cfg, plain)
         try:
             rc = parse_config(container)
-            key = (rc.data, rc.model, rc.seed)
+            check_job_dirs(job, rc, num=num if multirun else None)
+            key = (rc.data, rc.model, rc.seed, rc.train.batch_size, rc.strategy, rc.world_size)
             if key not in seen_data:  # load each distinct dataset / init file once
                 check_dataset(rc)
                 seen_data.add(key)
         except ConfigError as e:
             fail(str(e))
+
+
+def check_job_dirs(overrides: list[str], cfg: Any, *, num: int | None) -> None:  # noqa: ANN401
+    """The folders a job will write: hydra.run.dir, or (num given: job `num` of a sweep)
+    hydra.sweep.dir and the job's folder in it."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    if num is None:
+        hc = compose_config(overrides, with_hydra=True)
+        check_run_dir("hydra.run.dir", _select(hc, "hydra.run.dir"), cfg)
+        return
+    hc = compose_config([*overrides, f"hydra.job.num={num}"], with_hydra=True)
+    sweep_dir = _select(hc, "hydra.sweep.dir")
+    check_run_dir("hydra.sweep.dir", sweep_dir, None)
+    try:
+        subdir = str(OmegaConf.select(hc, "hydra.sweep.subdir"))
+    except OmegaConfBaseException:
+        return  # a subdir made of runtime values: the sweep's own resume logic decides
+    check_run_dir("hydra.sweep.dir", os.path.join(sweep_dir, subdir), cfg, job=subdir)
+
+
+def _select(hc: Any, key: str) -> str:  # noqa: ANN401
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        value = OmegaConf.select(hc, key)
+    except OmegaConfBaseException as e:
+        fail(f"{key}: {_first_line(e)}")
+    return "" if value is None else str(value)
+
+
+def check_run_dir(key: str, path: str, cfg: Any = None, *, job: str | None = None) -> None:  # noqa: ANN401
+    """Refuse (ConfigError) a run folder that cannot hold this run: none named, a file, one
+    that cannot be made or written, or one holding another run's result.json (a rerun
+    of the same config may use it). `cfg` None: only whether it can be written."""
+    from partition.config import ConfigError
+
+    if not path or not path.strip():
+        raise ConfigError(key, path, "must name a folder (empty would write the run into "
+                                     "the current directory)")
+    full = os.path.abspath(path)
+    where = f"job folder {job}" if job else "the folder"
+    if os.path.lexists(full) and not os.path.isdir(full):
+        raise ConfigError(key, path, f"{where} is a file, not a folder" if job else
+                          "is a file, not a folder")
+    base = full
+    while not os.path.lexists(base):  # the nearest existing folder: the run's is made there
+        base = os.path.dirname(base)
+    if not os.path.isdir(base):
+        raise ConfigError(key, path, f"cannot be made: {base} is a file")
+    try:  # the only sure test (root ignores modes; read-only mounts, immutable folders)
+        os.rmdir(tempfile.mkdtemp(prefix=".partition-probe-", dir=base))
+    except OSError as e:
+        raise ConfigError(key, path, f"cannot be written: {base}: {e.strerror}") from None
+    result = os.path.join(full, "result.json")
+    if cfg is None or not os.path.exists(result):
+        return
+    from partition.sweep import same_config
+
+    if not same_config(result, cfg):
+        raise ConfigError(key, path, f"{where} holds another run's result.json: choose "
+                                     f"another folder, or remove that one")
 
 
 def summary_line(result: dict[str, Any], path: str) -> str:

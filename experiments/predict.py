@@ -75,9 +75,27 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = next((a.split("=", 1)[1] for a in args if a.startswith("hydra.run.dir=")), None)
     cfg = load_run_config(args)
     from partition import costs
+    from partition.calibrate import resolve_balance
+
+    asked = cfg.strategy.balance
+    cfg = resolve_balance(cfg)
+    if asked == "time":
+        print(f"strategy.balance=time: the split with the shortest simulated step is "
+              f"{list(cfg.strategy.balance)} layers per stage")
     from partition.results import write_json
 
-    pred = costs.predict(cfg)
+    from partition.calibrate import local_action_times, profile_times
+
+    if cfg.cost.profile:
+        try:
+            times = profile_times(cfg.cost.profile, cfg)
+        except (OSError, ValueError, KeyError) as e:
+            fail(f"cost.profile={cfg.cost.profile}: {e}")
+        source = f"the action times in {cfg.cost.profile}"
+    else:
+        times = local_action_times(cfg)
+        source = "actions timed in this process" if times else None
+    pred = costs.predict(cfg, times=times)
     out = {**pred, "world_size": cfg.world_size, "config": cfg.to_dict()}
     limit = cfg.memory_limit
     print(f"{cfg.strategy.name} P={cfg.ranks} B={cfg.train.batch_size} "
@@ -91,6 +109,14 @@ def main(argv: list[str] | None = None) -> int:
     if limit is not None:
         print(f"{len(over)} of {cfg.ranks} ranks over memory_limit" if over
               else f"every rank fits memory_limit={limit:,} bytes")
+    if pred["step_time_s"] is not None:
+        c = pred["idle_causes"]
+        print(f"simulated step {pred['step_time_s'] * 1e3:.2f} ms, idle fraction "
+              f"{pred['idle_fraction']:.3f} (schedule {c['schedule']:.3f}, imbalance "
+              f"{c['imbalance']:.3f}, communication {c['communication']:.3f}); from {source}")
+    else:
+        print("simulated step: not predicted (the weights are too large to time the actions "
+              "here; give cost.profile=<a result.json of the same config>)")
     folder = run_dir or os.path.join(
         "outputs", "predictions", time.strftime("%Y-%m-%d_%H-%M-%S") + f"_{cfg.strategy.name}")
     try:

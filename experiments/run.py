@@ -18,12 +18,16 @@ import os
 import sys
 
 from experiments.cli import (
+    check_overrides,
+    check_run_dir,
     compose_config,
     default_sweep_dir,
+    expand,
     fail,
     has_override,
     insert_override,
     is_inspecting,
+    is_multirun,
     preflight,
     split_args,
     summary_line,
@@ -90,9 +94,12 @@ def _hydra_main() -> None:
         return status  # the sweep's progress callback counts these
 
     hydra.main(version_base="1.3", config_path=conf, config_name="config")(task)()
-    # One run that failed says so in its exit status; a sweep lists its failures instead.
-    if single_run == ["failed"]:
-        sys.exit(1)
+    # One run says how it ended in its exit status (docs/reliability.md); a sweep exits 0
+    # and lists every job's status instead.
+    if single_run:
+        from partition.results import exit_status
+
+        sys.exit(exit_status(single_run[0]))
 
 
 def _torchrun_main(overrides: list[str]) -> None:
@@ -100,9 +107,9 @@ def _torchrun_main(overrides: list[str]) -> None:
 
     from partition.config import ConfigError, parse_config
     from partition.launch import check_dataset, torchrun_rank
+    from partition.results import exit_status
 
     rank = int(os.environ.get("RANK", "0"))
-    result = None
     try:
         cfg = compose_config(overrides, with_hydra=True)
         run_dir = str(OmegaConf.select(cfg, "hydra.run.dir"))
@@ -111,22 +118,22 @@ def _torchrun_main(overrides: list[str]) -> None:
         container.pop("hydra", None)
         container = to_plain(OmegaConf.create(container), overrides)
         rc = parse_config(container)
+        check_run_dir("hydra.run.dir", run_dir, rc)
         check_dataset(rc)
         # Every rank checks; fail() lets one of them speak, so the message is printed once.
-        _, result = torchrun_rank(rc, lambda: os.path.abspath(run_dir))
+        status = torchrun_rank(rc, lambda: os.path.abspath(run_dir),
+                               report=lambda r: print(summary_line(r, r["path"]), flush=True))
     except ConfigError as e:
         fail(str(e))
     except Exception as e:
-        # This rank's failure is recorded in the run folder's errors/; rank 0 has written
-        # result.json with the root cause (or, failing before that, says why here).
+        # Failing before the folder was agreed (a peer died while starting): no folder to
+        # answer in, so rank 0 says why here; every other failure is in result.json.
         if rank == 0:
             msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
             print(f"error: rank 0: {type(e).__name__}: {msg}", file=sys.stderr, flush=True)
         _exit_now(1)
-    if result is not None:
-        print(summary_line(result, result["path"]), flush=True)
-        if result["status"] == "failed":
-            _exit_now(1)
+    if status != "ok":
+        _exit_now(exit_status(status))
 
 
 def _exit_now(status: int) -> None:
@@ -138,27 +145,36 @@ def _exit_now(status: int) -> None:
 
 
 def main() -> None:
-    from partition.launch import under_torchrun
-
     args = sys.argv[1:]
-    if under_torchrun():
-        if any(a in ("-m", "--multirun") for a in args):
-            fail("--multirun: not under torchrun (each sweep job starts its own ranks)")
-        _torchrun_main([a for a in args if not a.startswith("-")])
+    if "TORCHELASTIC_RUN_ID" in os.environ and "RANK" in os.environ:  # = launch.under_torchrun
+        # Before torch is imported: a rank must not outlive its torchrun agent.
+        from partition.lifeline import die_with_parent
+
+        die_with_parent()
+        flags, overrides = split_args(args)
+        if flags:
+            fail(f"{flags[0]}: flags are not read under torchrun (each sweep job starts its "
+                 f"own ranks: run -m without torchrun); give overrides only")
+        check_overrides(overrides)
+        expand(overrides, multirun=False)
+        _torchrun_main(overrides)
         return
-    preflight(args)
     flags, overrides = split_args(args)
-    if (any(f in ("-m", "--multirun") for f in flags) and not is_inspecting(args)
+    if (is_multirun(args) and not is_inspecting(args)
             and not has_override(overrides, "hydra.sweep.dir")):
         # Not Hydra's timestamped default: the same sweep must land in the same folder
         # for a rerun to skip the jobs that already finished.
         sweep_dir = f"hydra.sweep.dir='{default_sweep_dir(overrides)}'"
-        sys.argv[1:] = insert_override(args, sweep_dir)
+        args = insert_override(args, sweep_dir)
+        sys.argv[1:] = args
+    preflight(args)
     try:
         _hydra_main()
     except KeyboardInterrupt:  # the run's result.json says so; no traceback here
+        from partition.results import INTERRUPTED_STATUS
+
         print("error: interrupted", file=sys.stderr, flush=True)
-        sys.exit(130)
+        sys.exit(INTERRUPTED_STATUS)
 
 
 if __name__ == "__main__":

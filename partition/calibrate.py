@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -93,3 +94,311 @@ def calibrate(comm: Comm | None, device: torch.device, dtype: torch.dtype) -> di
     w1, w2 = ring_wire_bytes("all_reduce", SMALL, P), ring_wire_bytes("all_reduce", LARGE, P)
     out["collective_alpha_s"], out["collective_beta_Bps"] = _fit(w1, c1, w2, c2)
     return out
+
+
+# ---------------------------------------------------------------- the simulator's durations
+
+ACTION_REPEATS = 3
+
+
+def _median_s(fn, device: torch.device, repeats: int = ACTION_REPEATS) -> float:  # noqa: ANN001
+    """Median seconds of fn() over `repeats` runs, after one warm-up run."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def action_times(cfg: Any, runner: Any) -> dict[str, float]:
+    """Seconds of each compute action this rank runs, timed at the run's own shapes on
+    scratch inputs (the weights are read, never changed; gradients are zeroed after):
+    pipeline `s<stage>:<F|B|I|W>`, single/data `F` and `B` (one micro-batch), tensor
+    `F<layer>`/`B<layer>` and `loss`, every strategy `update`; and `peak_flops_per_s`,
+    the matmul rate MFU divides by."""
+    from partition.model import Grads, activation_backward, activation_forward, linear
+    from partition.model import copy_tensors, linear_backward, loss_and_grad, refresh_copies
+    from partition.strategies.base import build_optimizer, compute_dtype, master_dtype
+
+    spec = cfg.spec
+    # what forward and backward compute in (bf16 under mixed precision); targets, gradients
+    # and the update in the master dtype
+    dtype, master = compute_dtype(cfg), master_dtype(cfg)
+    recompute = cfg.train.recompute == "full"
+    layers = runner.layers
+    device = layers[0].W.device if layers else torch.device("cpu")
+    if device.type == "meta":
+        return {}
+    out: dict[str, float] = {"peak_flops_per_s": matmul_rate(device, dtype)}
+    B, M = cfg.train.batch_size, cfg.train.microbatches
+    q = spec.dims[-1]
+
+    def labels(rows: int) -> torch.Tensor:
+        if spec.loss == "cross_entropy":
+            return torch.randint(q, (rows,), device=device)
+        return torch.randn(rows, q, dtype=master, device=device)
+
+    def time_stage(st: Any, rows: int, prefix: str, *, kinds: str) -> None:
+        x = torch.randn(rows, st.layers[0].W.shape[1], dtype=dtype, device=device)
+        y = labels(rows)
+        last = st.has_output_layer
+        need_dx = not st.holds_input
+        out_width = st.layers[-1].W.shape[0]
+        g = torch.randn(rows, out_width, dtype=dtype, device=device) / rows
+        mb = -1
+
+        def fwd() -> None:
+            o = st.forward(x, mb)
+            if last:
+                st.loss(o, y, B)
+
+        def drop() -> None:
+            st.kept.pop(mb, None)
+            st.deferred.pop(mb, None)
+
+        out[prefix + "F"] = _median_s(lambda: (fwd(), drop()), device)
+        if "B" in kinds:
+            out[prefix + "B"] = _median_s(lambda: (fwd(), st.backward(g, mb, need_input_grad=need_dx)),
+                                          device) - out[prefix + "F"]
+        if "I" in kinds:
+            out[prefix + "I"] = _median_s(
+                lambda: (fwd(), st.backward_input(g, mb, need_input_grad=need_dx), drop()),
+                device) - out[prefix + "F"]
+            out[prefix + "W"] = _median_s(
+                lambda: (fwd(), st.backward_input(g, mb, need_input_grad=need_dx),
+                         st.backward_weight(mb)), device) - out[prefix + "F"] - out[prefix + "I"]
+        st.start_step()  # the scratch backwards added to the gradients: zero them
+
+    name = cfg.strategy.name
+    if name == "pipeline":
+        for s, st in runner.stages.items():
+            time_stage(st, B // M, f"s{s}:", kinds="BIW")
+    elif name in ("single", "data"):
+        rows = B if name == "single" else runner.rows[1] - runner.rows[0]
+        time_stage(runner.stage, -(-rows // M), "", kinds="B")  # the largest micro-batch
+    elif name == "tensor":
+        rows = B // M
+        last = spec.num_layers - 1
+        for layer in getattr(runner, "compute", layers):
+            x = torch.randn(rows, layer.W.shape[1], dtype=dtype, device=device)
+            grads = Grads(torch.zeros_like(layer.W, dtype=master),
+                          torch.zeros_like(layer.b, dtype=master) if layer.b is not None
+                          else None)
+
+            def fwd(layer=layer, x=x) -> torch.Tensor:  # noqa: ANN001
+                z = linear(x, layer)
+                return z if layer.index == last else activation_forward(spec.activation, z)
+
+            z = linear(x, layer)
+            dz = torch.randn_like(z)
+
+            def bwd(layer=layer, x=x, z=z, dz=dz, grads=grads) -> None:  # noqa: ANN001
+                d = dz if layer.index == last else activation_backward(spec.activation, z, dz)
+                linear_backward(d, x, layer, grads, need_input_grad=layer.index > 0)
+
+            out[f"F{layer.index}"] = _median_s(fwd, device)
+            # recompute: the backward redoes the layer's forward first (all but the output's)
+            out[f"B{layer.index}"] = _median_s(bwd, device) + (
+                out[f"F{layer.index}"] if recompute and layer.index != last else 0.0)
+        o = torch.randn(rows, q, dtype=dtype, device=device)
+        y = labels(rows)
+        out["loss"] = _median_s(lambda: loss_and_grad(spec, o, y, B, dtype=master), device)
+    if layers:
+        from dataclasses import replace
+
+        params = [t for l in layers for t in l.tensors()]
+        # the step tail's work on scratch copies (the weights untouched): Σ‖W‖², + λW, the
+        # run's optimizer (its state made by a first call), the bf16 copies rounded anew
+        scratch = [replace(l, W=l.W.clone(), b=None if l.b is None else l.b.clone())
+                   for l in layers]
+        grads = [Grads(torch.randn_like(l.W), None if l.b is None else torch.randn_like(l.b))
+                 for l in layers]
+        opt = build_optimizer(cfg)
+        copies = getattr(runner, "compute", layers)
+        mixed = bool(copy_tensors(layers, copies))
+        targets = [replace(c, W=c.W.clone(), b=None if c.b is None else c.b.clone())
+                   for c in copies] if mixed else scratch
+
+        def update() -> None:
+            for p in params:
+                (p * p).sum()
+            opt.step(scratch, grads)
+            refresh_copies(scratch, targets)
+
+        out["update"] = _median_s(update, device)
+    return {k: max(v, 0.0) for k, v in out.items()}
+
+
+# Beyond this many bytes of weights, `experiments.predict` does not build the ranks for real.
+LOCAL_CALIBRATION_BYTES = 2**30
+
+
+def local_action_times(cfg: Any) -> list[dict[str, float]] | None:
+    """Every rank's `action_times`, measured in this one process: each distinct rank's runner
+    (dryrun.signature) built on the CPU with real weights and a transport that moves
+    nothing. None when the weights would not fit comfortably (`LOCAL_CALIBRATION_BYTES`)."""
+    from partition.comm import Comm, Ledger
+    from partition.dryrun import DryTransport, meta_dataset, signature
+    from partition.model import init_weights
+    from partition.plans.data import param_count
+    from partition.strategies import build_runner
+    from partition.topology import Topology
+
+    item = torch.empty((), dtype=getattr(torch, cfg.train.dtype)).element_size()
+    if param_count(cfg.spec) * (item + 8) > LOCAL_CALIBRATION_BYTES:
+        return None
+    torch.set_num_threads(1)  # one rank's threads, as in a run
+    full = init_weights(cfg.spec, cfg.seed)
+    cpu = torch.device("cpu")
+    done: dict[Any, dict[str, float]] = {}
+    out = []
+    for r in range(cfg.ranks):
+        key = signature(cfg, r)
+        if key not in done:
+            comm = None if cfg.strategy.name == "single" else Comm(
+                rank=r, world_size=cfg.ranks, ledger=Ledger(), device=cpu, transport=DryTransport())
+            runner = build_runner(cfg, Topology(r, cfg.ranks, r, cpu, "none"), comm,
+                                  meta_dataset(cfg), full)
+            done[key] = action_times(cfg, runner)
+        out.append(done[key])
+    return out
+
+
+def profile_times(path: str, cfg: Any) -> list[dict[str, float]]:
+    """`cost.profile`: the per-rank action times an earlier run's result.json recorded."""
+    import json
+
+    with open(path, encoding="utf-8") as f:
+        res = json.load(f)
+    ranks = sorted(res.get("ranks") or [], key=lambda r: r["rank"])
+    times = [r.get("action_times") for r in ranks]
+    if len(times) != cfg.ranks or not all(times):
+        raise ValueError(f"{path} holds action times for {len(times)} ranks, not {cfg.ranks}")
+    return times
+
+
+# ---------------------------------------------------------------- clocks across hosts
+
+CLOCK_ROUNDS = 8
+
+
+def clock_offset(comm: Comm | None, *, same_host: bool) -> dict[str, Any]:
+    """This rank's perf_counter minus rank 0's, and how sure we are of it.
+
+    Ranks of one host share CLOCK_MONOTONIC: offset 0 by construction. Across hosts, rank
+    0 and each other rank exchange CLOCK_ROUNDS ping-pongs (role `calibration`, outside
+    any step); the round with the shortest round trip gives offset = t_peer − (t_send +
+    rtt/2), uncertain by ± rtt/2 (NTP's estimate). Every rank must call it.
+    """
+    if same_host or comm is None or comm.world_size < 2:
+        return {"offset_s": 0.0, "uncertainty_s": 0.0, "source": "one host: shared monotonic clock"}
+    f64 = torch.float64
+    best = (float("inf"), 0.0)
+    mine = {"offset_s": 0.0, "uncertainty_s": 0.0, "source": "rank 0's clock"}
+    for peer in range(1, comm.world_size):
+        for _ in range(CLOCK_ROUNDS):
+            if comm.rank == 0:
+                t0 = time.perf_counter()
+                comm.send(torch.tensor([t0], dtype=f64), peer, role="calibration", phase="setup")
+                t_peer = float(comm.recv((1,), f64, peer, role="calibration", phase="setup")[0])
+                t1 = time.perf_counter()
+                comm.send(torch.tensor([t_peer - (t0 + (t1 - t0) / 2), (t1 - t0) / 2],
+                                       dtype=f64), peer, role="calibration", phase="setup")
+            elif comm.rank == peer:
+                comm.recv((1,), f64, 0, role="calibration", phase="setup")
+                comm.send(torch.tensor([time.perf_counter()], dtype=f64), 0, role="calibration",
+                          phase="setup")
+                off, half = comm.recv((2,), f64, 0, role="calibration", phase="setup").tolist()
+                if half < best[0]:
+                    best = (half, off)
+    if comm.rank != 0:
+        mine = {"offset_s": best[1], "uncertainty_s": best[0],
+                "source": f"ping-pong with rank 0, best of {CLOCK_ROUNDS}"}
+    return mine
+
+
+# ---------------------------------------------------------------- strategy.balance=time
+
+# Above this many candidate splits, the split minimising the slowest stage stands in for
+# simulating each one.
+MAX_SPLITS = 2000
+
+
+def layer_times(cfg: Any) -> list[dict[str, float]]:
+    """F, B, I, W seconds of every layer alone at the run's micro-batch size (F of the last
+    layer includes the loss), each timed as a one-layer `Stage` on this process's CPU."""
+    from partition.model import compute_copies, init_weights, make_layer
+    from partition.strategies.base import compute_dtype, recomputes
+    from partition.strategies.stage import Stage
+
+    torch.set_num_threads(1)
+    dtype = getattr(torch, cfg.train.dtype)
+    full = init_weights(cfg.spec, cfg.seed)
+    view = _pipeline_view(cfg)
+    out = []
+    for l in range(cfg.spec.num_layers):
+        lay = [make_layer(full, l, dtype=dtype)]
+        st = Stage(cfg.spec, lay, index=l, compute=compute_copies(lay, compute_dtype(cfg)),
+                   recompute=recomputes(cfg))
+        sub = action_times(view, SimpleNamespace(layers=st.layers, stages={0: st}))
+        out.append({k[3:]: v for k, v in sub.items() if k.startswith("s0:")})
+    return out
+
+
+def _pipeline_view(cfg: Any) -> Any:
+    from dataclasses import replace
+
+    return replace(cfg, strategy=replace(cfg.strategy, name="pipeline"))
+
+
+def resolve_balance(cfg: Any) -> Any:
+    """`strategy.balance=time`: the split of the layers into stages whose *simulated* step
+    (simulate.py, each stage the sum of its layers' measured actions, transfers by the
+    boundary width) is shortest; every other setting is returned as it is."""
+    from dataclasses import replace
+
+    from partition.plans.schedule import load_schedule
+    from partition.plans.stages import compositions, plan_stages
+    from partition.simulate import simulate, step_ops
+    from partition.timeline import links_of
+
+    if cfg.strategy.name != "pipeline" or cfg.strategy.balance != "time":
+        return cfg
+    sched = load_schedule(cfg.strategy.schedule, world=cfg.world_size, micro=cfg.train.microbatches)
+    per_layer = layer_times(cfg)
+    L, S = cfg.spec.num_layers, sched.stages
+    from partition.costs import CostParams
+
+    links = links_of(CostParams.from_config(cfg))
+
+    def step_time(counts: tuple[int, ...]) -> float:
+        trial = replace(cfg, strategy=replace(cfg.strategy, balance=counts))
+        plan = plan_stages(cfg.spec, S, counts)
+        times: list[dict[str, float]] = [{} for _ in range(cfg.world_size)]
+        for s, (a, b) in enumerate(plan):
+            r = sched.stage_rank[s]
+            for kind in "FBIW":
+                times[r][f"s{s}:{kind}"] = sum(per_layer[l][kind] for l in range(a, b))
+        for r in range(cfg.world_size):
+            times[r]["update"] = 0.0
+        return simulate(step_ops(trial, times, links, schedule=sched), cfg.world_size).step_time
+
+    cands = compositions(L, S) if _count(L, S) <= MAX_SPLITS else None
+    if cands is None:
+        costs = tuple(t["F"] + t["B"] for t in per_layer)
+        from partition.plans.stages import _min_max_split
+
+        best = tuple(_min_max_split(costs, S))
+    else:
+        best = min(cands, key=step_time)
+    return replace(cfg, strategy=replace(cfg.strategy, balance=best))
+
+
+def _count(n: int, k: int) -> int:
+    from math import comb
+
+    return comb(n - 1, k - 1)

@@ -158,6 +158,13 @@ class Comm:
         self.rank, self.world_size, self.ledger, self.group = rank, world_size, ledger, group
         self.device = device or torch.device("cpu")
         self.transport = transport or Transport(group)
+        self.tracer = None  # a trace.Tracer while a step is traced (set by the train loop)
+
+    def _span(self, name: str, t0: float, t1: float, *, role: str, nbytes: int,
+              peer: int | None = None, waiting: bool = False) -> None:
+        if self.tracer is not None:
+            self.tracer.add(name, "comm", t0, t1, role=role, bytes=nbytes, peer=peer,
+                            waiting=waiting)
 
     # ------------------------------------------------------------ recording
 
@@ -175,17 +182,21 @@ class Comm:
     def send(self, t: torch.Tensor, dst: int, *, role: str, phase: str) -> None:
         t0 = time.perf_counter()
         self.transport.send(t.contiguous(), dst)
+        t1 = time.perf_counter()
         n = nbytes(t)
         self._rec("send", role, phase, peer=dst, sent=n, received=0, collective=0, wire=n,
-                  seconds=time.perf_counter() - t0)
+                  seconds=t1 - t0)
+        self._span(f"send {role}", t0, t1, role=role, nbytes=n, peer=dst, waiting=True)
 
     def recv(self, shape: tuple[int, ...], dtype: torch.dtype, src: int, *, role: str,
              phase: str) -> torch.Tensor:
         t = torch.empty(shape, dtype=dtype, device=self.device)
         t0 = time.perf_counter()
         self.transport.recv(t, src)
+        t1 = time.perf_counter()
         self._rec("recv", role, phase, peer=src, sent=0, received=nbytes(t), collective=0, wire=0,
-                  seconds=time.perf_counter() - t0)
+                  seconds=t1 - t0)
+        self._span(f"recv {role}", t0, t1, role=role, nbytes=nbytes(t), peer=src, waiting=True)
         return t
 
     def post_send(self, t: torch.Tensor, dst: int, *, role: str, phase: str) -> PendingSend:
@@ -193,14 +204,18 @@ class Comm:
         t = t.contiguous()
         t0 = time.perf_counter()
         work = self.transport.isend(t, dst)
-        return PendingSend(work, t, dst, role, phase, time.perf_counter() - t0)
+        t1 = time.perf_counter()
+        self._span(f"send {role}", t0, t1, role=role, nbytes=nbytes(t), peer=dst)
+        return PendingSend(work, t, dst, role, phase, t1 - t0)
 
     def wait_send(self, p: PendingSend) -> None:
         t0 = time.perf_counter()
         p.work.wait()
+        t1 = time.perf_counter()
         n = nbytes(p.tensor)
         self._rec("send", p.role, p.phase, peer=p.peer, sent=n, received=0, collective=0,
-                  wire=n, seconds=p.seconds + time.perf_counter() - t0)
+                  wire=n, seconds=p.seconds + t1 - t0)
+        self._span(f"wait send {p.role}", t0, t1, role=p.role, nbytes=n, peer=p.peer, waiting=True)
 
     def post_recv(self, shape: tuple[int, ...], dtype: torch.dtype, src: int, *, role: str,
                   phase: str) -> PendingRecv:
@@ -208,13 +223,18 @@ class Comm:
         t = torch.empty(shape, dtype=dtype, device=self.device)
         t0 = time.perf_counter()
         work = self.transport.irecv(t, src)
-        return PendingRecv(work, t, src, role, phase, time.perf_counter() - t0)
+        t1 = time.perf_counter()
+        self._span(f"post recv {role}", t0, t1, role=role, nbytes=nbytes(t), peer=src)
+        return PendingRecv(work, t, src, role, phase, t1 - t0)
 
     def wait_recv(self, p: PendingRecv) -> torch.Tensor:
         t0 = time.perf_counter()
         p.work.wait()
+        t1 = time.perf_counter()
         self._rec("recv", p.role, p.phase, peer=p.peer, sent=0, received=nbytes(p.tensor),
-                  collective=0, wire=0, seconds=p.seconds + time.perf_counter() - t0)
+                  collective=0, wire=0, seconds=p.seconds + t1 - t0)
+        self._span(f"wait recv {p.role}", t0, t1, role=p.role, nbytes=nbytes(p.tensor),
+                   peer=p.peer, waiting=True)
         return p.tensor
 
     # ------------------------------------------------------------ collectives
@@ -223,10 +243,11 @@ class Comm:
         """Sum `t` over the group, in place."""
         t0 = time.perf_counter()
         self.transport.all_reduce(t)
+        t1 = time.perf_counter()
         n = nbytes(t)
         self._rec("all_reduce", role, phase, peer=None, sent=n, received=0, collective=n,
-                  wire=ring_wire_bytes("all_reduce", n, self.world_size),
-                  seconds=time.perf_counter() - t0)
+                  wire=ring_wire_bytes("all_reduce", n, self.world_size), seconds=t1 - t0)
+        self._span(f"all_reduce {role}", t0, t1, role=role, nbytes=n, waiting=True)
         return t
 
     def all_gather(self, t: torch.Tensor, shapes: list[tuple[int, ...]], *, role: str,
@@ -247,7 +268,9 @@ class Comm:
         bufs = [torch.empty(big, dtype=t.dtype, device=self.device) for _ in shapes]
         t0 = time.perf_counter()
         self.transport.all_gather(bufs, piece)
-        dt = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        dt = t1 - t0
+        self._span(f"all_gather {role}", t0, t1, role=role, nbytes=nbytes(piece), waiting=True)
         outs = [b if tuple(s) == big else b[tuple(slice(0, d) for d in s)]
                 for b, s in zip(bufs, shapes, strict=True)]
         n = nbytes(piece)
@@ -268,25 +291,51 @@ class Comm:
         out = torch.empty_like(ins[self.rank])
         t0 = time.perf_counter()
         self.transport.reduce_scatter(out, ins)
+        t1 = time.perf_counter()
         n = sum(nbytes(c) for c in ins)
         self._rec("reduce_scatter", role, phase, peer=None, sent=n,
                   received=(self.world_size - 1) * nbytes(out), collective=n,
-                  wire=ring_wire_bytes("reduce_scatter", n, self.world_size),
-                  seconds=time.perf_counter() - t0)
+                  wire=ring_wire_bytes("reduce_scatter", n, self.world_size), seconds=t1 - t0)
+        self._span(f"reduce_scatter {role}", t0, t1, role=role, nbytes=n, waiting=True)
         return out
 
     # ------------------------------------------------------------ outside training steps
 
     def gather_objects(self, obj: Any) -> list[Any] | None:
-        """Setup / reporting only (never inside a step): rank 0 gets every rank's object."""
-        out = [None] * self.world_size if self.rank == 0 else None
-        dist.gather_object(obj, out, dst=0, group=self.group)
-        return out
+        """Setup / reporting only (never inside a step): rank 0 gets every rank's object.
+
+        `obj` must be JSON-serialisable: it crosses as UTF-8 JSON bytes in a uint8 tensor,
+        never as a pickle (torch's gather_object unpickles whatever a peer sends).
+        """
+        import json
+
+        payload = torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8)
+        size = torch.tensor([payload.numel()], dtype=torch.int64, device=self.device)
+        sizes = [torch.zeros_like(size) for _ in range(self.world_size)]
+        dist.all_gather(sizes, size, group=self.group)  # gloo's gather needs equal pieces
+        longest = max(int(s.item()) for s in sizes)
+        piece = torch.zeros(longest, dtype=torch.uint8, device=self.device)
+        piece[:payload.numel()] = payload.to(self.device)
+        bufs = ([torch.empty_like(piece) for _ in range(self.world_size)]
+                if self.rank == 0 else None)
+        dist.gather(piece, bufs, dst=0, group=self.group)
+        if bufs is None:
+            return None
+        return [json.loads(bytes(b[:int(s.item())].cpu().numpy()).decode())
+                for b, s in zip(bufs, sizes, strict=True)]
 
     def broadcast_object(self, obj: Any) -> Any:
-        box = [obj]
-        dist.broadcast_object_list(box, src=0, group=self.group)
-        return box[0]
+        """Rank 0's `obj` on every rank, as JSON bytes in a tensor (no rank unpickles)."""
+        import json
+
+        data = json.dumps(obj).encode() if self.rank == 0 else b""
+        size = torch.tensor([len(data)], dtype=torch.int64, device=self.device)
+        dist.broadcast(size, src=0, group=self.group)
+        buf = torch.zeros(int(size.item()), dtype=torch.uint8, device=self.device)
+        if self.rank == 0 and data:
+            buf[:] = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(self.device)
+        dist.broadcast(buf, src=0, group=self.group)
+        return json.loads(bytes(buf.cpu().numpy()).decode())
 
     def barrier(self) -> None:
         dist.barrier(group=self.group)

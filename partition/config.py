@@ -52,7 +52,8 @@ def _show(value: Any) -> str:
 class StrategyConfig:
     name: str = "single"
     schedule: str = "gpipe"  # pipeline: gpipe | 1f1b | path to a .csv of per-rank actions
-    balance: tuple[int, ...] | None = None  # pipeline: layers per stage; None = by parameter count
+    # pipeline: params (None) | flops | time | layers per stage (plans/stages.py)
+    balance: tuple[int, ...] | str | None = None
     layout: str = "megatron"  # tensor: megatron | rowwise
 
 
@@ -122,6 +123,15 @@ class CostConfig:
     flops_per_s: float = 115e9  # matmul rate of one device (one core, float32)
     calibrate: bool = False
     precheck: bool = False  # refuse a run whose predicted peak exceeds memory_limit, up front
+    profile: str | None = None  # a result.json whose ranks' calibration the simulator reuses
+
+
+@dataclass(frozen=True)
+class TraceConfig:
+    """Which steps record a timeline (trace.json, timeline.png), and torch.profiler's too."""
+
+    steps: str | tuple[int, ...] = "last"  # last (the last steady step) | all | [steps]
+    profiler: bool = False  # also run a step under torch.profiler and export its trace
 
 
 @dataclass(frozen=True)
@@ -132,6 +142,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     fault: FaultConfig = field(default_factory=FaultConfig)
     cost: CostConfig = field(default_factory=CostConfig)
+    trace: TraceConfig = field(default_factory=TraceConfig)
     world_size: int = 1
     device: str = "auto"
     memory_limit: int | None = None
@@ -196,6 +207,21 @@ def _float(key: str, v: Any, *, positive: bool = False, non_negative: bool = Fal
     return f
 
 
+# timeout_s: a peer gets at least a second (a step can take that on a busy machine), and
+# at most a week (timedelta and faulthandler overflow long before 1e15 s).
+TIMEOUT_RANGE_S = (1.0, 7 * 24 * 3600.0)
+SEED_RANGE = (0, 2**32 - 1)
+
+
+def _in_range(key: str, raw: Any, v: float, lo: float, hi: float, *, why: str,
+              unit: str = "") -> Any:
+    """`v` (parsed from `raw`, which the message shows as given) within [lo, hi]."""
+    if not lo <= v <= hi:
+        raise ConfigError(key, raw, f"must be between {lo:g}{unit} and {hi:g}{unit} ({why})"
+                          if isinstance(v, float) else f"must be between {lo} and {hi} ({why})")
+    return v
+
+
 def _bool(key: str, v: Any) -> bool:
     if isinstance(v, bool):
         return v
@@ -221,6 +247,7 @@ def _int_list(key: str, v: Any, *, min_len: int, min_value: int) -> tuple[int, .
     return items
 
 
+MAX_BYTES = 2**60
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3,
           "gb": 1000**3, "kib": 1024, "mib": 1024**2, "gib": 1024**3}
 
@@ -240,6 +267,10 @@ def parse_bytes(key: str, v: Any) -> int | None:
         n = float(m.group(1)) * _UNITS[m.group(2).lower()]
     if not math.isfinite(n) or n <= 0:
         raise ConfigError(key, v, "must be a positive byte count")
+    if n < 1:  # int() would make it a limit of 0 bytes
+        raise ConfigError(key, v, "must be at least 1 byte")
+    if n > MAX_BYTES:
+        raise ConfigError(key, v, f"must be at most {MAX_BYTES:,} bytes (1 EiB)")
     return int(n)
 
 
@@ -248,7 +279,37 @@ def parse_bytes(key: str, v: Any) -> int | None:
 
 # The config's sections and the keys each may hold (a group's `name` picks the option).
 _SECTIONS = {"model": ModelConfig, "strategy": StrategyConfig, "data": DataConfig,
-             "train": TrainConfig, "fault": FaultConfig}
+             "train": TrainConfig, "fault": FaultConfig, "cost": CostConfig, "trace": TraceConfig}
+
+
+def schema() -> dict[str, tuple[str, ...] | None]:
+    """The project's own keys: each section with its keys, and each top-level setting
+    (None). What a `+key=value` on the command line may add to, and nothing else."""
+    out: dict[str, tuple[str, ...] | None] = {f.name: None for f in fields(RunConfig)
+                                               if f.name not in _SECTIONS}
+    out.update({name: tuple(f.name for f in fields(cls)) for name, cls in _SECTIONS.items()})
+    return out
+
+
+def close_match(word: str, choices: list[str] | tuple[str, ...]) -> str | None:
+    """The likeliest intended spelling of `word` among `choices` (a typo's fix), if any."""
+    import difflib
+
+    found = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return found[0] if found else None
+
+
+def unknown_key_reason(section: str | None, key: str) -> str:
+    """'no such key; did you mean …?' for `key` in `section` (None: the top level)."""
+    keys = schema()
+    if section is None:
+        match = close_match(key, list(keys))
+        return f"no such key (did you mean {match}?)" if match else "no such key"
+    known = keys.get(section) or ()
+    match = close_match(key, known)
+    if match:
+        return f"no such key (did you mean {section}.{match}?)"
+    return f"no such key; {section} has {', '.join(sorted(known))}"
 
 
 def _check_sections(d: dict[str, Any]) -> None:
@@ -267,7 +328,7 @@ def _check_sections(d: dict[str, Any]) -> None:
         unknown = sorted(set(node) - set(known))
         if unknown:
             raise ConfigError(f"{name}.{unknown[0]}", node[unknown[0]],
-                              f"no such key; {name} has {', '.join(known)}")
+                              unknown_key_reason(name, unknown[0]))
 
 
 def parse_config(d: dict[str, Any]) -> RunConfig:
@@ -282,8 +343,7 @@ def parse_config(d: dict[str, Any]) -> RunConfig:
     strategy = StrategyConfig(
         name=name,
         schedule=_schedule(_get(d, "strategy.schedule", "gpipe")),
-        balance=None if balance_raw is None
-        else _int_list("strategy.balance", balance_raw, min_len=1, min_value=1),
+        balance=_balance(balance_raw),
         layout=_choice("strategy.layout", _get(d, "strategy.layout", "megatron"), LAYOUTS),
     )
 
@@ -357,7 +417,11 @@ def parse_config(d: dict[str, Any]) -> RunConfig:
         flops_per_s=_float("cost.flops_per_s", _get(d, "cost.flops_per_s", 115e9), positive=True),
         calibrate=_bool("cost.calibrate", _get(d, "cost.calibrate", False)),
         precheck=_bool("cost.precheck", _get(d, "cost.precheck", False)),
+        profile=None if _get(d, "cost.profile", None) is None
+        else str(_get(d, "cost.profile", None)),
     )
+    trace = TraceConfig(steps=_trace_steps(_get(d, "trace.steps", "last")),
+                        profiler=_bool("trace.profiler", _get(d, "trace.profiler", False)))
     cfg = RunConfig(
         model=model,
         strategy=strategy,
@@ -365,12 +429,19 @@ def parse_config(d: dict[str, Any]) -> RunConfig:
         train=train,
         fault=fault,
         cost=cost,
+        trace=trace,
         world_size=world,
         device=_choice("device", _get(d, "device", "auto"), DEVICES),
         memory_limit=parse_bytes("memory_limit", _get(d, "memory_limit", None)),
         engine=_choice("engine", _get(d, "engine", "explicit"), ENGINES),
-        timeout_s=_float("timeout_s", _get(d, "timeout_s", 60), positive=True),
-        seed=_int("seed", _get(d, "seed", 0), min_value=0),
+        timeout_s=_in_range("timeout_s", _get(d, "timeout_s", 60),
+                            _float("timeout_s", _get(d, "timeout_s", 60), positive=True),
+                            *TIMEOUT_RANGE_S, unit=" s",
+                            why="how long a rank waits for a silent peer; 604800 s = 7 days"),
+        seed=_in_range("seed", _get(d, "seed", 0),
+                       _int("seed", _get(d, "seed", 0), min_value=0), *SEED_RANGE,
+                       why="2**32 - 1 at most: the data's shuffle multiplies it into "
+                           "torch's 64-bit generator seeds"),
         memory_probe=_bool("memory_probe", _get(d, "memory_probe", True)),
     )
     _check_cross(cfg)
@@ -407,6 +478,27 @@ def _one_device_keys(d: dict[str, Any], train: TrainConfig) -> TrainConfig:
                    betas=betas, eps=eps)
 
 
+def _balance(v: Any) -> tuple[int, ...] | str | None:
+    if v in (None, "params"):
+        return None
+    if v in ("flops", "time"):
+        return v
+    if isinstance(v, str):
+        raise ConfigError("strategy.balance", v,
+                          "must be params, flops, time, or a list of layers per stage")
+    return _int_list("strategy.balance", v, min_len=1, min_value=1)
+
+
+def _trace_steps(v: Any) -> str | tuple[int, ...]:
+    if v in ("last", "all"):
+        return v
+    if isinstance(v, int) and not isinstance(v, bool):
+        v = [v]
+    if isinstance(v, (list, tuple)):
+        return tuple(_int("trace.steps", x, min_value=0) for x in v)
+    raise ConfigError("trace.steps", v, "must be last, all, or a list of step numbers")
+
+
 def _schedule(v: Any) -> str:
     if isinstance(v, str) and v.endswith(".csv"):
         return v
@@ -428,13 +520,19 @@ def _check_schedule(cfg: RunConfig) -> None:
                           f"{sched.stages} stages for the {L} layers of model.dims: every stage "
                           f"needs at least one layer")
     bal = cfg.strategy.balance
-    if bal is not None and len(bal) != sched.stages:
+    if bal is not None and not isinstance(bal, str) and len(bal) != sched.stages:
         raise ConfigError("strategy.balance", list(bal),
                           f"needs one entry per stage ({sched.stages} stages)")
 
 
 def _check_cross(cfg: RunConfig) -> None:
     """Checks that involve more than one key (each still names the key to change)."""
+    _check_switches(cfg)
+    t = cfg.train
+    if t.warmup_steps >= t.steps:
+        raise ConfigError("train.warmup_steps", t.warmup_steps,
+                          f"must be < train.steps={t.steps}: the step times are taken after "
+                          f"the warm-up (set train.warmup_steps=0 to time every step)")
     f = cfg.fault
     if f.enabled:
         if f.rank is None or f.step is None:
@@ -449,7 +547,7 @@ def _check_cross(cfg: RunConfig) -> None:
             raise ConfigError("world_size", cfg.world_size,
                               f"pipeline needs at most one stage per layer; model.dims has {L} layers")
         bal = cfg.strategy.balance
-        if bal is not None:
+        if bal is not None and not isinstance(bal, str):
             if sum(bal) != L:
                 raise ConfigError("strategy.balance", list(bal),
                                   f"must sum to the {L} layers of model.dims")
@@ -476,6 +574,37 @@ def _check_cross(cfg: RunConfig) -> None:
                               f"every rank needs at least one unit of the narrowest, {min(widths)}")
     if cfg.engine == "torch":
         _check_torch_engine(cfg)
+
+
+# Settings that only mean something under a switch: (key, its value here, its default,
+# the strategies it applies to). Given anything but the default elsewhere, it would be
+# silently ignored.
+def _strategy_settings(cfg: RunConfig) -> list[tuple[str, Any, Any, tuple[str, ...]]]:
+    s, default = cfg.strategy, StrategyConfig()
+    return [("strategy.schedule", s.schedule, default.schedule, ("pipeline",)),
+            ("strategy.balance", s.balance, default.balance, ("pipeline",)),
+            ("strategy.layout", s.layout, default.layout, ("tensor",))]
+
+
+def _check_switches(cfg: RunConfig) -> None:
+    """A setting given without the switch that turns it on is refused, naming the switch."""
+    if cfg.model.init_path is not None and cfg.model.init != "file":
+        raise ConfigError("model.init_path", cfg.model.init_path,
+                          f"is read only with model.init=file (model.init={cfg.model.init})")
+    if cfg.data.path is not None and cfg.data.name != "npz":
+        raise ConfigError("data.path", cfg.data.path,
+                          f"is read only with data=npz (data={cfg.data.name})")
+    f = cfg.fault
+    for key, value in (("fault.rank", f.rank), ("fault.step", f.step)):
+        if value is not None and not f.enabled:
+            raise ConfigError(key, value, "does nothing without fault.kind (raise | exit | hang)")
+    for key, value, default, strategies in _strategy_settings(cfg):
+        if value != default and cfg.strategy.name not in strategies:
+            shown = list(value) if isinstance(value, tuple) else value
+            raise ConfigError(key, shown, f"applies to strategy={' | '.join(strategies)} only "
+                                          f"(strategy={cfg.strategy.name})")
+    if cfg.cost.precheck and cfg.memory_limit is None:
+        raise ConfigError("cost.precheck", True, "does nothing without memory_limit")
 
 
 def _check_torch_engine(cfg: RunConfig) -> None:

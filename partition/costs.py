@@ -9,8 +9,9 @@ forms of this module, each a few lines in the seed's notation (docs/cost-model.m
     kept         Σ over a stage's micro-batches in flight (counted from the action list)
                  of what one micro-batch keeps: every layer's input x but the data batch,
                  every hidden layer's z (for φ'(z))
-    peak         state + the data batch + kept + the largest transient at the moment the
-                 backward leaves the top layer (its dJ/dx next to the caches still kept)
+    peak         state + the largest of a few moments' live sets: the batch arriving,
+                 the backward (data batch + kept + dJ/do + boundary buffers + the largest
+                 backward transient), a pipeline's hand-offs, and the step's tail (W⊙W)
     messages     every crossing of one step, from the plans (plans/schedule.py's lowering,
                  plans/tensor.py, plans/data.py): payload and ring wire bytes per role
     flops        matrix-product FLOPs: forward, input gradient (I) and weight gradient (W)
@@ -27,7 +28,16 @@ from typing import Any
 from partition.comm import CommRecord, summarize
 from partition.config import RunConfig
 from partition.plans.data import data_calls, data_rows
-from partition.plans.schedule import gpipe_bubble, in_flight, load_schedule, transfers
+from partition.plans.schedule import (
+    Message,
+    eager_sends,
+    gpipe_bubble,
+    in_flight,
+    load_schedule,
+    needs,
+    produces,
+    transfers,
+)
 from partition.plans.split import piece_sizes, split_evenly, width
 from partition.plans.stages import plan_stages
 from partition.plans.tensor import plan_layers, tensor_calls
@@ -228,6 +238,23 @@ def in_flight_per_stage(cfg: RunConfig, rank: int) -> dict[int, int]:
 
 
 # ---------------------------------------------------------------- memory (closed forms)
+#
+# The training peak of a rank is its state plus the largest of a few moments' live sets,
+# each a sum of named terms (docs/cost-model.md), in the seed's notation with r rows per
+# micro-batch and b bytes per item:
+#
+#   load      the data batch arriving: the float64 rows gathered from the data set next
+#             to their copy in the run's dtype, and the row indices
+#   backward  the data batch + the kept activations of every micro-batch in flight + the
+#             loss gradients dJ/do held + the boundary buffers (pipeline) + the largest
+#             backward transient of one micro-batch
+#   hand-off  (pipeline) kept + the output being sent + the send still held + the
+#             receive posted for the next action
+#   tail      after the backward: what the step still references, and the largest W⊙W
+#             that s = λ/2 Σ‖W‖² makes
+#
+# None of these replays an op: each term is a product of widths, and the pipeline's
+# counts (micro-batches in flight, buffers held) come from the rank's action list.
 
 
 def state_bytes(cfg: RunConfig, rank: int) -> dict[str, int]:
@@ -244,11 +271,14 @@ def _kept_per_microbatch(cfg: RunConfig, rank: int) -> dict[int, int]:
     item, L, rows = ITEMSIZE[cfg.train.dtype], cfg.spec.num_layers, _rows(cfg, rank)
     out: dict[int, int] = {}
     for lay in stage_layers(cfg, rank):
-        # x as this rank holds it (a row-parallel layer its slice, a rowwise one the gathered
-        # whole), z as it comes out of the layer's communication
-        n = (lay.n_in if lay.index > 0 else 0) + (lay.n_out if lay.index < L - 1 else 0)
-        out[lay.stage] = out.get(lay.stage, 0) + rows * n * item
+        out[lay.stage] = out.get(lay.stage, 0) + rows * _kept_width(lay, L) * item
     return out
+
+
+def _kept_width(lay: LocalLayer, L: int) -> int:
+    # x as this rank holds it (a row-parallel layer its slice, a rowwise one the gathered
+    # whole), z as it comes out of the layer's communication
+    return (lay.n_in if lay.index > 0 else 0) + (lay.n_out if lay.index < L - 1 else 0)
 
 
 def kept_activation_bytes(cfg: RunConfig, rank: int) -> int:
@@ -257,27 +287,208 @@ def kept_activation_bytes(cfg: RunConfig, rank: int) -> int:
     return sum(flight.get(s, 1) * n for s, n in _kept_per_microbatch(cfg, rank).items())
 
 
+def _batch_rows(cfg: RunConfig, rank: int) -> int:
+    """Rows of the step's batch on this rank (data parallel: its share)."""
+    B = cfg.train.batch_size
+    return data_rows(B, cfg.world_size, rank) if cfg.strategy.name == "data" else B
+
+
+def _label_bytes(cfg: RunConfig, rows: int) -> int:
+    """y for `rows` examples: class indices (int64) or targets in the run's dtype."""
+    if cfg.model.loss == "cross_entropy":
+        return rows * 8
+    return rows * cfg.model.dims[-1] * ITEMSIZE[cfg.train.dtype]
+
+
 def input_bytes(cfg: RunConfig, rank: int) -> int:
     """The data batch on this rank's device: X (and y) of its rows, in the run's dtype."""
-    item, B = ITEMSIZE[cfg.train.dtype], cfg.train.batch_size
+    item, rows = ITEMSIZE[cfg.train.dtype], _batch_rows(cfg, rank)
     layers = stage_layers(cfg, rank)
-    rows = data_rows(B, cfg.world_size, rank) if cfg.strategy.name == "data" else B
     x = rows * cfg.model.dims[0] * item if layers[0].index == 0 else 0
-    q = cfg.model.dims[-1]
     last = layers[-1].index == cfg.spec.num_layers - 1
-    y = rows * (8 if cfg.model.loss == "cross_entropy" else q * item) if last else 0
-    return x + y
+    return x + (_label_bytes(cfg, rows) if last else 0)
+
+
+def staging_bytes(cfg: RunConfig, rank: int) -> int:
+    """The moment the batch arrives: the row indices (int64, the whole batch), the rows of
+    X gathered from the data set (float64) and, in float32, their converted copy."""
+    item, rows, d = ITEMSIZE[cfg.train.dtype], _batch_rows(cfg, rank), cfg.model.dims[0]
+    if stage_layers(cfg, rank)[0].index != 0:
+        # only y arrives (the last pipeline stage): its indices and labels, and for
+        # squared error the float64 targets next to their copy
+        y64 = 0 if cfg.model.loss == "cross_entropy" or item == 8 else rows * cfg.model.dims[-1] * 8
+        return cfg.train.batch_size * 8 + y64 + _label_bytes(cfg, rows)
+    x64 = rows * d * 8
+    return cfg.train.batch_size * 8 + x64 + (rows * d * item if item != 8 else 0)
+
+
+# Buffers of the layer's width alive inside φ'(z) ⊙ dJ/dh, the result dJ/dz included:
+# relu's backward is one fused pass; tanh makes t and 1 − t²; sigmoid σ, dh·σ and 1 − σ.
+ACTIVATION_BACKWARD_BUFFERS = {"relu": 1, "tanh": 3, "sigmoid": 4}
+
+
+def backward_transient(cfg: RunConfig, rank: int, stage: int = 0) -> int:
+    """The most bytes one micro-batch's backward through a stage allocates beyond what it
+    keeps and the gradient it starts from (G = dJ/d(output), held by the caller until the
+    stage's backward ends).
+
+    Going down the stage's layers i, the live transients are the incoming gradient dJ/dh_i
+    (but at the top, where it is G), the layer above's dJ/dz until this layer's replaces
+    it, the φ' buffers, dJ/dz_i, dJ/db_i (one row, before dJ/dx) and the new dJ/dx_i —
+    less the caches of the layers above, which are freed as the backward passes them. A
+    rowwise layer's dJ/dx is a partial sum that is reduce-scattered: the partial, its P
+    contiguous chunks and this rank's sum.
+    """
+    r, item, L = _rows(cfg, rank), ITEMSIZE[cfg.train.dtype], cfg.spec.num_layers
+    act = ACTIVATION_BACKWARD_BUFFERS[cfg.model.activation]
+    layers = [l for l in stage_layers(cfg, rank) if l.stage == stage]
+    best = freed = g_in = dz_above = 0  # widths: r·b bytes each
+    for pos in range(len(layers) - 1, -1, -1):
+        lay = layers[pos]
+        hidden = lay.index < L - 1
+        if hidden:  # φ'(z) ⊙ g, while the layer above's dJ/dz is still referenced
+            best = max(best, r * (g_in + dz_above + act * lay.n_out - freed))
+        dz = lay.n_out if hidden else 0  # the top layer's dJ/dz is dJ/do itself
+        if lay.bias:  # dJ/db = Σ_rows dJ/dz: one row of n_out
+            best = max(best, r * (g_in + dz - freed) + lay.n_out)
+        if lay.index > 0:  # dJ/dx (the net's input needs none)
+            dx = lay.n_in
+            if lay.note == "rowwise" and cfg.world_size > 1:  # + chunks + this rank's sum
+                dx += lay.n_in + width(split_evenly(lay.n_in, cfg.world_size)[rank])
+            best = max(best, r * (g_in + dz + dx - freed))
+        else:
+            best = max(best, r * (g_in + dz - freed))
+        freed += _kept_width(lay, L)
+        g_in = layers[pos - 1].n_out if pos > 0 else 0
+        dz_above = dz
+    return best * item
+
+
+def _loss_gradient(cfg: RunConfig, rank: int) -> int:
+    """dJ/do of one micro-batch: r·q·b."""
+    return _rows(cfg, rank) * cfg.model.dims[-1] * ITEMSIZE[cfg.train.dtype]
+
+
+def _counted_layers(cfg: RunConfig, rank: int) -> list[LocalLayer]:
+    """The layers whose ‖W‖² this rank adds to s (a replica is counted by one rank only)."""
+    layers = stage_layers(cfg, rank)
+    if cfg.strategy.name == "data":
+        return layers if rank == 0 else []
+    if cfg.strategy.name == "tensor":
+        plan = plan_layers(cfg.strategy.layout, cfg.model.dims, cfg.world_size, rank)
+        return [l for l, s in zip(layers, plan, strict=True) if s.primary]
+    return layers
+
+
+def tail_bytes(cfg: RunConfig, rank: int) -> int:
+    """The step's tail, after the backward: the largest W⊙W that s = λ/2 Σ‖W‖² makes
+    (one layer at a time) with its sum, and what the step still references — for single,
+    data and tensor the data batch and the last micro-batch's dJ/do; a pipeline has let
+    go of both."""
+    item = ITEMSIZE[cfg.train.dtype]
+    w = max(((l.n_in * l.n_out + 1) * item for l in _counted_layers(cfg, rank)), default=0)
+    if cfg.strategy.name == "pipeline":
+        return w
+    last = stage_layers(cfg, rank)[-1].index == cfg.spec.num_layers - 1
+    return w + input_bytes(cfg, rank) + (_loss_gradient(cfg, rank) if last else 0)
+
+
+def _pipeline_moments(cfg: RunConfig, rank: int) -> dict[str, int]:
+    """A pipeline rank's largest `backward` and `hand-off` live sets beyond state and the
+    data batch, read off its action list. At each action: the activations of the
+    micro-batches then in flight, the loss gradients dJ/do the last stage keeps for them
+    (made by the loss at F, used at B), the boundary buffers, and the action's transient.
+
+    Boundary buffers, each one micro-batch of a boundary width (r·n_k·b):
+      G         a B's incoming dJ/d(output), held through the stage's backward
+      held      sent buffers still referenced: with eager sends the last one (the wait
+                loop's variable holds it until the next send completes), otherwise every
+                send of the step (waited for at its end)
+      local     outputs handed to a stage on the same rank, until it takes them
+      posted    the receive posted for the next action, as soon as this one is done
+    An F's received input is not a term of its own: it is the first layer's kept x.
+    """
+    sched = _schedule(cfg)
+    plan = plan_stages(cfg.spec, sched.stages, cfg.strategy.balance)
+    S, n, acts = sched.stages, cfg.model.dims, sched.ranks[rank]
+    r, item, q = _rows(cfg, rank), ITEMSIZE[cfg.train.dtype], cfg.model.dims[-1]
+    kept_mb = _kept_per_microbatch(cfg, rank)
+    transient = {s: backward_transient(cfg, rank, s) for s in kept_mb}
+    eager = eager_sends(sched)
+    live = dict.fromkeys(kept_mb, 0)  # micro-batches in flight per stage (F until B or W)
+    held: list[int] = []
+    local: dict[Message, int] = {}
+
+    def size(msg: Message) -> int:  # an activation into stage s, or its gradient: r·n_start(s)·b
+        return r * n[plan[max(msg.from_stage, msg.to_stage)][0]] * item
+
+    def remote(msg: Message | None, stage_of: str) -> bool:
+        return msg is not None and sched.stage_rank[getattr(msg, stage_of)] != rank
+
+    def kept() -> int:
+        return sum(live[s] * kept_mb[s] for s in live)
+
+    def loss_grads() -> int:
+        return live.get(S - 1, 0) * r * q * item
+
+    backward = hand_off = 0
+    for i, a in enumerate(acts):
+        need, made = needs(a, S), produces(a, S)
+        if need is not None:
+            local.pop(need, None)  # a hand-over is now this action's input
+        buffers = sum(held) + sum(local.values())
+        if a.kind == "F":
+            if a.stage == S - 1:  # the output o and the loss's softmax next to it
+                hand_off = max(hand_off, kept() + kept_mb[a.stage] + loss_grads() + buffers
+                               + 2 * r * q * item)
+            live[a.stage] += 1
+        elif a.kind in ("B", "I"):
+            G = size(need) if need is not None else 0  # the last stage's G is its dJ/do
+            backward = max(backward, kept() + loss_grads() + G + buffers + transient[a.stage])
+            if a.kind == "B":  # an I keeps x and dJ/dz for its W
+                live[a.stage] -= 1
+        else:
+            live[a.stage] -= 1
+        sent = 0
+        if made is not None:
+            if remote(made, "to_stage"):
+                sent = size(made)
+            else:
+                local[made] = size(made)
+        nxt = needs(acts[i + 1], S) if i + 1 < len(acts) else None
+        posted = size(nxt) if remote(nxt, "from_stage") else 0
+        hand_off = max(hand_off, kept() + loss_grads() + sent + sum(held) + sum(local.values())
+                       + posted)
+        if sent:
+            held = [sent] if eager else [*held, sent]
+    return {"backward": backward, "hand-off": hand_off}
+
+
+def peak_terms(cfg: RunConfig, rank: int) -> dict[str, Any]:
+    """The closed-form training peak and its terms: `state`, `input` (the data batch),
+    `kept`, and outside a pipeline `loss_gradient` and `transient`; `moments`, the live
+    set beyond state of each moment (load, backward, hand-off for a pipeline, tail);
+    `peak_bytes` = state + the largest moment, which `moment` names."""
+    st = sum(state_bytes(cfg, rank).values())
+    x = input_bytes(cfg, rank)
+    moments = {"load": staging_bytes(cfg, rank)}
+    terms = {"state": st, "input": x, "kept": kept_activation_bytes(cfg, rank)}
+    if cfg.strategy.name == "pipeline":
+        for k, v in _pipeline_moments(cfg, rank).items():
+            moments[k] = x + v
+    else:
+        last = stage_layers(cfg, rank)[-1].index == cfg.spec.num_layers - 1
+        terms["loss_gradient"] = _loss_gradient(cfg, rank) if last else 0
+        terms["transient"] = backward_transient(cfg, rank)
+        moments["backward"] = x + terms["kept"] + terms["loss_gradient"] + terms["transient"]
+    moments["tail"] = tail_bytes(cfg, rank)
+    top = max(moments, key=lambda k: moments[k])
+    return {**terms, "moments": moments, "moment": top, "peak_bytes": st + moments[top]}
 
 
 def formula_peak(cfg: RunConfig, rank: int) -> int:
-    """state + the data batch + kept activations + the top layer's input gradient, the
-    largest transient when the backward leaves it (its caches are still all kept)."""
-    st = state_bytes(cfg, rank)
-    item, rows = ITEMSIZE[cfg.train.dtype], _rows(cfg, rank)
-    top = stage_layers(cfg, rank)[-1]
-    transient = rows * top.n_in * item if top.index > 0 else 0
-    return (sum(st.values()) + input_bytes(cfg, rank) + kept_activation_bytes(cfg, rank)
-            + transient)
+    """state + the largest moment's live set (`peak_terms`)."""
+    return peak_terms(cfg, rank)["peak_bytes"]
 
 
 def independent_estimate(cfg: RunConfig) -> int:
@@ -465,6 +676,33 @@ def precision_check(cfg: RunConfig, losses: list[float]) -> dict[str, Any]:
             "tolerance_reference": "float64, same config (docs/one-device.md)"}
 
 
+_DEVIATION_KEYS = ("peak_bytes", "params_bytes", "grads_bytes", "optimizer_bytes",
+                   "activations_bytes")
+_DEVIATION_COMM = ("sent_bytes", "recv_bytes", "collective_bytes", "wire_bytes", "messages")
+
+
+def formula_deviation(cfg: RunConfig) -> list[dict[str, Any]]:
+    """Each closed form next to the dry run, once per distinct rank (`count` ranks alike):
+    {key: (dry run, formula, (formula − dry run) / dry run)} for the training peak, the
+    state, the kept activations and the comm bytes, and `moment`, the moment the formula's
+    peak is at. `python -m experiments.formula_deviation` prints it as a table."""
+    from partition.dryrun import dry_run
+
+    out = []
+    for d in dry_run(cfg):
+        if d.same_as:
+            continue
+        f = formula(cfg, d.rank)
+        row: dict[str, Any] = {"rank": d.rank, "count": d.count,
+                               "moment": peak_terms(cfg, d.rank)["moment"]}
+        for k in _DEVIATION_KEYS:
+            row[k] = (d.memory[k], f[k], rel_err(f[k], d.memory[k]))
+        for k in _DEVIATION_COMM:
+            row[k] = (d.comm[k], f["comm"][k], rel_err(f["comm"][k], d.comm[k]))
+        out.append(row)
+    return out
+
+
 # ---------------------------------------------------------------- the exact prediction
 
 
@@ -543,24 +781,21 @@ def rank_cost(cfg: RunConfig, rank: int, device: str = "cpu") -> RankCost:
 # ---------------------------------------------------------------- time and the whole run
 
 
-def rank_time(cost: RankCost, params: CostParams, bubble: float) -> dict[str, float]:
-    """FLOPs / rate, stretched by the bubble, plus Σ (α + n/β) over the rank's messages."""
-    compute = cost.flops["total"] / params.flops_per_s
-    comm = sum(r.seconds for r in with_times(cost.messages, params))
-    return {"compute_s": compute, "comm_s": comm,
-            "step_s": compute / (1.0 - bubble) + comm}
-
-
-def predict(cfg: RunConfig, *, device: str = "cpu",
-            params: CostParams | None = None) -> dict[str, Any]:
+def predict(cfg: RunConfig, *, device: str = "cpu", params: CostParams | None = None,
+            times: list[dict[str, float]] | None = None) -> dict[str, Any]:
     """The `predicted` block of result.json: per rank the dry run's comm and memory, the
-    time model, and the closed forms under `formula`."""
+    simulated timing (when `times`, each rank's calibrated action durations, are given),
+    and the closed forms under `formula`."""
+    from partition.timeline import simulated_block
+
     params = params or CostParams.from_config(cfg)
     costs = rank_costs(cfg, device=device)
     bubble = bubble_fraction(cfg)
+    sim = simulated_block(cfg, times, params) if times else None
     ranks = []
     for c in costs:
-        timing = rank_time(c, params, bubble)
+        timing = ({k: sim["ranks"][c.rank][k] for k in ("step_s", "compute_s", "idle_fraction")}
+                  if sim else {"step_s": None, "compute_s": None, "idle_fraction": None})
         ranks.append({"rank": c.rank, "comm": c.comm, "memory": c.memory(), "timing": timing,
                       "flops": c.flops["total"], "flops_by_kind": c.flops,
                       # the dry run's count of the runner's own matrix products
@@ -574,7 +809,9 @@ def predict(cfg: RunConfig, *, device: str = "cpu",
         "ranks": ranks,
         "bubble_fraction": bubble,
         "flops_per_step": sum(c.flops["total"] for c in costs),
-        "step_time_s": max(r["timing"]["step_s"] for r in ranks),
+        "step_time_s": sim["step_time_s"] if sim else None,
+        "idle_fraction": sim["idle_fraction"] if sim else None,
+        "idle_causes": sim["causes"] if sim else None,
         "cost_params": params.as_dict(),
         "device": device,
         "formula": {"ranks": [formula(cfg, c.rank) for c in costs]} if has_formula else None,

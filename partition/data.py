@@ -73,6 +73,29 @@ def synthetic(spec: MLPSpec, *, num_examples: int, teacher_hidden: int, seed: in
     return Dataset(X, out)
 
 
+# Integers and reals only. np.issubdtype(…, np.number) also lets complex numbers through
+# (cast to float64 with a warning, the imaginary part dropped) and timedelta64 counts as
+# an integer; booleans, strings, dates and objects are not numbers to train on.
+_REAL_KINDS = "iuf"
+_INTEGER_KINDS = "iu"
+
+
+def npz_array(f: np.lib.npyio.NpzFile, name: str, key: str, path: str) -> np.ndarray:
+    """Member `name` of an open .npz as an array. np.load hands back the raw bytes of a
+    member that is not a .npy file (a zip with a file named "X"): that is refused."""
+    a = f[name]
+    if not isinstance(a, np.ndarray):
+        raise ConfigError(key, path, f"member {name} is not a .npy array (np.savez writes "
+                                     f"{name}.npy)")
+    return a
+
+
+def real_dtype(a: np.ndarray, name: str, key: str, path: str) -> None:
+    if a.dtype.kind not in _REAL_KINDS:
+        raise ConfigError(key, path, f"{name} has dtype {a.dtype}, expected real numbers "
+                                     f"(integer or floating point)")
+
+
 def load_npz(path: str, spec: MLPSpec) -> Dataset:
     """Read and check a user's `.npz` (`X` (N, d), `y`) without ever unpickling it."""
     key = "data.path"
@@ -86,23 +109,22 @@ def load_npz(path: str, spec: MLPSpec) -> Dataset:
             if missing:
                 has = ", ".join(f.files) or "none"
                 raise ConfigError(key, path, f"missing array(s) {', '.join(missing)} (has {has})")
-            X, y = f["X"], f["y"]
+            X, y = npz_array(f, "X", key, path), npz_array(f, "y", key, path)
     except ConfigError:
         raise
     except Exception as e:  # a corrupt zip, an object array, …
         raise ConfigError(key, path, f"not a readable .npz file ({type(e).__name__}: {e})") from None
     d, q = spec.dims[0], spec.dims[-1]
+    real_dtype(X, "X", key, path)
     if X.ndim != 2 or X.shape[1] != d:
         raise ConfigError(key, path, f"X has shape {X.shape}, expected (N, {d}) for model.dims[0]={d}")
     if X.shape[0] == 0:
         raise ConfigError(key, path, "X has no rows")
-    if not np.issubdtype(X.dtype, np.number):
-        raise ConfigError(key, path, f"X has dtype {X.dtype}, expected numbers")
     if not np.isfinite(X).all():
         raise ConfigError(key, path, "X holds NaN or infinite values")
     N = X.shape[0]
     if spec.loss == "cross_entropy":
-        if y.shape != (N,) or not np.issubdtype(y.dtype, np.integer):
+        if y.shape != (N,) or y.dtype.kind not in _INTEGER_KINDS:
             raise ConfigError(key, path, f"y has shape {y.shape} and dtype {y.dtype}, expected ({N},) class indices")
         if y.size and (y.min() < 0 or y.max() >= q):
             raise ConfigError(key, path, f"y holds labels outside [0, {q}) (min {y.min()}, max {y.max()})")
@@ -110,7 +132,8 @@ def load_npz(path: str, spec: MLPSpec) -> Dataset:
     else:
         if y.shape != (N, q):
             raise ConfigError(key, path, f"y has shape {y.shape}, expected ({N}, {q}) targets for squared_error")
-        if not np.issubdtype(y.dtype, np.number) or not np.isfinite(y).all():
+        real_dtype(y, "y", key, path)
+        if not np.isfinite(y).all():
             raise ConfigError(key, path, "y holds NaN, infinite or non-numeric values")
         yt = torch.from_numpy(y.astype(np.float64))
     return Dataset(torch.from_numpy(X.astype(np.float64)), yt)

@@ -60,15 +60,18 @@ def _first_line(exc: BaseException) -> str:
 
 
 def record_error(run_dir: str, rank: int, exc: BaseException) -> None:
-    """errors/rank<N>.json: this rank's own account of why it stopped (written atomically)."""
-    write_json(os.path.join(errors_dir(run_dir), f"rank{rank}.json"), {
-        "rank": rank,
-        "time": time.time(),
-        "type": type(exc).__name__,
-        "message": _first_line(exc),
-        "knock_on": is_knock_on(exc),
-        "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
-    })
+    """errors/rank<N>.json: this rank's own account of why it stopped (written atomically).
+
+    Written twice: first the facts the root cause is chosen from, then with the traceback.
+    Formatting a traceback reads source files (a second, on a busy machine), and a rank
+    may be stopped at any moment once its peers see it fail: the evidence goes first.
+    """
+    path = os.path.join(errors_dir(run_dir), f"rank{rank}.json")
+    rec = {"rank": rank, "time": time.time(), "type": type(exc).__name__,
+           "message": _first_line(exc), "knock_on": is_knock_on(exc)}
+    write_json(path, rec)
+    rec["traceback"] = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    write_json(path, rec)
 
 
 # ---------------------------------------------------------------- stack dumps
@@ -268,7 +271,14 @@ def diagnose(run_dir: str, *, ranks: int, timeout_s: float,
 
     def make(rank: int | None, type_: str, message: str, cause: str, t: float | None,
              evidence: str | None) -> RankError:
-        return RankError(rank, type_, message, cause, t, evidence, others)
+        listed = others
+        if cause in ("error", "exited"):
+            # Once a rank has raised or died, the launcher stops the rest wherever they are:
+            # one caught outside a communication call (importing, compiling, computing)
+            # was not hung, it was stopped — a victim of the root cause.
+            listed = [dict(o, outcome="victim") if o["outcome"] == "hung" and o["rank"] != rank
+                      else o for o in others]
+        return RankError(rank, type_, message, cause, t, evidence, listed)
 
     primary = [e for e in records.values() if not e.get("knock_on")]
     if primary:

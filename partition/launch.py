@@ -12,12 +12,15 @@ the loopback interface.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
 import sys
+import threading
 import time
 import traceback
 import uuid
@@ -36,11 +39,21 @@ from partition.failures import (
     StackDump,
     diagnose,
     errors_dir,
+    is_knock_on,
     prune_empty,
     record_error,
 )
+from partition.lifeline import LAUNCHER_PID_ENV, hold
 from partition.memory import MemoryLimitExceeded
-from partition.results import RESULT_FILE, WEIGHTS_FILE, build_result, write_json
+from partition.records import record_from_json, record_to_json
+from partition.results import (
+    RESULT_FILE,
+    WEIGHTS_FILE,
+    build_result,
+    exit_status,
+    file_digest,
+    write_json,
+)
 from partition.topology import (
     Topology,
     destroy,
@@ -121,9 +134,11 @@ def wait_for_peers(timeout_s: float) -> None:
     world = int(os.environ["WORLD_SIZE"])
     prefix = "partition/{}/{}".format(os.environ.get("TORCHELASTIC_RUN_ID", ""),
                                       os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    # Connecting is bounded by timeout_s: the store lives in the launcher (or torchrun's
+    # agent), so a store that does not answer means the launcher is gone.
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
-                          is_master=False, timeout=timedelta(seconds=max(timeout_s,
-                                                                         STARTUP_TIMEOUT_S)))
+                          is_master=False, timeout=timedelta(seconds=timeout_s))
+    store.set_timeout(timedelta(seconds=max(timeout_s, STARTUP_TIMEOUT_S)))
     if store.add(f"{prefix}/ready", 1) == world:
         store.set(f"{prefix}/go", "1")
     store.wait([f"{prefix}/go"])
@@ -134,26 +149,9 @@ def _watchdog_s(cfg: RunConfig, topo: Topology) -> float | None:
     return cfg.timeout_s if topo.world_size == 1 else None
 
 
-def die_with_parent() -> None:
-    """Linux: this process gets SIGTERM when its parent (the launcher) dies, even by SIGKILL,
-    so that no rank outlives a killed launcher. Elsewhere nothing happens."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-
-    parent = os.getppid()
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return
-    if os.getppid() != parent:  # the launcher died before we asked
-        os._exit(1)
-
-
-def rank_entry(cfg_dict: dict[str, Any], run_dir: str) -> RankRecord:
-    """Entry point of a spawned rank (the elastic agent sets RANK, WORLD_SIZE, MASTER_*)."""
-    die_with_parent()
+def rank_entry(cfg_dict: dict[str, Any], run_dir: str) -> dict[str, Any]:
+    """Entry point of a spawned rank (`partition.worker`; the elastic agent sets RANK,
+    WORLD_SIZE, MASTER_*): its record, as JSON for the launcher."""
     lo = loopback_interface()
     if lo is not None:  # this machine only: gloo's own sockets on loopback too
         os.environ.setdefault("GLOO_SOCKET_IFNAME", lo)
@@ -166,12 +164,12 @@ def rank_entry(cfg_dict: dict[str, Any], run_dir: str) -> RankRecord:
             ledger = Ledger()
             comm = Comm(rank=topo.rank, world_size=topo.world_size, ledger=ledger,
                         device=topo.device)
-            rec = run_rank(cfg, topo, comm, ledger, on_step=dump.arm)
+            rec = run_rank(cfg, topo, comm, ledger, on_step=dump.arm, run_dir=run_dir)
         except BaseException as e:
             record_error(run_dir, topo.rank, e)
             _exit_now(e)
     destroy()
-    return rec
+    return record_to_json(rec)
 
 
 def _exit_now(exc: BaseException) -> NoReturn:
@@ -245,10 +243,19 @@ def _quiet_elastic() -> Iterator[None]:
             log.setLevel(level)
 
 
-def launch_local(entry: Callable[..., Any], args: tuple[Any, ...], *, nprocs: int, log_dir: str,
-                 timeout_s: float, redirect: bool = True) -> list[Any]:
+def launch_local(entry: str | Callable[..., Any], args: tuple[Any, ...] | list[Any], *,
+                 nprocs: int, log_dir: str, timeout_s: float,
+                 redirect: bool = True) -> list[Any]:
     """Start `nprocs` processes of entry(*args) on this machine with torch's elastic launcher,
     on loopback only; their return values by rank.
+
+    `entry` is preferably "module:function": each rank is then a fresh interpreter
+    (`python -m partition.worker`) that ties its life to this process before it imports
+    torch, takes `args` as JSON and hands its JSON return value back in a file — no
+    pickle either way. A callable is started by multiprocessing's spawn instead (its
+    arguments and return value pickled between this process and its own children); it
+    dies with this process too, but only once torch is imported. Call this from a thread
+    that outlives the run: the kernel's death signal follows the thread that started a rank.
 
     With `redirect`, each process's stdout and stderr go to `log_dir`. Raises the elastic
     launcher's ChildFailedError when any process fails (all of them are stopped by then).
@@ -267,15 +274,56 @@ def launch_local(entry: Callable[..., Any], args: tuple[Any, ...], *, nprocs: in
         logs_specs=DefaultLogsSpecs(log_dir=log_dir, redirects=Std.ALL if redirect else Std.NONE),
         local_addr=LOOPBACK,
     )
-    with _quiet_elastic(), _own_signal_handlers():
-        results = elastic_launch(lc, entry)(*args)
-    return [results[r] for r in sorted(results)]
+    if callable(entry):
+        with _quiet_elastic(), _own_signal_handlers(), _launcher_env():
+            results = elastic_launch(lc, _held_entry)(entry, *args)
+        return [results[r] for r in sorted(results)]
+    returns = os.path.join(log_dir, ".returns")
+    os.makedirs(returns, exist_ok=True)
+    try:
+        argv = ["-m", "partition.worker", entry, json.dumps(list(args)), returns]
+        with _quiet_elastic(), _own_signal_handlers(), _launcher_env():
+            elastic_launch(lc, sys.executable)(*argv)
+        out = []
+        for r in range(nprocs):
+            with open(os.path.join(returns, f"rank{r}.json")) as fh:
+                out.append(json.load(fh))
+        return out
+    finally:
+        shutil.rmtree(returns, ignore_errors=True)
+
+
+def _held_entry(entry: Callable[..., Any], *args: Any) -> Any:  # noqa: ANN401
+    """A spawned callable rank: tie it to the launcher first (torch is loaded by now)."""
+    hold()
+    return entry(*args)
+
+
+@contextlib.contextmanager
+def _launcher_env() -> Iterator[None]:
+    """What the ranks inherit: this process's pid (their lifeline checks it) and a
+    PYTHONPATH that finds this `partition`, whatever the working directory."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    saved = {k: os.environ.get(k) for k in (LAUNCHER_PID_ENV, "PYTHONPATH")}
+    os.environ[LAUNCHER_PID_ENV] = str(os.getpid())
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        p for p in (root, saved["PYTHONPATH"]) if p)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def spawn_ranks(cfg: RunConfig, run_dir: str) -> list[RankRecord]:
     """Start cfg.ranks rank processes for one run; each rank's output goes to logs/ in the run folder."""
-    return launch_local(rank_entry, (cfg.to_dict(), run_dir), nprocs=cfg.ranks,
-                        log_dir=os.path.join(run_dir, LOGS_DIR), timeout_s=cfg.timeout_s)
+    out = launch_local("partition.launch:rank_entry", (cfg.to_dict(), run_dir),
+                       nprocs=cfg.ranks, log_dir=os.path.join(run_dir, LOGS_DIR),
+                       timeout_s=cfg.timeout_s)
+    return [record_from_json(d) for d in out]
 
 
 @contextlib.contextmanager
@@ -307,9 +355,39 @@ def write_outputs(cfg: RunConfig, run_dir: str, records: list[RankRecord], *, se
     if records and result["status"] in ("ok", "diverged"):
         shards = [s for r in records for s in r.shards]
         arrays = assemble(cfg.spec, shards, np.dtype(cfg.train.dtype))
-        save_weights(os.path.join(run_dir, WEIGHTS_FILE), arrays)
+        path = os.path.join(run_dir, WEIGHTS_FILE)
+        save_weights(path, arrays)
+        result["weights"] = {"file": WEIGHTS_FILE, **file_digest(path)}
+    if records:
+        write_timeline(cfg, run_dir, records)
     write_json(os.path.join(run_dir, RESULT_FILE), result)
     return result
+
+
+def write_timeline(cfg: RunConfig, run_dir: str, records: list[RankRecord]) -> None:
+    """trace.json for every run with spans; timeline.png (measured above simulated) for
+    multi-rank runs."""
+    from partition import timeline
+    from partition.results import cost_params
+
+    timeline.write_trace(run_dir, records)
+    meas = timeline.measured(records)
+    if cfg.ranks < 2 or meas is None:
+        return
+    step = meas[0]["step"]
+    spans = [(r.rank, [s for s in r.spans if s["step"] == step])
+             for r in sorted(records, key=lambda r: r.rank)]
+    times = [r.action_times for r in sorted(records, key=lambda r: r.rank)]
+    sim = timeline.simulated_block(cfg, times, cost_params(cfg, records)) if all(times) else None
+    what = cfg.strategy.name + (f" {cfg.strategy.schedule}" if cfg.strategy.name == "pipeline" else "")
+    title = (f"{what}, P={cfg.ranks}, B={cfg.train.batch_size}, M={cfg.train.microbatches}: "
+             f"step {step} measured {meas[0]['step_s'] * 1e3:.1f} ms"
+             + (f", simulated {sim['step_time_s'] * 1e3:.1f} ms" if sim else ""))
+    try:
+        timeline.draw(os.path.join(run_dir, timeline.TIMELINE_FILE), spans,
+                      sim["timeline"] if sim else None, title=title)
+    except Exception as e:  # a figure must never cost the run its result
+        print(f"warning: timeline.png not drawn ({type(e).__name__}: {e})", file=sys.stderr)
 
 
 def clear_errors(run_dir: str) -> None:
@@ -341,6 +419,9 @@ def run(cfg: RunConfig, run_dir: str) -> dict[str, Any]:
     os.makedirs(run_dir, exist_ok=True)
     clear_errors(run_dir)
     t0 = time.perf_counter()
+    from partition.calibrate import resolve_balance
+
+    cfg = resolve_balance(cfg)  # strategy.balance=time: measured here, once, for every rank
     refused = precheck_memory(cfg)
     if refused is not None:
         return write_outputs(cfg, run_dir, [], seconds=time.perf_counter() - t0,
@@ -348,7 +429,7 @@ def run(cfg: RunConfig, run_dir: str) -> dict[str, Any]:
     if cfg.ranks == 1 and cfg.strategy.name == "single" and not cfg.fault.enabled:
         topo = single_process(cfg.device)
         try:
-            rec = run_rank(cfg, topo, None, Ledger())
+            rec = run_rank(cfg, topo, None, Ledger(), run_dir=run_dir)
         except ConfigError:
             raise
         except KeyboardInterrupt:
@@ -393,9 +474,16 @@ def run(cfg: RunConfig, run_dir: str) -> dict[str, Any]:
     return write_outputs(cfg, run_dir, records, seconds=time.perf_counter() - t0)
 
 
+# torch's CPU allocator raises a plain RuntimeError when malloc fails.
+_CPU_OOM = re.compile(r"can't allocate memory|not enough memory", re.IGNORECASE)
+
+
 def run_status(err: RankError | None) -> str:
     """`oom` when the root cause is a rank out of memory, else `failed`."""
-    return "oom" if err is not None and err.type in OOM_TYPES else "failed"
+    if err is not None and (err.type in OOM_TYPES or (
+            err.type == "RuntimeError" and _CPU_OOM.search(err.message))):
+        return "oom"
+    return "failed"
 
 
 def precheck_memory(cfg: RunConfig) -> dict[str, Any] | None:
@@ -422,29 +510,290 @@ def precheck_memory(cfg: RunConfig) -> dict[str, Any] | None:
 
 
 def check_dataset(cfg: RunConfig) -> None:
-    """Before any rank starts: load the data and the initial weights once (bad files fail
-    here), and make sure the device asked for exists for every local rank."""
+    """Before any rank starts: make sure the device asked for exists for every local rank
+    and the run can fit this machine at all, then load the data and the initial weights
+    once (bad files fail here)."""
     try:
         local = int(os.environ.get("LOCAL_WORLD_SIZE", cfg.ranks))
-        resolve_device(cfg.device, local_rank=0, local_world_size=local)
+        device, _ = resolve_device(cfg.device, local_rank=0, local_world_size=local)
     except RuntimeError as e:
         raise ConfigError("device", cfg.device, str(e)) from None
+    check_fits_machine(cfg, local_ranks=local, device=device.type)
     load_dataset(cfg.data, cfg.spec, seed=cfg.seed)
     initial_weights(cfg.spec, init=cfg.model.init, init_path=cfg.model.init_path, seed=cfg.seed)
+
+
+# ---------------------------------------------------------------- does it fit at all
+
+
+def machine_memory() -> int:
+    """Bytes of memory this machine offers a run: physical memory, or a container's
+    cgroup limit when that is lower."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(path) as fh:
+                value = fh.read().strip()
+        except OSError:
+            continue
+        if value.isdigit():
+            total = min(total, int(value))
+    return total
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if abs(n) < 1024 or unit == "PiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def memory_floor(cfg: RunConfig, *, local_ranks: int, device: str = "cpu"
+                 ) -> dict[str, tuple[int, str]]:
+    """What this machine's memory must hold at the least, by the setting that asks for it:
+    {key: (bytes, what)}. Closed forms of what every rank builds before its first step,
+    plus the cost model's training peak per rank where its tensors live in this memory
+    (CPU). A lower bound: a run it refuses could never have started.
+    """
+    spec, f64 = cfg.spec, 8
+    d, q = spec.dims[0], spec.dims[-1]
+    params = sum(spec.layer_params(l) for l in range(spec.num_layers))
+    floor = {"model.dims": [local_ranks * params * f64,
+                            "the full float64 weights, which every rank builds, then slices"]}
+    if cfg.data.name == "synthetic":
+        N, t = cfg.data.num_examples, cfg.data.teacher_hidden
+        # X (N, d) and the targets, on every rank; the teacher's weights and (N, t) hidden layer.
+        floor["data.num_examples"] = [local_ranks * N * (d + q) * f64,
+                                      "the synthetic dataset, which every rank builds"]
+        floor["data.teacher_hidden"] = [local_ranks * t * (N + d + q) * f64,
+                                        "the synthetic dataset's teacher net, on every rank"]
+    # One step's rows: their indices and their float64 inputs, gathered before the cast.
+    floor["train.batch_size"] = [cfg.train.batch_size * (d + 1) * f64,
+                                 "one batch's rows of the dataset"]
+    if device == "cpu":
+        from partition import costs
+
+        try:
+            peaks = [c.train for c in costs.rank_costs(cfg, device=device)]
+        except (ValueError, KeyError):  # no cost model for this strategy yet
+            peaks = []
+        if peaks:
+            # Every rank here, or (several nodes) as many ranks as this node runs, the lightest.
+            mine = peaks if local_ranks == len(peaks) else [
+                min(peaks, key=lambda p: p.peak_bytes)] * local_ranks
+            for p in mine:
+                state = sum(p.breakdown.get(k, 0) for k in ("params", "grads", "optimizer"))
+                floor["model.dims"][0] += state
+                floor["train.batch_size"][0] += p.peak_bytes - state
+            floor["train.batch_size"][1] = "the activations of a training step (cost model)"
+    return {k: (int(v[0]), v[1]) for k, v in floor.items()}
+
+
+def check_fits_machine(cfg: RunConfig, *, local_ranks: int, device: str = "cpu",
+                       available: int | None = None) -> None:
+    """Refuse (ConfigError on the setting asking for most) a run that cannot fit this
+    machine's memory: better one line now than an allocation error in every rank."""
+    available = machine_memory() if available is None else available
+
+    def total(c: RunConfig) -> int:
+        return sum(n for n, _ in memory_floor(c, local_ranks=local_ranks, device=device).values())
+
+    need = total(cfg)
+    if need <= available:
+        return
+    # The setting to blame is the one whose default would save the most: the dataset's
+    # N·d bytes are the input width's fault when d is huge, the row count's when N is.
+    best, blamed = need, "model.dims"
+    for key in _SIZE_KEYS:
+        try:
+            without = total(_with_default(cfg, key))
+        except (ValueError, KeyError, IndexError, ZeroDivisionError):
+            continue  # the default does not fit the rest of this config: not a candidate
+        if without < best:
+            best, blamed = without, key
+    floor = memory_floor(cfg, local_ranks=local_ranks, device=device)
+    n, what = max(floor.values())
+    raise ConfigError(blamed, _SIZE_KEYS[blamed](cfg),
+                      f"needs at least {need:,} bytes ({human_bytes(need)}) of memory, "
+                      f"{n:,} of them for {what}; this machine has {available:,} bytes "
+                      f"({human_bytes(available)})")
+
+
+# The settings that make a run big, each read from a config.
+_SIZE_KEYS: dict[str, Callable[[RunConfig], Any]] = {
+    "model.dims": lambda c: list(c.model.dims),
+    "data.num_examples": lambda c: c.data.num_examples,
+    "data.teacher_hidden": lambda c: c.data.teacher_hidden,
+    "train.batch_size": lambda c: c.train.batch_size,
+}
+
+
+def _with_default(cfg: RunConfig, key: str) -> RunConfig:
+    """`cfg` with `key` at its dataclass default (no validation: a what-if for blame)."""
+    import dataclasses
+
+    section, name = key.split(".")
+    node = getattr(cfg, section)
+    default = next(f.default for f in dataclasses.fields(node) if f.name == name)
+    return dataclasses.replace(cfg, **{section: dataclasses.replace(node, **{name: default})})
 
 
 # ---------------------------------------------------------------- under torchrun
 
 
-def torchrun_rank(cfg: RunConfig, choose_dir) -> tuple[Topology, dict[str, Any] | None]:  # noqa: ANN001
-    """Body of every torchrun process: join, agree on one folder, train, gather to rank 0.
+ANSWER_GRACE_S = 2.0  # how long a failing rank waits for a lower rank to say it is alive
 
-    `choose_dir()` is called on rank 0 only; its answer is broadcast so that every
-    rank writes (error records) into the same folder. When the run fails, every rank
-    records its error and re-raises it, except rank 0, which first writes result.json
-    (status `failed`, the root cause from the records there so far) and returns it.
+
+def _agent_store(timeout_s: float) -> Any:  # noqa: ANN401 - a torch TCPStore
+    """A client of torchrun's agent store (it outlives every rank), or None without one."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() != "true":
+        return None
+    import torch.distributed as dist
+
+    return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                         is_master=False, timeout=timedelta(seconds=timeout_s))
+
+
+def _store_prefix() -> str:
+    """Keys of this run and restart: a restarted group must not read the last one's."""
+    return "partition/{}/{}".format(os.environ.get("TORCHELASTIC_RUN_ID", ""),
+                                    os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+
+class Answer:
+    """Under torchrun, the one result.json of a failed run: written by the lowest rank
+    that survives to write it.
+
+    torchrun's agent stops every rank soon after one exits, and rank 0 may be the one
+    that died or hangs; but every rank knows the folder once it is agreed, and the
+    agent's store outlives them all. A rank that raised an error of its own knows the
+    root cause and answers at once (then exits, which is how its peers learn of it).
+    A rank that only saw the failure (a knock-on error, or the agent's SIGTERM) says it
+    survives, waits ANSWER_GRACE_S for a lower rank to say the same, and answers if none
+    does: a dead rank never speaks, a hung one is known by its silence. A claim on the
+    store makes the answer happen once. Without the agent's store, rank 0 answers, and
+    any rank whose own error is the root cause.
+    """
+
+    def __init__(self, cfg: RunConfig, rank: int, t0: float) -> None:
+        self.cfg, self.rank, self.t0 = cfg, rank, t0
+        self.run_dir: str | None = None
+        self.result: dict[str, Any] | None = None
+        self._lock = threading.Lock()
+        self._done = False
+
+    def write(self, *, primary: bool) -> dict[str, Any] | None:
+        """result.json if this rank is the one to write it (then also returned), else None.
+        Safe to call from the main thread and the SIGTERM watcher: the first call decides."""
+        with self._lock:
+            if self._done or self.run_dir is None:
+                return self.result
+            self._done = True
+            if not self._mine(primary=primary):
+                return None
+            # Peers may still be alive: a silent one is hung only if some rank timed out.
+            err = diagnose(self.run_dir, ranks=self.cfg.ranks, timeout_s=self.cfg.timeout_s,
+                           stopped=False)
+            self.result = write_outputs(
+                self.cfg, self.run_dir, [], seconds=time.perf_counter() - self.t0,
+                status=run_status(err), error=err.as_dict() if err else None,
+            ) | {"path": self.run_dir}
+            return self.result
+
+    def _mine(self, *, primary: bool) -> bool:
+        try:
+            store = _agent_store(5.0)
+        except Exception:  # noqa: BLE001 - no store to agree through
+            store = None
+        if store is None:
+            return primary or self.rank == 0
+        prefix = _store_prefix()
+        try:
+            store.set(f"{prefix}/survivor/{self.rank}", "1")
+            if not primary and self.rank > 0 and not store.check([f"{prefix}/answered"]):
+                lower = [f"{prefix}/survivor/{q}" for q in range(self.rank)]
+                deadline = time.monotonic() + ANSWER_GRACE_S
+                while time.monotonic() < deadline:
+                    if any(store.check([k]) for k in lower):
+                        return False  # a lower rank is alive and answers
+                    time.sleep(0.05)
+            return store.add(f"{prefix}/answered", 1) == 1
+        except Exception:  # noqa: BLE001 - the store went away with the agent
+            return primary or self.rank == 0
+
+
+class TermWatch:
+    """Under torchrun: when the agent sends SIGTERM (a peer has exited), answer, then exit.
+
+    A Python signal handler runs only when the main thread is back in Python, and a rank
+    waiting for a dead peer sits in a C call for up to timeout_s. Python's own C-level
+    handler writes the signal number to a wakeup fd at once, though: a thread waiting on
+    that fd does the work while the main thread stays blocked. Enter before StackDump,
+    so that faulthandler (which dumps the stack first) chains to this handler rather than
+    to the default action.
+    """
+
+    def __init__(self, on_term: Callable[[], int]) -> None:
+        self.on_term = on_term  # does the work; returns the exit status
+        self._fds: tuple[int, int] | None = None
+        self._saved: Any = None
+        self._old_wakeup = -1
+
+    def __enter__(self) -> TermWatch:
+        import threading
+
+        r, w = os.pipe()
+        os.set_blocking(w, False)
+        self._fds = (r, w)
+        self._saved = signal.signal(signal.SIGTERM, lambda *_: None)  # the fd does the work
+        self._old_wakeup = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+        threading.Thread(target=self._watch, args=(r,), daemon=True,
+                         name="partition-sigterm").start()
+        return self
+
+    def _watch(self, fd: int) -> None:
+        while True:
+            try:
+                data = os.read(fd, 64)
+            except OSError:
+                return
+            if not data:  # closed on exit
+                os.close(fd)
+                return
+            if signal.SIGTERM in data:
+                status = 1
+                try:
+                    status = self.on_term()
+                finally:
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                    os._exit(status)
+
+    def __exit__(self, *exc: object) -> None:
+        signal.set_wakeup_fd(self._old_wakeup)
+        if self._saved is not None:
+            signal.signal(signal.SIGTERM, self._saved)
+        if self._fds is not None:
+            os.close(self._fds[1])
+
+
+def torchrun_rank(cfg: RunConfig, choose_dir: Callable[[], str], *,
+                  report: Callable[[dict[str, Any]], None]) -> str:
+    """Body of every torchrun process: join, agree on one folder, train, gather to rank 0;
+    returns the run's status as this rank knows it ("ok" on every rank of a good run).
+
+    `choose_dir()` is called on rank 0 only; its answer is broadcast so that every rank
+    writes (error records) into the same folder. rank 0 writes result.json of a good
+    run; of a failed one, the rank `Answer` picks. `report(result)` is called by the
+    rank that wrote it (the summary line), whichever thread that happens in.
     """
     world = int(os.environ["WORLD_SIZE"])
+    if cfg.strategy.balance == "time":
+        # Each process would measure its own split; they must agree on one.
+        raise ConfigError("strategy.balance", "time", "is measured by the launcher of a plain "
+                          "run; under torchrun give the layers per stage (experiments.predict "
+                          "strategy.balance=time prints the split it picks)")
     if world != cfg.ranks:
         hint = ("strategy=single runs one process: use --nproc_per_node=1"
                 if cfg.strategy.name == "single" else f"set world_size={world}")
@@ -456,30 +805,48 @@ def torchrun_rank(cfg: RunConfig, choose_dir) -> tuple[Topology, dict[str, Any] 
     init_process_group(topo, timeout_s=cfg.timeout_s)
     ledger = Ledger()
     comm = Comm(rank=topo.rank, world_size=topo.world_size, ledger=ledger, device=topo.device)
-    if topo.rank == 0:
-        run_dir = choose_dir()
-        clear_errors(run_dir)  # before the broadcast: no rank has written there yet
-    run_dir = comm.broadcast_object(run_dir if topo.rank == 0 else None)
-    with StackDump(run_dir, topo.rank, watchdog_s=_watchdog_s(cfg, topo)) as dump:
+    answer = Answer(cfg, topo.rank, t0)
+
+    def failed(*, primary: bool) -> str:
+        result = answer.write(primary=primary)
+        if result is None:
+            return "failed"
+        report(result)
+        return result["status"]
+
+    def on_term() -> int:
+        return exit_status(failed(primary=False))
+
+    with TermWatch(on_term):
         try:
-            rec = run_rank(cfg, topo, comm, ledger, on_step=dump.arm)
-            records = comm.gather_objects(rec)
-        except BaseException as e:
-            # No destroy(): a process group in error can hang in it; the process ends soon.
-            record_error(run_dir, topo.rank, e)
-            if topo.rank != 0:
+            if topo.rank == 0:
+                answer.run_dir = choose_dir()
+                clear_errors(answer.run_dir)  # before the broadcast: no rank wrote there yet
+            answer.run_dir = comm.broadcast_object(answer.run_dir)
+        except Exception:  # a peer died before the folder was agreed: nowhere to answer
+            if answer.run_dir is None:
                 raise
-            # Peers may still be alive: a silent one is hung only if this rank timed out.
-            err = diagnose(run_dir, ranks=cfg.ranks, timeout_s=cfg.timeout_s, stopped=False)
-            return topo, write_outputs(
-                cfg, run_dir, [], seconds=time.perf_counter() - t0, status=run_status(err),
-                error=err.as_dict() if err else None) | {"path": run_dir}
+            return failed(primary=False)
+        run_dir = answer.run_dir
+        with StackDump(run_dir, topo.rank, watchdog_s=_watchdog_s(cfg, topo)) as dump:
+            try:
+                rec = run_rank(cfg, topo, comm, ledger, on_step=dump.arm, run_dir=run_dir)
+                gathered = comm.gather_objects(record_to_json(rec))
+            except BaseException as e:
+                # No destroy(): a process group in error can hang in it; the process ends soon.
+                record_error(run_dir, topo.rank, e)
+                return failed(primary=not is_knock_on(e))
+        with answer._lock:  # a SIGTERM from now on finds the run answered
+            answer._done = True
     destroy()
     if topo.rank != 0:
-        return topo, None
+        return "ok"
     prune_empty(errors_dir(run_dir))
-    return topo, write_outputs(cfg, run_dir, records, seconds=time.perf_counter() - t0) | {
+    records = [record_from_json(d) for d in gathered or []]
+    result = write_outputs(cfg, run_dir, records, seconds=time.perf_counter() - t0) | {
         "path": run_dir}
+    report(result)
+    return result["status"]
 
 
 __all__ = ["ERRORS_DIR", "LOGS_DIR", "RankError", "check_dataset", "first_error",

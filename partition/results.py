@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -14,22 +15,50 @@ import torch
 
 from partition import costs
 from partition.config import RunConfig
+from partition.timeline import measured, stage_imbalance
 
 RESULT_FILE = "result.json"
 WEIGHTS_FILE = "weights.npz"
 STATUSES = ("ok", "failed", "oom", "diverged")
+# The exit status of a run that ended with each status; 2 is bad input (refused before
+# anything starts), 130 an interrupted run. A sweep exits 0 and lists its jobs' statuses.
+EXIT_STATUS = {"ok": 0, "failed": 1, "oom": 3, "diverged": 4}
+BAD_INPUT_STATUS = 2
+INTERRUPTED_STATUS = 130
+
+
+def exit_status(status: str) -> int:
+    """What the process that reports a run exits with (1 for a status it does not know)."""
+    return EXIT_STATUS.get(status, 1)
+
+
+def umask() -> int:
+    """This process's umask, read without changing it where the system allows (Linux)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore at once
+    os.umask(mask)
+    return mask
 
 
 def atomic_write(path: str, write: Callable[[IO[bytes]], None]) -> None:
     """Write via a temporary file in the same folder, fsync, then rename over `path`.
 
-    A writer killed at any moment leaves either the old file or the new one.
+    A writer killed at any moment leaves either the old file or the new one. The file
+    gets the mode any new file would (0666 less the umask): mkstemp's 0600 would make
+    result.json and weights.npz private while everything around them is not.
     """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + os.path.basename(path), dir=folder)
     try:
         with os.fdopen(fd, "wb") as fh:
+            os.fchmod(fh.fileno(), 0o666 & ~umask())
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
@@ -38,6 +67,32 @@ def atomic_write(path: str, write: Callable[[IO[bytes]], None]) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def file_digest(path: str) -> dict[str, Any]:
+    """{bytes, sha256} of a file: what result.json records of weights.npz, so that a resumed
+    sweep can tell a whole weights file from a truncated or replaced one."""
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+            size += len(chunk)
+    return {"bytes": size, "sha256": h.hexdigest()}
+
+
+def weights_intact(run_dir: str, result: dict[str, Any]) -> bool:
+    """Whether the run's weights.npz is the one its result.json recorded (size and digest)."""
+    want = result.get("weights")
+    if not isinstance(want, dict):
+        return False
+    path = os.path.join(run_dir, str(want.get("file", WEIGHTS_FILE)))
+    try:
+        if os.path.getsize(path) != want.get("bytes"):
+            return False  # cheap first: a truncated file needs no hashing
+        return file_digest(path) == {"bytes": want["bytes"], "sha256": want.get("sha256")}
+    except OSError:
+        return False
 
 
 def write_json(path: str, obj: Any) -> None:
@@ -121,15 +176,22 @@ def build_result(cfg: RunConfig, records: list[Any], *, seconds: float,
             "in_flight_max": r.in_flight_max,
             "memory_steps_equal": getattr(r, "memory_steps_equal", True),
             "calibration": getattr(r, "calibration", None),
+            # seconds of each compute action at this run's shapes (the simulator's input;
+            # `cost.profile=<this result.json>` reuses them)
+            "action_times": getattr(r, "action_times", None),
         })
-    measured_bubble = None
-    if cfg.strategy.name == "pipeline" and ranks and ranks[0]["timing"]["step_s"]:
-        # Share of the step that the average stage spends not computing: idle waits for
-        # its neighbours (the bubble) plus the transfers themselves.
-        step_med = statistics.median(steady(step_times))
-        mean_compute = statistics.mean(x["timing"]["compute_s"] for x in ranks)
-        measured_bubble = max(0.0, 1.0 - mean_compute / step_med)
     predicted = predicted_block(cfg, records)
+    # Idle fraction per rank = 1 − compute inside the step / step time, from the traced
+    # step's spans; MFU = the rank's FLOP/s in its compute ÷ its calibrated matmul rate.
+    meas = measured(records)
+    for x, m, pr, r in zip(ranks, meas or [], predicted.get("ranks") or [], records):
+        peak = (r.action_times or {}).get("peak_flops_per_s")
+        x["timing"].update(idle_fraction=m["idle_fraction"], traced_step=m["step"],
+                           traced_step_s=m["step_s"],
+                           traced_compute_s=m["compute_s"], traced_wait_s=m["wait_s"],
+                           mfu=pr["flops"] / m["compute_s"] / peak
+                           if peak and m["compute_s"] > 0 else None)
+    measured_bubble = statistics.mean(m["idle_fraction"] for m in meas) if meas else None
     step_med = statistics.median(steady(step_times)) if step_times else None
     errs = [r.grad_rel_err for r in records if r.grad_rel_err is not None]
     losses = r0.objective if r0 else []
@@ -151,6 +213,13 @@ def build_result(cfg: RunConfig, records: list[Any], *, seconds: float,
             "stopped_at": r0.stopped_at if r0 else None,
             "step_time_s": _stats(steady(step_times)),
             "bubble_fraction_measured": measured_bubble,
+            # measured (the traced step's spans), simulated (the plan with calibrated
+            # durations), and what equal stages and free communication would give
+            "idle_fraction": {"measured": measured_bubble,
+                              "simulated": predicted.get("idle_fraction"),
+                              "equal_stages_formula": costs.bubble_fraction(cfg)},
+            "idle_causes": predicted.get("idle_causes"),
+            "stage_imbalance": stage_imbalance(meas) if meas else None,
         },
         "ranks": ranks,
         "predicted": predicted,
@@ -184,8 +253,10 @@ def predicted_block(cfg: RunConfig, records: list[Any]) -> dict[str, Any]:
     """`predicted`: the cost model for this config, on the device the ranks ran on."""
     device = records[0].device.split(":")[0] if records and records[0].device else (
         "cuda" if cfg.device == "cuda" else "cpu")
+    times = [r.action_times for r in sorted(records, key=lambda r: r.rank)]
     try:
-        return costs.predict(cfg, device=device, params=cost_params(cfg, records))
+        return costs.predict(cfg, device=device, params=cost_params(cfg, records),
+                             times=times if all(times) else None)
     except ValueError as e:  # a strategy the model does not know yet
         return {"ranks": [], "bubble_fraction": costs.bubble_fraction(cfg),
                 "flops_per_step": None, "step_time_s": None, "error": str(e)}

@@ -169,3 +169,112 @@ def pipeline_ops(s: Schedule, *, compute: Callable[[Action], float],
         ops.append(Op(r, "comm", "all_reduce metric", metric, sync="metric",
                       args={"role": "metric"}))
     return ops
+
+
+# ---------------------------------------------------------------- every strategy's step
+
+
+@dataclass(frozen=True)
+class Links:
+    """α + n/β per message: point to point by payload, collectives by ring wire bytes."""
+
+    p2p_alpha: float
+    p2p_beta: float
+    coll_alpha: float
+    coll_beta: float
+
+    def p2p(self, nbytes: int) -> float:
+        return self.p2p_alpha + nbytes / self.p2p_beta
+
+    def collective(self, wire: int, group: int) -> float:
+        return 0.0 if group <= 1 else self.coll_alpha + wire / self.coll_beta
+
+    def free(self) -> Links:
+        return Links(0.0, float("inf"), 0.0, float("inf"))
+
+
+ITEM = {"float32": 4, "float64": 8}
+
+
+def step_ops(cfg, times: list[dict[str, float]], links: Links, *, schedule=None) -> list[Op]:  # noqa: ANN001
+    """One training step of `cfg`'s strategy as ops, from each rank's `calibrate.action_times`.
+
+    pipeline: the schedule's action lists; data: each micro-batch's F and B, the gradient
+    all-reduce, the update; tensor: layer by layer with the plan's collectives in between;
+    single: F and B per micro-batch. Every multi-rank step ends with the J all-reduce."""
+    from partition.plans.stages import plan_stages
+    from partition.plans.tensor import plan_layers, tensor_calls
+    from partition.plans.traffic import METRIC_BYTES, ring_wire_bytes
+
+    name, P, M = cfg.strategy.name, cfg.ranks, cfg.train.microbatches
+    # activations cross in the compute dtype (bf16: 2 bytes), gradients reduce in the master's
+    item, B = ITEM[cfg.train.dtype], cfg.train.batch_size
+    citem = 2 if cfg.train.precision == "bf16" else item
+    recompute = cfg.train.recompute == "full"
+    metric = links.collective(ring_wire_bytes("all_reduce", METRIC_BYTES, P), P)
+    if name == "pipeline":
+        plan = plan_stages(cfg.spec, schedule.stages, cfg.strategy.balance)
+
+        def transfer(m: Message) -> float:
+            return links.p2p(B // M * cfg.model.dims[plan[max(m.from_stage, m.to_stage)][0]] * citem)
+
+        return pipeline_ops(schedule, compute=lambda a: times[schedule.stage_rank[a.stage]][
+            f"s{a.stage}:{a.kind}"], transfer=transfer, tail=lambda r: times[r]["update"],
+            metric=metric)
+    ops: list[Op] = []
+    for r in range(P):
+        t = times[r]
+        if name in ("single", "data"):
+            for m in range(M):
+                ops.append(Op(r, "compute", f"F{m}", t["F"], args={"kind": "F", "mb": m}))
+                ops.append(Op(r, "compute", f"B{m}", t["B"], args={"kind": "B", "mb": m}))
+            if name == "data" and P > 1:
+                n = _params(cfg) * item
+                ops.append(Op(r, "comm", "all_reduce weight_grad",
+                              links.collective(ring_wire_bytes("all_reduce", n, P), P),
+                              sync="weight_grad", args={"role": "weight_grad"}))
+        elif name == "tensor":
+            shards = plan_layers(cfg.strategy.layout, cfg.model.dims, P, r)
+            calls = tensor_calls(cfg.strategy.layout, cfg.model.dims, world=P, rank=r, batch=B,
+                                 micro=M, itemsize=citem, recompute=recompute)[:-1]
+            at = 0
+
+            def comm(m: int) -> None:
+                nonlocal at
+                c = calls[at]
+                ops.append(Op(r, "comm", f"{c.op} {c.role}", links.collective(c.wire, P),
+                              sync=f"{m}:{at}", args={"role": c.role}))
+                at += 1
+
+            for m in range(M):
+                for s in shards:
+                    ops.append(Op(r, "compute", f"F{s.layer}", t[f"F{s.layer}"],
+                                  args={"kind": "F", "layer": s.layer, "mb": m}))
+                    if P > 1 and (s.kind == "row" or s.kind == "rowwise"):
+                        comm(m)
+                ops.append(Op(r, "compute", "loss", t["loss"], args={"kind": "loss", "mb": m}))
+                # recompute: the redone forward's hidden-layer collectives cross again (their
+                # compute is in the calibrated B times)
+                for s in shards if recompute and P > 1 else ():
+                    if s.layer < cfg.spec.num_layers - 1 and s.kind in ("row", "rowwise"):
+                        comm(m)
+                for i in range(len(shards) - 1, -1, -1):
+                    s = shards[i]
+                    ops.append(Op(r, "compute", f"B{s.layer}", t[f"B{s.layer}"],
+                                  args={"kind": "B", "layer": s.layer, "mb": m}))
+                    if P > 1 and i > 0 and s.kind in ("column", "rowwise") and not (
+                            s.kind == "column" and s.layer == 0):
+                        comm(m)
+        else:
+            raise ValueError(f"no simulation for strategy {name!r}")
+        ops.append(Op(r, "compute", "update", t["update"], args={"kind": "update"}))
+        if P > 1:
+            ops.append(Op(r, "comm", "all_reduce metric", metric, sync="metric",
+                          args={"role": "metric"}))
+    return ops
+
+
+def _params(cfg) -> int:  # noqa: ANN001
+    from partition.plans.data import param_count
+
+    return param_count(cfg.spec)

@@ -31,8 +31,20 @@ def _plain(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=list))
 
 
+def same_config(result_path: str, cfg: RunConfig) -> bool:
+    """Whether the result.json at `result_path` was made by exactly this config (False when
+    it cannot be read)."""
+    try:
+        with open(result_path) as fh:
+            return json.load(fh).get("config") == _plain(cfg.to_dict())
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def finished_result(run_dir: str, cfg: RunConfig) -> dict[str, Any] | None:
-    """The result in `run_dir` if it says `ok` and was made by exactly this config."""
+    """The result in `run_dir` if it says `ok`, was made by exactly this config, and its
+    weights.npz is the file it recorded (size and sha256): result.json alone is not
+    trusted, since the weights are written before it and can be damaged after."""
     path = os.path.join(run_dir, RESULT_FILE)
     try:
         with open(path) as fh:
@@ -41,7 +53,9 @@ def finished_result(run_dir: str, cfg: RunConfig) -> dict[str, Any] | None:
         return None  # none yet, or unreadable: run again
     if res.get("status") != "ok" or res.get("config") != _plain(cfg.to_dict()):
         return None
-    return res
+    from partition.results import weights_intact  # torch: only when a job is resumed
+
+    return res if weights_intact(run_dir, res) else None
 
 
 def clear_for_rerun(run_dir: str) -> None:

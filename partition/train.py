@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import statistics
@@ -21,6 +22,7 @@ from partition.reference import reference_grads
 from partition.strategies import build_runner
 from partition.strategies.base import Runner, saved_layers
 from partition.topology import Topology
+from partition.trace import Tracer, traced_steps
 from partition.weights import Shard, initial_weights, layer_shards
 
 
@@ -55,6 +57,9 @@ class RankRecord:
     memory_steps_equal: bool = True  # every steady step reached the same peak
     calibration: dict[str, Any] | None = None  # cost.calibrate: this rank's micro-benchmark
     in_flight_max: int = 0
+    spans: list[dict[str, Any]] = field(default_factory=list)  # trace.Tracer's, traced steps
+    action_times: dict[str, float] | None = None  # calibrate.action_times: the simulator's input
+    clock: dict[str, Any] | None = None  # calibrate.clock_offset: this clock minus rank 0's
     grad_rel_err: float | None = None
     shards: list[Shard] = field(default_factory=list)
     status: str = "ok"
@@ -134,8 +139,11 @@ def _steady(values: list[float], warmup: int) -> list[float]:
 
 def run_rank(cfg: RunConfig, topo: Topology, comm: Comm | None, ledger: Ledger, *,
              data: Dataset | None = None,
-             on_step: Callable[[int], None] | None = None) -> RankRecord:
+             on_step: Callable[[int], None] | None = None,
+             run_dir: str | None = None) -> RankRecord:
     """Train for cfg.train.steps on this rank and return its record.
+
+    `run_dir`: where `trace.profiler` writes torch.profiler's trace of the traced step.
 
     `on_step(step)` is called as each step starts (the launcher's step watchdog).
     """
@@ -145,6 +153,21 @@ def run_rank(cfg: RunConfig, topo: Topology, comm: Comm | None, ledger: Ledger, 
     runner: Runner = build_runner(cfg, topo, comm, data, full)
     rec = RankRecord(rank=topo.rank, device=str(topo.device), backend=topo.backend)
     t = cfg.train
+    # Memory is recorded on the first steady step and the last (every step when a limit
+    # must be enforced on CPU): the other steps run unprobed, so the median step time
+    # carries none of the probe's cost (about 20 µs per tensor op, see README).
+    recorded = {min(t.warmup_steps, t.steps - 1), t.steps - 1}
+    tracer = Tracer(traced_steps(cfg.trace.steps, steps=t.steps, warmup=t.warmup_steps,
+                                 probed=recorded))
+    attach_tracer(runner, comm, tracer)
+    from partition.calibrate import action_times
+
+    # The simulator's durations: each of this rank's actions timed at the run's shapes.
+    rec.action_times = action_times(cfg, runner) if cfg.engine == "explicit" else None
+    from partition.calibrate import clock_offset
+
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", topo.world_size))
+    rec.clock = clock_offset(comm, same_host=local == topo.world_size)
     check = t.grad_check
     if cfg.cost.calibrate:
         from partition.calibrate import calibrate
@@ -153,10 +176,6 @@ def run_rank(cfg: RunConfig, topo: Topology, comm: Comm | None, ledger: Ledger, 
     probe = MemoryProbe(topo.device, rank=topo.rank, limit=cfg.memory_limit,
                         enabled=cfg.memory_probe, expected=_expected_peaks(cfg, topo))
     mems: list[Measurement | None] = []
-    # Memory is recorded on the first steady step and the last (every step when a limit
-    # must be enforced on CPU): the other steps run unprobed, so the median step time
-    # carries none of the probe's cost (about 20 µs per tensor op, see README).
-    recorded = {min(t.warmup_steps, t.steps - 1), t.steps - 1}
     for step in range(t.steps):
         if on_step is not None:
             on_step(step)
@@ -164,12 +183,21 @@ def run_rank(cfg: RunConfig, topo: Topology, comm: Comm | None, ledger: Ledger, 
         ledger.step = step
         if topo.device.type == "cuda":
             torch.cuda.synchronize(topo.device)
+        tracer.begin(step)
+        profiling = cfg.trace.profiler and run_dir is not None and tracer.on
+        prof = torch_profiler(topo) if profiling else contextlib.nullcontext()
         t0 = time.perf_counter()
-        with probe.measure(runner, TRAINING, record=step in recorded) as mem:
+        with prof, probe.measure(runner, TRAINING, record=step in recorded) as mem:
             out = runner.step(step, want_grads=check and step == 0)
         if topo.device.type == "cuda":
             torch.cuda.synchronize(topo.device)
-        dt = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        tracer.add("step", "compute", t0, t1)
+        step_compute = tracer.compute_s
+        tracer.step = None
+        if profiling:
+            prof.export_chrome_trace(os.path.join(run_dir, f"profiler_rank{topo.rank}.json"))
+        dt = t1 - t0
         ledger.step = None
         mems.append(mem)
         rec.objective.append(out.objective)
@@ -177,9 +205,9 @@ def run_rank(cfg: RunConfig, topo: Topology, comm: Comm | None, ledger: Ledger, 
         rec.accuracy.append(None if out.correct is None else out.correct / t.batch_size)
         rec.step_s.append(dt)
         rec.comm_s.append(ledger.seconds(step))
-        # One definition of compute time: the step's wall time less its time in comm.py calls.
-        rec.compute_s.append(out.compute_s if out.compute_s is not None
-                             else max(0.0, dt - rec.comm_s[-1]))
+        # One definition of compute time: the step's compute spans (each action, each layer's
+        # forward and backward, the update); the torch engines report their own.
+        rec.compute_s.append(out.compute_s if out.compute_s is not None else step_compute)
         rec.in_flight_max = max(rec.in_flight_max, out.in_flight_max)
         if out.grads is not None:
             X, y = data.batch(0, t.batch_size, shuffle=cfg.data.shuffle, seed=cfg.seed,
@@ -203,4 +231,21 @@ def run_rank(cfg: RunConfig, topo: Topology, comm: Comm | None, ledger: Ledger, 
     rec.memory = memory_record(measured[-1] if measured else None, pmem, runner.state_bytes())
     rec.memory_steps_equal = len({m.peak_bytes for m in measured}) <= 1
     rec.shards = layer_shards(saved_layers(runner))
+    rec.spans = tracer.spans
     return rec
+
+
+def torch_profiler(topo: Topology):  # noqa: ANN201 - torch.profiler.profile
+    """torch.profiler over one step: CPU ops, and CUDA kernels on a GPU."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if topo.device.type == "cuda" else [])
+    return profile(activities=acts)
+
+
+def attach_tracer(runner: Runner, comm: Comm | None, tracer: Tracer) -> None:
+    """Hand the tracer to whatever records spans: the runner, its stages, its Comm."""
+    if comm is not None:
+        comm.tracer = tracer
+    if hasattr(runner, "tracer"):
+        runner.tracer = tracer

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from partition.config import ConfigError
+from partition.data import npz_array, real_dtype
 from partition.model import Layer, MLPSpec, init_weights, weight_names
 from partition.results import atomic_write
 
@@ -48,7 +49,9 @@ def load_init(path: str, spec: MLPSpec) -> dict[str, torch.Tensor]:
     want = expected_shapes(spec)
     try:
         with np.load(path, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files}
+            arrays = {k: npz_array(f, k, key, path) for k in f.files}
+    except ConfigError:
+        raise
     except Exception as e:
         raise ConfigError(key, path, f"not a readable .npz file ({type(e).__name__}: {e})") from None
     missing = sorted(set(want) - set(arrays))
@@ -60,7 +63,8 @@ def load_init(path: str, spec: MLPSpec) -> dict[str, torch.Tensor]:
         a = arrays[name]
         if a.shape != shape:
             raise ConfigError(key, path, f"{name} has shape {a.shape}, expected {shape}")
-        if not np.issubdtype(a.dtype, np.number) or not np.isfinite(a).all():
+        real_dtype(a, name, key, path)
+        if not np.isfinite(a).all():
             raise ConfigError(key, path, f"{name} holds NaN, infinite or non-numeric values")
         out[name] = torch.from_numpy(a.astype(np.float64))
     return out

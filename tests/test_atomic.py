@@ -101,3 +101,41 @@ def test_killed_writer_leaves_old_or_new_file(tmp_path, kind):
             assert v == 0 and len(temporaries) == 1
         for f in temporaries:
             os.unlink(tmp_path / f)
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077, 0o002])
+def test_files_get_the_mode_the_umask_gives(tmp_path, mask):
+    """result.json and weights.npz get 0666 less the umask, like every other file the run
+    writes (mkstemp alone would make them 0600)."""
+    old = os.umask(mask)
+    try:
+        write_json(str(tmp_path / "result.json"), {"status": "ok"})
+        save_weights(str(tmp_path / "weights.npz"), _weights(1))
+        with open(tmp_path / "plain.txt", "w") as fh:
+            fh.write("x")
+    finally:
+        os.umask(old)
+    modes = {f: os.stat(tmp_path / f).st_mode & 0o777
+             for f in ("result.json", "weights.npz", "plain.txt")}
+    assert modes == dict.fromkeys(modes, 0o666 & ~mask)
+
+
+def test_weights_digest_tells_a_damaged_file(tmp_path):
+    from partition.results import file_digest, weights_intact
+
+    path = tmp_path / "weights.npz"
+    save_weights(str(path), _weights(3))
+    digest = file_digest(str(path))
+    assert digest["bytes"] == os.path.getsize(path) and len(digest["sha256"]) == 64
+    result = {"weights": {"file": "weights.npz", **digest}}
+    assert weights_intact(str(tmp_path), result)
+    data = path.read_bytes()
+    path.write_bytes(data[:-10])  # truncated
+    assert not weights_intact(str(tmp_path), result)
+    path.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # same size, one bit changed
+    assert not weights_intact(str(tmp_path), result)
+    path.write_bytes(data)
+    assert weights_intact(str(tmp_path), result)
+    path.unlink()
+    assert not weights_intact(str(tmp_path), result)
+    assert not weights_intact(str(tmp_path), {})  # a result that recorded no digest

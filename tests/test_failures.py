@@ -195,3 +195,53 @@ def test_prune_empty(tmp_path):
     (tmp_path / "a" / "kept.log").write_text("x")
     prune_empty(str(tmp_path / "a"))
     assert sorted(os.listdir(tmp_path / "a")) == ["kept.log"]
+
+
+COMPILING_STACK = """Current thread 0x00007f (most recent call first):
+  File "<frozen importlib._bootstrap_external>", line 729 in _compile_bytecode
+  File "/repo/partition/strategies/pipeline/runner.py", line 12 in <module>
+  File "/repo/partition/train.py", line 140 in run_rank
+  File "/repo/partition/launch.py", line 117 in rank_entry
+"""
+
+
+def test_a_rank_stopped_after_a_peer_exited_is_a_victim_not_hung(tmp_path):
+    # Rank 0 exits at step 0; the launcher stops rank 1 while it is still importing (inside
+    # run_rank, outside any communication call): stopped by the teardown, not hung.
+    _stack(tmp_path, 1, COMPILING_STACK)
+    err = diagnose(str(tmp_path), ranks=2, timeout_s=5, exit_codes={0: 3})
+    assert (err.rank, err.cause) == (0, "exited")
+    assert {o["rank"]: o["outcome"] for o in err.others} == {0: "silent", 1: "victim"}
+    # With no rank that raised or died (rank 0 timed out waiting), the same stack is a hang.
+    _record(tmp_path, 0, TIMED_OUT, t=9.0)
+    err = diagnose(str(tmp_path), ranks=2, timeout_s=5)
+    assert (err.rank, err.cause) == (1, "hung")
+    assert {o["rank"]: o["outcome"] for o in err.others} == {0: "knock_on", 1: "hung"}
+
+
+def test_a_primary_error_makes_every_stopped_rank_a_victim(tmp_path):
+    _record(tmp_path, 0, InjectedFault("fault injected on rank 0 at step 1"), t=1.0)
+    _stack(tmp_path, 1, HUNG_STACK)
+    err = diagnose(str(tmp_path), ranks=2, timeout_s=5)
+    assert (err.rank, err.cause) == (0, "error")
+    assert [o["outcome"] for o in err.others] == ["error", "victim"]
+
+
+def test_the_record_is_on_disk_before_the_traceback_is_formatted(tmp_path, monkeypatch):
+    import partition.failures as failures
+
+    seen = {}
+    real = failures.traceback.format_exception
+
+    def slow_format(*args):  # noqa: ANN002
+        with open(tmp_path / ERRORS_DIR / "rank3.json") as fh:
+            seen.update(json.load(fh))
+        return real(*args)
+
+    monkeypatch.setattr(failures.traceback, "format_exception", slow_format)
+    record_error(str(tmp_path), 3, _raise(CLOSED))
+    assert {k: seen[k] for k in ("rank", "type", "knock_on")} == {
+        "rank": 3, "type": "RuntimeError", "knock_on": True}
+    assert "traceback" not in seen
+    with open(tmp_path / ERRORS_DIR / "rank3.json") as fh:
+        assert "Traceback (most recent call last)" in json.load(fh)["traceback"]

@@ -92,6 +92,8 @@ def check_fault(tmp_path, strategy: str, world: int, rank: int, kind: str, *,
     # The knock-on failures of the peers are listed, never chosen.
     assert {o["rank"] for o in err["ranks"]} == set(range(world))
     assert all(o["outcome"] != "error" for o in err["ranks"] if o["rank"] != rank)
+    # A peer stopped by the launcher after the root cause is a victim, never "hung".
+    assert all(o["outcome"] != "hung" for o in err["ranks"] if o["rank"] != rank), err
     # From the root cause to the last rank gone (for an exit, from when a peer or the
     # launcher noticed it, to the whole second).
     assert err["teardown_s"] <= cfg.timeout_s + SLACK_S, err
@@ -232,38 +234,109 @@ def _finite(x: float | None) -> bool:
     return x is not None and x == x and abs(x) != float("inf")
 
 
-def test_killed_launcher_takes_its_ranks_along(tmp_path):
-    """SIGKILL to `python -m experiments.run` (no chance to clean up): its ranks end too."""
+# ---------------------------------------------------------------- a killed launcher
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TAG_ENV = "PARTITION_TEST_TAG"
+KILL_TIMEOUT_S = 60  # the ranks' timeout_s: long, so only their lifeline can end them in time
+
+
+def _tagged(tag: str) -> dict[int, str]:
+    """Live processes (zombies excluded) whose environment carries `tag`, with their command
+    lines: the launcher and everything it started, wherever they were reparented to."""
+    want = f"{TAG_ENV}={tag}".encode()
+    out = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as fh:
+                if want not in fh.read().split(b"\0"):
+                    continue
+            if not _alive(int(entry)):
+                continue
+            with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                out[int(entry)] = fh.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+    return out
+
+
+def _ranks(tag: str) -> set[int]:
+    return {p for p, cmd in _tagged(tag).items() if "partition.worker" in cmd}
+
+
+def _wait_for(cond, what: str, timeout: float = 120) -> None:  # noqa: ANN001
+    deadline = time.time() + timeout
+    while not cond():
+        assert time.time() < deadline, f"never saw: {what}"
+        time.sleep(0.01)
+
+
+# When, in a run's life, the launcher is killed (each returns once that moment has come).
+MOMENTS = {
+    # Still importing torch itself: no rank yet.
+    "launcher-starting": lambda tag, run_dir: time.sleep(0.2),
+    # A rank process exists: it may not have run a single line of Python yet.
+    "rank-appears": lambda tag, run_dir: _wait_for(lambda: _ranks(tag), "a rank"),
+    # Both ranks exist and are importing torch.
+    "ranks-importing": lambda tag, run_dir: (
+        _wait_for(lambda: len(_ranks(tag)) == 2, "two ranks"), time.sleep(0.3)),
+    # Both ranks are inside rank_entry (stack dumps open): meeting on the store, or training.
+    "ranks-started": lambda tag, run_dir: _wait_for(
+        lambda: all((run_dir / "errors" / f"rank{r}.stack").exists() for r in (0, 1)),
+        "both ranks started"),
+    # Rank 1 hangs at step 1; rank 0 waits for it (for KILL_TIMEOUT_S).
+    "training": lambda tag, run_dir: (_wait_for(
+        lambda: all((run_dir / "errors" / f"rank{r}.stack").exists() for r in (0, 1)),
+        "both ranks started"), time.sleep(1.5)),
+}
+
+
+def check_killed_launcher(tmp_path, moment: str) -> None:
+    """`setsid python -m experiments.run …` killed with SIGKILL at `moment`: every process it
+    started is gone within SLACK_S, and nobody holds the caller's stdout any more."""
+    import select
     import signal
     import subprocess
     import sys
+    import uuid
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    tag = uuid.uuid4().hex
     run_dir = tmp_path / "run"
     p = subprocess.Popen(
         [sys.executable, "-m", "experiments.run", "strategy=pipeline", "world_size=2",
-         "fault.rank=1", "fault.step=1", "fault.kind=hang", "timeout_s=300",
+         "fault.rank=1", "fault.step=1", "fault.kind=hang", f"timeout_s={KILL_TIMEOUT_S}",
          "model.dims=[6,5,3]", "train.batch_size=8", "device=cpu", f"hydra.run.dir={run_dir}"],
-        cwd=tmp_path, env={**os.environ, "PYTHONPATH": root},
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": ROOT, TAG_ENV: tag},
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        ranks: set[int] = set()
-        deadline = time.time() + 120
-        while time.time() < deadline and len(ranks) < 2:  # both ranks started
-            ranks = {c for c, cmd in _children(p.pid).items() if "spawn_main" in cmd}
-            time.sleep(0.5)
-        assert len(ranks) == 2, "the ranks never started"
-        while time.time() < deadline and not (run_dir / "errors" / "rank1.stack").exists():
-            time.sleep(0.5)  # the ranks are inside rank_entry: their death signal is set
-        time.sleep(1.0)
+        MOMENTS[moment](tag, run_dir)
     finally:
         p.send_signal(signal.SIGKILL)
         p.wait()
-    deadline = time.time() + 15
-    while time.time() < deadline and any(map(_alive, ranks)):
-        time.sleep(0.2)
-    alive = [r for r in ranks if _alive(r)]
-    assert alive == [], f"ranks {alive} outlived their launcher"
+    deadline = time.time() + SLACK_S
+    while time.time() < deadline and _tagged(tag):
+        time.sleep(0.1)
+    left = _tagged(tag)
+    assert left == {}, f"killed at {moment}: still running {left}"
+    # Whoever still held the caller's stdout would keep a pipeline reading it open.
+    readable, _, _ = select.select([p.stdout], [], [], 1.0)
+    assert readable and p.stdout.read() == b"", "the caller's stdout is still held open"
+    p.stdout.close()
+
+
+@pytest.mark.parametrize("moment", ["rank-appears", "training"])
+def test_killed_launcher_takes_its_ranks_along(tmp_path, moment):
+    check_killed_launcher(tmp_path, moment)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("repeat", range(10))
+@pytest.mark.parametrize("moment", list(MOMENTS))
+def test_killed_launcher_at_every_moment(tmp_path, moment, repeat):
+    """The issue's test: SIGKILL at several moments of start-up, 10 tries each."""
+    check_killed_launcher(tmp_path, moment)
 
 
 def _alive(pid: int) -> bool:
@@ -273,3 +346,66 @@ def _alive(pid: int) -> bool:
             return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+# ---------------------------------------------------------------- under torchrun
+
+TORCHRUN_TIMEOUT_S = 5  # timeout_s of the hang cases
+
+
+def check_torchrun_fault(tmp_path, strategy: str, rank: int, kind: str) -> dict:
+    """torchrun, 2 ranks, `rank` fails at step 2: result.json names it, whichever rank died."""
+    import subprocess
+    import sys
+    import uuid
+
+    tag = uuid.uuid4().hex
+    run_dir = tmp_path / "run"
+    timeout_s = TORCHRUN_TIMEOUT_S if kind == "hang" else 30
+    t0 = time.time()
+    p = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "experiments.run", f"strategy={strategy}", "world_size=2", f"fault.rank={rank}",
+         "fault.step=2", f"fault.kind={kind}", f"timeout_s={timeout_s}", "model.dims=[6,5,3]",
+         "train.batch_size=8", "train.steps=4", "device=cpu", f"hydra.run.dir={run_dir}"],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": ROOT, TAG_ENV: tag},
+        capture_output=True, text=True, timeout=180)
+    took = time.time() - t0
+    assert p.returncode != 0
+    with open(run_dir / "result.json") as fh:
+        res = json.load(fh)
+    err = res["error"]
+    want_type, want_cause = EXPECTED[kind]
+    assert (res["status"], err["rank"], err["type"], err["cause"]) == (
+        "failed", rank, want_type, want_cause), (err, p.stdout, p.stderr[-2000:])
+    if kind == "raise":
+        assert err["message"] == f"fault injected on rank {rank} at step 2"
+    assert {o["rank"] for o in err["ranks"]} == {0, 1}
+    assert all(o["outcome"] not in ("error", "hung") for o in err["ranks"] if o["rank"] != rank)
+    # One summary line, from the rank that wrote the answer; nothing left running.
+    ours = [line for line in p.stdout.splitlines() if line.startswith("[failed] ")]
+    assert len(ours) == 1 and f"rank {rank}: {want_type}" in ours[0], p.stdout
+    assert _tagged(tag) == {}
+    assert took <= timeout_s + 60, took  # start-up of three interpreters, then the teardown
+    return res
+
+
+TORCHRUN_ALL = [(s, r, k) for s in ("pipeline", "tensor", "data") for r in (0, 1) for k in KINDS]
+# Rank 0 dying, rank 0 hanging, and rank 1 dying while rank 0 writes (the race in issue 19).
+TORCHRUN_FIRST = [("pipeline", 0, "exit"), ("tensor", 0, "hang"), ("tensor", 1, "exit")]
+
+
+def _tr_ids(cases: list[tuple]) -> list[str]:
+    return [f"{s}-rank{r}-{k}" for s, r, k in cases]
+
+
+@pytest.mark.parametrize(("strategy", "rank", "kind"), TORCHRUN_FIRST, ids=_tr_ids(TORCHRUN_FIRST))
+def test_torchrun_fault_is_answered(tmp_path, strategy, rank, kind):
+    check_torchrun_fault(tmp_path, strategy, rank, kind)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("strategy", "rank", "kind"), TORCHRUN_ALL, ids=_tr_ids(TORCHRUN_ALL))
+def test_torchrun_fault_is_answered_every_case(tmp_path, strategy, rank, kind):
+    """The issue's matrix: rank 0 and rank 1, raise/exit/hang, all three strategies."""
+    check_torchrun_fault(tmp_path, strategy, rank, kind)

@@ -145,3 +145,24 @@ def test_torchrun_and_self_launched_runs_agree(tmp_path):
     with np.load(a / "weights.npz") as fa, np.load(b / "weights.npz") as fb:
         assert all(np.array_equal(fa[k], fb[k]) for k in fa.files)
     assert sorted(os.listdir(tmp_path)) == ["spawned", "torchrun"]  # one folder each, no strays
+
+
+@pytest.mark.parametrize("extra,status,code", [
+    (["memory_limit=1000"], "oom", 3),
+    (["model.loss=squared_error", "train.lr=1e30", "train.steps=20"], "diverged", 4),
+])
+def test_a_run_exits_with_its_status(tmp_path, extra, status, code):
+    """oom and diverged each have their own exit status (docs/reliability.md), not 0."""
+    r = cli("model.dims=[6,5,3]", "train.batch_size=8", "data.num_examples=64", *extra,
+            f"hydra.run.dir={tmp_path}")
+    assert r.returncode == code, r.stderr
+    assert json.loads((tmp_path / "result.json").read_text())["status"] == status
+    assert r.stdout.startswith(f"[{status}] single P=1")
+
+
+def test_exit_statuses_are_distinct():
+    from partition.results import BAD_INPUT_STATUS, EXIT_STATUS, INTERRUPTED_STATUS, STATUSES
+
+    codes = [EXIT_STATUS[s] for s in STATUSES] + [BAD_INPUT_STATUS, INTERRUPTED_STATUS]
+    assert set(EXIT_STATUS) == set(STATUSES) and len(set(codes)) == len(codes)
+    assert (EXIT_STATUS["ok"], EXIT_STATUS["failed"], EXIT_STATUS["oom"]) == (0, 1, 3)

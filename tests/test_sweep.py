@@ -84,29 +84,66 @@ def test_multirun_four_jobs_report_and_rerun_skips(tmp_path):
 
 @pytest.mark.timeout(200)
 def test_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path):
-    # The failing job runs first; the sweep must still run the second one. No
-    # hydra.sweep.dir: the default folder is derived from the overrides.
-    overrides = ["strategy=single", "fault.kind=raise,null", "fault.rank=0", "fault.step=1",
-                 *TINY]
+    # The failing job (a 1000-byte memory limit: oom) runs first; the sweep must still run
+    # the second one, and exit 0. No hydra.sweep.dir: the default folder is derived from
+    # the overrides.
+    overrides = ["strategy=single", "memory_limit=1000,null", *TINY]
     p = _run([PY, "-m", "experiments.run", "-m", *overrides], cwd=str(tmp_path))
     assert p.returncode == 0, p.stderr[-3000:]
     from experiments.cli import default_sweep_dir
 
     sweep = tmp_path / default_sweep_dir(overrides)
     res = _results(str(sweep))
-    assert [r["status"] for r in res.values()] == ["failed", "ok"]
+    assert [r["status"] for r in res.values()] == ["oom", "ok"]
     failed = res["0_single"]
-    assert failed["error"]["type"] == "InjectedFault"
+    assert failed["error"]["type"] == "MemoryLimitExceeded"
     assert failed["error"]["rank"] == 0
-    assert "(1 failed, 1 ok)" in p.stdout
-    assert "[failed] single" in p.stdout
+    assert "(1 ok, 1 oom)" in p.stdout
+    assert "[oom] single" in p.stdout
 
-    # A rerun runs the failed job again (a fault is still configured, so it fails again)
-    # and skips the finished one.
+    # A rerun runs the failed job again (it fails again) and skips the finished one.
     p2 = _run([PY, "-m", "experiments.run", "-m", *overrides], cwd=str(tmp_path))
     assert p2.returncode == 0, p2.stderr[-3000:]
     assert p2.stdout.count("[ok, skipped: already done]") == 1
-    assert "(1 failed, 1 skipped)" in p2.stdout
+    assert "(1 oom, 1 skipped)" in p2.stdout
+
+
+def test_a_sweep_into_another_sweeps_folder_is_refused(tmp_path):
+    """hydra.sweep.dir reused for a different sweep: job 0's folder holds another config's
+    result.json. Refused before anything runs or is written; the same sweep resumes."""
+    sweep = tmp_path / "sweep"
+    args = [PY, "-m", "experiments.run", "-m", "strategy=single", "train.lr=0.1,0.2", *TINY,
+            f"hydra.sweep.dir={sweep}"]
+    p = _run(args)
+    assert p.returncode == 0, p.stderr[-3000:]
+    before = {n: os.path.getmtime(sweep / n / "result.json") for n in ("0_single", "1_single")}
+    other = [a.replace("train.lr=0.1,0.2", "train.lr=0.3,0.2") for a in args]
+    p2 = _run(other)
+    assert (p2.returncode, p2.stdout) == (2, "")
+    assert p2.stderr.strip().splitlines() == [
+        f"error: hydra.sweep.dir={sweep}/0_single: job folder 0_single holds another run's "
+        f"result.json: choose another folder, or remove that one"]
+    assert before == {n: os.path.getmtime(sweep / n / "result.json") for n in before}
+    p3 = _run(args)
+    assert p3.returncode == 0 and p3.stdout.count("[ok, skipped: already done]") == 2
+
+
+def test_resume_reruns_a_job_whose_weights_are_damaged(tmp_path):
+    from partition.sweep import run_or_skip
+
+    cfg = make_config(**{"model.dims": [6, 4, 3], "train.steps": 2})
+    res, skipped = run_or_skip(cfg, str(tmp_path))
+    assert (res["status"], skipped) == ("ok", False)
+    assert res["weights"]["file"] == "weights.npz"
+    assert res["weights"]["bytes"] == os.path.getsize(tmp_path / "weights.npz")
+    assert run_or_skip(cfg, str(tmp_path))[1] is True  # whole: skipped
+    data = (tmp_path / "weights.npz").read_bytes()
+    (tmp_path / "weights.npz").write_bytes(data[: len(data) // 2])  # a torn copy, say
+    res2, skipped2 = run_or_skip(cfg, str(tmp_path))
+    assert skipped2 is False and res2["status"] == "ok"
+    assert (tmp_path / "weights.npz").read_bytes() == data  # the same run, the same bytes
+    (tmp_path / "weights.npz").unlink()
+    assert run_or_skip(cfg, str(tmp_path))[1] is False
 
 
 def test_default_sweep_dir_is_stable_and_ignores_hydra_overrides():

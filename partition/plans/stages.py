@@ -20,22 +20,40 @@ def layer_params(dims: Sequence[int], layer: int, *, bias: bool) -> int:
     return n_out * n_in + (n_out if bias else 0)
 
 
-def plan_stages(spec: NetShape, stages: int, balance: Sequence[int] | None = None) -> list[tuple[int, int]]:
+BALANCES = ("params", "flops", "time")
+
+
+def layer_flops(dims: Sequence[int], layer: int) -> int:
+    """Matrix-product FLOPs of one example through layer `layer`: forward and weight
+    gradient, and the input gradient for every layer but the net's first."""
+    one = 2 * dims[layer] * dims[layer + 1]
+    return one * (3 if layer > 0 else 2)
+
+
+def plan_stages(spec: NetShape, stages: int,
+                balance: Sequence[int] | str | None = None) -> list[tuple[int, int]]:
     """Half-open layer ranges [start, end), one per stage.
 
-    With `balance` (layers per stage) the split is as given; otherwise the one
-    that minimises the largest stage's parameter count (ties: earlier stages
-    get fewer layers), since parameters and their gradients dominate a stage's memory.
+    `balance`: a list (layers per stage) is taken as given; `params` (the default, None)
+    minimises the largest stage's parameter count, since parameters and their gradients
+    dominate a stage's memory; `flops` its matrix-product FLOPs, the compute a stage
+    waits on (ties: earlier stages get fewer layers). `time` is chosen by measuring
+    (calibrate.resolve_balance) and arrives here as a list.
     """
     L = len(spec.dims) - 1
     if stages < 1:
         raise ValueError(f"a pipeline needs at least 1 stage, got {stages}")
     if stages > L:
         raise ValueError(f"{stages} stages for {L} layers: every stage needs at least one layer")
-    if balance is not None:
+    if balance == "time":
+        raise ValueError("strategy.balance=time is resolved to a list by measuring first "
+                         "(calibrate.resolve_balance)")
+    if balance is not None and not isinstance(balance, str):
         if len(balance) != stages or any(b < 1 for b in balance) or sum(balance) != L:
             raise ValueError(f"balance {list(balance)} must have {stages} entries >= 1 summing to {L}")
         counts = list(balance)
+    elif balance == "flops":
+        counts = _min_max_split(tuple(layer_flops(spec.dims, l) for l in range(L)), stages)
     else:
         counts = _min_max_split(tuple(layer_params(spec.dims, l, bias=spec.bias) for l in range(L)),
                                 stages)
@@ -46,7 +64,14 @@ def plan_stages(spec: NetShape, stages: int, balance: Sequence[int] | None = Non
     return ranges
 
 
-def _min_max_split(sizes: tuple[int, ...], parts: int) -> list[int]:
+def compositions(n: int, parts: int) -> list[tuple[int, ...]]:
+    """Every way to give `parts` stages at least one of `n` layers each, in order."""
+    if parts == 1:
+        return [(n,)]
+    return [(c,) + rest for c in range(1, n - parts + 2) for rest in compositions(n - c, parts - 1)]
+
+
+def _min_max_split(sizes: tuple[float, ...], parts: int) -> list[int]:
     """Layers per part minimising the largest part's total (exact, by dynamic programming)."""
 
     @cache

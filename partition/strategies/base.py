@@ -18,6 +18,7 @@ from partition.model import (
     tensors_bytes,
     to_float,
 )
+from partition.trace import maybe_span
 
 
 if TYPE_CHECKING:
@@ -33,9 +34,9 @@ class StepOut:
     correct: int | None  # examples classified right (cross-entropy only)
     grads: list[Grads] | None = None  # copies of the final gradients, when asked (grad check)
     in_flight_max: int = 0  # most micro-batches whose activations were held at once
-    # Seconds in local arithmetic. None: the step's wall time less the time inside the
-    # ledger's communication calls (train.py), the one definition for the explicit engine;
-    # the torch engines, whose crossings the ledger does not time, set it themselves.
+    # Seconds in local arithmetic. None: the sum of the step's compute spans (trace.Tracer,
+    # train.py), the one definition for the explicit engine; the torch engines, whose
+    # work the tracer does not see, set it themselves.
     compute_s: float | None = None
     extra: dict = field(default_factory=dict)
 
@@ -120,7 +121,7 @@ def finish_step(*, layers: list[Layer], grads: list[Grads], counted: list[Layer]
                 weight_decay: float, comm, loss_sum: float, correct: int,  # noqa: ANN001
                 batch: int, want_grads: bool, cross_entropy: bool,
                 in_flight_max: int, device: torch.device,
-                compute: list[Layer] | None = None) -> StepOut:
+                compute: list[Layer] | None = None, tracer=None) -> StepOut:  # noqa: ANN001
     """The step tail every runner shares, after its gradients are complete (and reduced).
 
     s = λ/2 Σ‖W‖² from the weights before the update (`counted`: the layers this rank
@@ -130,15 +131,16 @@ def finish_step(*, layers: list[Layer], grads: list[Grads], counted: list[Layer]
     (`compute`, mixed precision), and J's reduction over the group (role `metric`:
     [this rank's loss sum, its Σ‖W‖², its correct count] in float64).
     """
-    sq = sq_norm(counted)
-    if not opt.decoupled:
-        add_decay(layers, grads, weight_decay)
-    copies = [g.clone() for g in grads] if want_grads else None
-    if copies is not None and opt.decoupled:
-        add_decay(layers, copies, weight_decay)  # the check compares dJ/dW, λW included
-    opt.step(layers, grads)
-    if compute is not None:
-        refresh_copies(layers, compute)
+    with maybe_span(tracer, "update", kind="update"):
+        sq = sq_norm(counted)
+        if not opt.decoupled:
+            add_decay(layers, grads, weight_decay)
+        copies = [g.clone() for g in grads] if want_grads else None
+        if copies is not None and opt.decoupled:
+            add_decay(layers, copies, weight_decay)  # the check compares dJ/dW, λW included
+        opt.step(layers, grads)
+        if compute is not None:
+            refresh_copies(layers, compute)
     if comm is not None:
         loss_sum, sq, correct = reduce_metric(comm, loss_sum, sq, correct, device=device)
     L = loss_sum / batch

@@ -36,6 +36,7 @@ from partition.strategies.base import (
 )
 from partition.strategies.stage import Stage
 from partition.topology import Topology
+from partition.trace import maybe_span
 
 
 def flat_grads(layers: list[Layer]) -> tuple[torch.Tensor, list[Grads]]:
@@ -72,6 +73,7 @@ class DataRunner:
         # float32, whatever the forward and backward computed in.
         self.flat, self.stage.grads = flat_grads(self.layers)
         self.opt = build_optimizer(cfg)
+        self.tracer = None  # a trace.Tracer, set by the train loop
 
     def _my_rows(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         t = self.cfg.train
@@ -89,10 +91,12 @@ class DataRunner:
         loss_total, correct = 0.0, 0
         # tensor_split: exactly M pieces, as even as possible (config keeps them non-empty)
         for m, (xm, ym) in enumerate(zip(X.tensor_split(M), y.tensor_split(M), strict=True)):
-            o = st.forward(xm, m)
-            ls, c, g = st.loss(o, ym, B)  # g divides by the full B, not by this rank's rows
-            del o
-            st.backward(g, m, need_input_grad=False)
+            with maybe_span(self.tracer, f"F{m}", kind="F", mb=m):
+                o = st.forward(xm, m)
+                ls, c, g = st.loss(o, ym, B)  # g divides by the full B, not by this rank's rows
+                del o
+            with maybe_span(self.tracer, f"B{m}", kind="B", mb=m):
+                st.backward(g, m, need_input_grad=False)
             loss_total += ls
             correct += c or 0
         del X, y
@@ -103,7 +107,7 @@ class DataRunner:
                            loss_sum=loss_total, correct=correct, batch=B, want_grads=want_grads,
                            cross_entropy=self.spec.loss == "cross_entropy",
                            in_flight_max=st.in_flight_max, device=self.topo.device,
-                           compute=self.compute)
+                           compute=self.compute, tracer=self.tracer)
 
     def predict(self, step: int, *, exchange: bool = True) -> torch.Tensor:
         """A prediction forward of this rank's rows (nothing kept, nothing crosses, so

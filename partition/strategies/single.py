@@ -24,6 +24,7 @@ from partition.strategies.base import (
 )
 from partition.strategies.stage import Stage
 from partition.topology import Topology
+from partition.trace import maybe_span
 
 
 class SingleRunner:
@@ -38,6 +39,7 @@ class SingleRunner:
         self.stage = Stage(self.spec, self.layers, compute=self.compute,
                            recompute=recomputes(cfg))
         self.opt = build_optimizer(cfg)
+        self.tracer = None  # a trace.Tracer, set by the train loop
 
     def _batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         t = self.cfg.train
@@ -52,10 +54,12 @@ class SingleRunner:
         st.start_step()
         loss_total, correct_total = 0.0, 0
         for m, (xm, ym) in enumerate(zip(X.chunk(M), y.chunk(M))):
-            o = st.forward(xm, m)
-            ls, c, g = st.loss(o, ym, B)
-            del o
-            st.backward(g, m, need_input_grad=False)
+            with maybe_span(self.tracer, f"F{m}", kind="F", mb=m):
+                o = st.forward(xm, m)
+                ls, c, g = st.loss(o, ym, B)
+                del o
+            with maybe_span(self.tracer, f"B{m}", kind="B", mb=m):
+                st.backward(g, m, need_input_grad=False)
             loss_total += ls
             correct_total += c or 0
         del X, y
@@ -64,7 +68,7 @@ class SingleRunner:
                            correct=correct_total, batch=B, want_grads=want_grads,
                            cross_entropy=self.spec.loss == "cross_entropy",
                            in_flight_max=st.in_flight_max, device=self.topo.device,
-                           compute=self.compute)
+                           compute=self.compute, tracer=self.tracer)
 
     def predict(self, step: int, *, exchange: bool = True) -> torch.Tensor:
         X, _ = self._batch(step)

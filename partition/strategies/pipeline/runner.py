@@ -36,6 +36,7 @@ from partition.strategies.base import (
 )
 from partition.strategies.stage import Stage
 from partition.topology import Topology
+from partition.trace import maybe_span
 
 _PHASE = {"activation": "forward", "activation_grad": "backward"}
 
@@ -72,6 +73,7 @@ class PipelineRunner:
         self.eager = eager_sends(self.schedule)
         self.first = 0 in self.stages
         self.last = self.schedule.stages - 1 in self.stages
+        self.tracer = None  # a trace.Tracer, set by the train loop
 
     def memory_stages(self) -> list[Stage]:
         """For memory.py: the stages that keep activations and hold the grads."""
@@ -132,7 +134,10 @@ class PipelineRunner:
         self._posted: dict[Message, PendingRecv] = {}
         sends: list[PendingSend] = []
         for i, a in enumerate(self.actions):
-            out = self._compute(a, self._input(a))
+            x = self._input(a)
+            with maybe_span(self.tracer, str(a), stage=a.stage, kind=a.kind, mb=a.mb):
+                out = self._compute(a, x)
+            del x
             msg = produces(a, S)
             if msg is not None and out is not None:
                 if self._remote_to(msg):
@@ -188,7 +193,7 @@ class PipelineRunner:
                            batch=self.cfg.train.batch_size, want_grads=want_grads,
                            cross_entropy=self.spec.loss == "cross_entropy",
                            in_flight_max=self._in_flight_max, device=self.topo.device,
-                           compute=self.compute)
+                           compute=self.compute, tracer=self.tracer)
 
     def predict(self, step: int, *, exchange: bool = True) -> torch.Tensor | None:
         """A prediction forward through the pipeline (no micro-batching, nothing kept).

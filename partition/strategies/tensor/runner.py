@@ -44,6 +44,7 @@ from partition.strategies.base import (
     state_bytes,
 )
 from partition.topology import Topology
+from partition.trace import maybe_span
 
 
 class TensorRunner:
@@ -73,6 +74,7 @@ class TensorRunner:
         # A memory tracker (memory.StorageTracker) while one measures a phase: this runner
         # plays the part of a `Stage` for it (it keeps its own caches and holds the grads).
         self.probe = None
+        self.tracer = None  # a trace.Tracer, set by the train loop
 
     def memory_stages(self) -> list[TensorRunner]:
         """For memory.py: the objects that hold the grads and take `probe` (here, self)."""
@@ -136,13 +138,16 @@ class TensorRunner:
                 break
             # column: (mb, n_in) -> (mb, |R_r|); row: (mb, |R_r|) -> (mb, n_out) partial;
             # replicated: (mb, n_in) -> (mb, n_out); rowwise: (mb, n_in) -> (mb, |R_r|)
-            z = linear(x, layer)
+            name = f"F{layer.index}"
+            with maybe_span(self.tracer, name, kind="F", layer=layer.index):
+                z = linear(x, layer)
             if sh.kind == "row":
                 z = self._all_reduce(z, role="partial_output", phase=phase,
                                      exchange=exchange)
-            if keep:
-                caches.append(Cache(x, None if layer.index == last else z))
-            h = z if layer.index == last else activation_forward(self.spec.activation, z)
+            with maybe_span(self.tracer, name, kind="F", layer=layer.index):
+                if keep:
+                    caches.append(Cache(x, None if layer.index == last else z))
+                h = z if layer.index == last else activation_forward(self.spec.activation, z)
             x = (self._gather(h, splits, exchange=exchange, phase=phase)
                  if sh.kind == "rowwise" else h)
         if keep and not redo and self.probe is not None:
@@ -156,13 +161,14 @@ class TensorRunner:
             _, caches = self._forward(caches[0].x, keep=True, redo=True)
         for i in range(len(self.compute) - 1, -1, -1):
             layer, sh, cache = self.compute[i], self.plan[i], caches[i]
-            if layer.index == last:
-                # rowwise: this rank's output columns of the whole dJ/do
-                dz = g[:, slice(*sh.rows)] if sh.kind == "rowwise" else g
-            else:
-                dz = activation_backward(self.spec.activation, cache.z, g)
-            dx = linear_backward(dz, cache.x, layer, self.grads[i], need_input_grad=i > 0)
-            caches[i] = None  # type: ignore[call-overload]  # free as we go
+            with maybe_span(self.tracer, f"B{layer.index}", kind="B", layer=layer.index):
+                if layer.index == last:
+                    # rowwise: this rank's output columns of the whole dJ/do
+                    dz = g[:, slice(*sh.rows)] if sh.kind == "rowwise" else g
+                else:
+                    dz = activation_backward(self.spec.activation, cache.z, g)
+                dx = linear_backward(dz, cache.x, layer, self.grads[i], need_input_grad=i > 0)
+                caches[i] = None  # type: ignore[call-overload]  # free as we go
             if dx is None:
                 break
             if sh.kind == "column":
@@ -191,10 +197,11 @@ class TensorRunner:
             o, caches = self._forward(xm, keep=not self.recompute)
             if self.recompute:
                 caches = [Cache(xm, None)]  # the input only (it is the data batch: `input`)
-            ls, c, g = loss_and_grad(self.spec, o, ym, B, dtype=self.dtype)
-            loss_total += ls
-            correct += c or 0
-            del o
+            with maybe_span(self.tracer, "loss", kind="loss"):
+                ls, c, g = loss_and_grad(self.spec, o, ym, B, dtype=self.dtype)
+                loss_total += ls
+                correct += c or 0
+                del o
             self._backward(caches, g)
         del X, y
         # λW is local to each shard. The loss is the same on every rank (each has the whole
@@ -204,7 +211,7 @@ class TensorRunner:
                            opt=self.opt, weight_decay=self.spec.weight_decay, comm=self.comm,
                            loss_sum=loss_total if mine else 0.0, correct=correct if mine else 0,
                            batch=B, want_grads=want_grads, cross_entropy=ce, in_flight_max=1,
-                           device=self.topo.device, compute=self.compute)
+                           device=self.topo.device, compute=self.compute, tracer=self.tracer)
 
     def predict(self, step: int, *, exchange: bool = True) -> torch.Tensor:
         """A prediction forward (nothing kept); the whole output is on every rank.

@@ -1,0 +1,113 @@
+"""Per-rank timelines: timestamped spans of compute and communication, in Chrome's format.
+
+A `Tracer` is handed to the runner, its stages and its `Comm` (no global state); it records
+only while the train loop has switched it on for a traced step (`trace.steps`). A span is
+what a rank did between two `time.perf_counter()` readings: a compute action (pipeline
+F/B/I/W with stage and micro-batch; a layer's forward or backward; the update) or a
+communication call, split where the backend lets us see it into posting and *waiting*
+(a posted receive's wait, a collective's whole duration: gloo does not say when the last
+member arrived). perf_counter is CLOCK_MONOTONIC, shared by every process of one host.
+
+`chrome_trace` writes the trace event format that Perfetto and chrome://tracing open:
+`traceEvents` of `ph: "X"` events, `pid` = rank, `tid` 0 for compute and 1 for comm.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+TIDS = {"compute": 0, "comm": 1}
+
+
+@dataclass
+class Tracer:
+    """Spans of the traced steps of one rank. `step` is set by the train loop.
+
+    Every step is timed the same way — `compute_s` sums its compute spans, the one
+    definition of compute time for the explicit engine — but only the traced steps
+    keep their spans.
+    """
+
+    steps: set[int] | None = None  # None: every step
+    step: int | None = None
+    spans: list[dict[str, Any]] = field(default_factory=list)
+    compute_s: float = 0.0  # compute spans of the current step, traced or not
+
+    @property
+    def on(self) -> bool:
+        return self.step is not None and (self.steps is None or self.step in self.steps)
+
+    def begin(self, step: int) -> None:
+        self.step, self.compute_s = step, 0.0
+
+    def add(self, name: str, tid: str, t0: float, t1: float, **args: Any) -> None:
+        if tid == "compute" and name != "step":
+            self.compute_s += t1 - t0
+        if self.on:
+            self.spans.append({"name": name, "tid": tid, "t0": t0, "t1": t1, "step": self.step,
+                               "args": args})
+
+    @contextmanager
+    def span(self, name: str, tid: str = "compute", **args: Any) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(name, tid, t0, time.perf_counter(), **args)
+
+
+@contextmanager
+def maybe_span(tracer: Tracer | None, name: str, tid: str = "compute", **args: Any) -> Iterator[None]:
+    """`tracer.span(...)`, or nothing when the object carries no tracer."""
+    if tracer is None:
+        yield
+        return
+    with tracer.span(name, tid, **args):
+        yield
+
+
+def traced_steps(setting: str | tuple[int, ...], *, steps: int, warmup: int,
+                 probed: set[int] = frozenset()) -> set[int] | None:
+    """`trace.steps` as a set of step numbers (None = all). `last` is the last steady step
+    the memory probe leaves alone (the probe slows every op it sees), else the last step."""
+    if setting == "all":
+        return None
+    if setting == "last":
+        quiet = [s for s in range(warmup, steps) if s not in probed]
+        return {quiet[-1] if quiet else steps - 1}
+    return {s for s in setting if s < steps}
+
+
+def chrome_trace(per_rank: list[tuple[int, list[dict[str, Any]]]], *,
+                 clock: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Chrome trace events from every rank's spans, times in µs from the earliest span."""
+    starts = [s["t0"] for _, spans in per_rank for s in spans]
+    origin = min(starts) if starts else 0.0
+    events: list[dict[str, Any]] = []
+    for rank, spans in per_rank:
+        events.append({"name": "process_name", "ph": "M", "pid": rank,
+                       "args": {"name": f"rank {rank}"}})
+        for tid, name in ((0, "compute"), (1, "comm")):
+            events.append({"name": "thread_name", "ph": "M", "pid": rank, "tid": tid,
+                           "args": {"name": name}})
+        for s in spans:
+            events.append({"name": s["name"], "cat": s["tid"], "ph": "X", "pid": rank,
+                           "tid": TIDS[s["tid"]], "ts": round((s["t0"] - origin) * 1e6, 3),
+                           "dur": round((s["t1"] - s["t0"]) * 1e6, 3),
+                           "args": {"step": s["step"], **s["args"]}})
+    return {"traceEvents": events, "displayTimeUnit": "ms",
+            "otherData": {"clock": clock or {"source": "time.perf_counter (CLOCK_MONOTONIC)",
+                                             "offset_s": 0.0}}}
+
+
+def step_spans(spans: list[dict[str, Any]], step: int) -> list[dict[str, Any]]:
+    return [s for s in spans if s["step"] == step]
+
+
+def compute_seconds(spans: list[dict[str, Any]]) -> float:
+    """Time in compute spans, outermost only (a step span contains the others)."""
+    return sum(s["t1"] - s["t0"] for s in spans if s["tid"] == "compute" and s["name"] != "step")
