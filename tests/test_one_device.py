@@ -224,7 +224,7 @@ def test_recompute_crosses_again_only_for_hidden_layers(p2):
 def test_recompute_extra_flops_are_the_closed_form():
     """Counted from the runners' own matrix products (a real CPU step and the dry run):
     recompute adds exactly `costs.recompute_flops`, and `rank_flops` counts it."""
-    kw = {"train.batch_size": 24, "train.microbatches": 2, "train.steps": 1}
+    kw = {"train.batch_size": 24, "train.microbatches": 2, "train.steps": 2}
     counted = {}
     for r in ("none", "full"):
         cfg = make_config(**kw, **{"train.recompute": r})
