@@ -91,20 +91,9 @@ def summarize(records: list[CommRecord]) -> dict[str, Any]:
 
 
 @dataclass
-class PendingSend:
-    """A posted send: its work handle, the tensor it reads, and the seconds spent posting."""
-
-    work: Any
-    tensor: torch.Tensor
-    peer: int
-    role: str
-    phase: str
-    seconds: float
-
-
-@dataclass
-class PendingRecv:
-    """A posted receive: its work handle and the buffer it fills."""
+class Pending:
+    """A posted send or receive: its work handle, the tensor it reads or fills, and the
+    seconds spent posting it (its record is made when it is waited for)."""
 
     work: Any
     tensor: torch.Tensor
@@ -199,16 +188,16 @@ class Comm:
         self._span(f"recv {role}", t0, t1, role=role, nbytes=nbytes(t), peer=src, waiting=True)
         return t
 
-    def post_send(self, t: torch.Tensor, dst: int, *, role: str, phase: str) -> PendingSend:
+    def post_send(self, t: torch.Tensor, dst: int, *, role: str, phase: str) -> Pending:
         """Start sending `t`; it must stay alive until `wait_send` (the runtime keeps it)."""
         t = t.contiguous()
         t0 = time.perf_counter()
         work = self.transport.isend(t, dst)
         t1 = time.perf_counter()
         self._span(f"send {role}", t0, t1, role=role, nbytes=nbytes(t), peer=dst)
-        return PendingSend(work, t, dst, role, phase, t1 - t0)
+        return Pending(work, t, dst, role, phase, t1 - t0)
 
-    def wait_send(self, p: PendingSend) -> None:
+    def wait_send(self, p: Pending) -> None:
         t0 = time.perf_counter()
         p.work.wait()
         t1 = time.perf_counter()
@@ -218,16 +207,16 @@ class Comm:
         self._span(f"wait send {p.role}", t0, t1, role=p.role, nbytes=n, peer=p.peer, waiting=True)
 
     def post_recv(self, shape: tuple[int, ...], dtype: torch.dtype, src: int, *, role: str,
-                  phase: str) -> PendingRecv:
+                  phase: str) -> Pending:
         """Post a receive into a new buffer; `wait_recv` returns it filled."""
         t = torch.empty(shape, dtype=dtype, device=self.device)
         t0 = time.perf_counter()
         work = self.transport.irecv(t, src)
         t1 = time.perf_counter()
         self._span(f"post recv {role}", t0, t1, role=role, nbytes=nbytes(t), peer=src)
-        return PendingRecv(work, t, src, role, phase, t1 - t0)
+        return Pending(work, t, src, role, phase, t1 - t0)
 
-    def wait_recv(self, p: PendingRecv) -> torch.Tensor:
+    def wait_recv(self, p: Pending) -> torch.Tensor:
         t0 = time.perf_counter()
         p.work.wait()
         t1 = time.perf_counter()

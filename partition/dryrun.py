@@ -99,10 +99,11 @@ def meta_weights(cfg: RunConfig) -> dict[str, torch.Tensor]:
 
 @dataclass(frozen=True)
 class MetaDataset(Dataset):
-    """Row indices on the meta device too: a CPU run holds them on its device."""
+    """Row indices on the meta device too (a CPU run holds them on its device); which rows
+    they name changes no shape, so none is computed (B may be far beyond this machine)."""
 
     def rows(self, step: int, batch_size: int, *, shuffle: bool, seed: int) -> torch.Tensor:
-        return super().rows(step, batch_size, shuffle=shuffle, seed=seed).to(META)
+        return torch.empty(batch_size, dtype=torch.int64, device=META)
 
 
 def meta_dataset(cfg: RunConfig) -> Dataset:

@@ -435,27 +435,25 @@ def test_flops_bubble_and_in_flight():
     assert costs.bubble_fraction(seed_cfg()) == 0.0
 
 
-def test_step_time_model():
+def test_step_time_is_simulated_from_action_times():
+    """GPipe, P = 2, M = 2, F = 1 ms, B = 2 ms, update 0.5 ms, by hand: rank 1's B1 ends at
+    7 ms + one transfer, rank 0's B1 at 9 ms + two, then the update and the J all-reduce."""
     cfg = make_config(strategy="pipeline", world_size=2, **{
         "model.dims": [64, 32, 10], "train.batch_size": 64, "train.microbatches": 2,
         "cost.alpha_s": 1e-4, "cost.beta_Bps": 1e9, "cost.collective_alpha_s": 2e-4,
-        "cost.collective_beta_Bps": 5e8, "cost.flops_per_s": 1e9})
-    pred = costs.predict(cfg)
-    bubble = 1 / 3
-    r0 = pred["ranks"][0]
-    n = 32 * 32 * 8  # one micro-batch of the 32-wide activation, float64
-    p2p = 4 * (1e-4 + n / 1e9)  # 2 sends + 2 receives
-    coll = 2e-4 + 24 / 5e8  # the metric all-reduce, 2(P−1)/P · 24 wire bytes
-    assert r0["timing"]["comm_s"] == pytest.approx(p2p + coll)
-    # `comm` is the dry run's ledger, which moves and times nothing: the seconds of the
-    # α + n/β model are the timing's
-    assert r0["comm"]["seconds"] == 0.0
-    flops0 = 2 * 64 * 64 * 32 * 2
-    assert r0["timing"]["compute_s"] == pytest.approx(flops0 / 1e9)
-    assert r0["timing"]["step_s"] == pytest.approx(flops0 / 1e9 / (1 - bubble) + p2p + coll)
-    assert pred["step_time_s"] == max(r["timing"]["step_s"] for r in pred["ranks"])
-    assert pred["bubble_fraction"] == pytest.approx(bubble)
-    assert pred["cost_params"]["source"] == "config"
+        "cost.collective_beta_Bps": 5e8})
+    times = [{"s0:F": 1e-3, "s0:B": 2e-3, "update": 0.5e-3},
+             {"s1:F": 1e-3, "s1:B": 2e-3, "update": 0.5e-3}]
+    pred = costs.predict(cfg, times=times)
+    lag = 1e-4 + 32 * 32 * 8 / 1e9  # one micro-batch of the 32-wide activation, float64
+    metric = 2e-4 + 24 / 5e8  # 2(P−1)/P · 24 wire bytes
+    assert pred["step_time_s"] == pytest.approx(9.5e-3 + 2 * lag + metric)
+    r0, r1 = pred["ranks"]
+    assert r0["timing"]["compute_s"] == pytest.approx(6.5e-3)
+    assert r0["timing"]["idle_fraction"] == pytest.approx(1 - 6.5e-3 / pred["step_time_s"])
+    assert pred["bubble_fraction"] == pytest.approx(1 / 3)
+    assert r0["comm"]["seconds"] == 0.0  # the dry run's ledger moves and times nothing
+    assert costs.predict(cfg)["step_time_s"] is None  # no action times: no step time
 
 
 def test_predicted_block_mirrors_measured_keys():

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from partition.comm import Comm, PendingRecv, PendingSend
+from partition.comm import Comm, Pending
 from partition.config import RunConfig
 from partition.data import Dataset
 from partition.model import Layer, compute_copies, make_layer
@@ -89,7 +89,7 @@ class PipelineRunner:
         boundary = self.plan[msg.to_stage][0] if msg.role == "activation" else self.plan[msg.from_stage][0]
         return (self.mb_rows, self.spec.dims[boundary])
 
-    def _post(self, msg: Message) -> PendingRecv:
+    def _post(self, msg: Message) -> Pending:
         return self.comm.post_recv(self._shape(msg), self.cdtype,
                                    self.schedule.stage_rank[msg.from_stage], role=msg.role,
                                    phase=_PHASE[msg.role])
@@ -131,8 +131,8 @@ class PipelineRunner:
     def _run(self) -> None:
         S = self.schedule.stages
         self._local: dict[Message, torch.Tensor] = {}
-        self._posted: dict[Message, PendingRecv] = {}
-        sends: list[PendingSend] = []
+        self._posted: dict[Message, Pending] = {}
+        sends: list[Pending] = []
         for i, a in enumerate(self.actions):
             x = self._input(a)
             with maybe_span(self.tracer, str(a), stage=a.stage, kind=a.kind, mb=a.mb):
@@ -204,7 +204,7 @@ class PipelineRunner:
         B = self.cfg.train.batch_size
         S = self.schedule.stages
         out: torch.Tensor | None = None
-        sends: list[PendingSend] = []
+        sends: list[Pending] = []
         for s, st in sorted(self.stages.items()):
             width = self.spec.dims[self.plan[s][0]]
             if s == 0:
