@@ -88,7 +88,8 @@ def plan(overrides: list[str]) -> tuple[str, list[tuple[Case, Any]]]:
     optimizer = spec.get("optimizer")
     if optimizer is not None:
         # every case with this optimizer, its state in the same memory budget, apart
-        base = [*base, f"train.optimizer={optimizer}"]
+        lr = (spec.get("optimizer_lr") or {}).get(optimizer)
+        base = [*base, f"train.optimizer={optimizer}", *([f"train.lr={lr}"] if lr else [])]
         try:
             cfg, rc = _parse(base)
         except ConfigError as e:

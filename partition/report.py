@@ -191,6 +191,8 @@ def result_row(res: dict[str, Any]) -> dict[str, Any]:
         "examples": num(tr.get("examples_seen")),
         "final_loss": num(tr.get("final_loss", loss[-1] if loss else None)),
         "grad_err": num(_get(res, "check.grad_max_rel_err")),
+        # bf16: the bound on |J − J_float64| after these steps (docs/one-device.md)
+        "loss_tol": num(_get(res, "check.final_loss_tolerance")),
         "loss_curve": [num(x) for x in loss],
         "path": res.get("path"),
     }

@@ -309,7 +309,14 @@ def _weigh_alternative(a: pd.Series, *, B: int, E: int | None, limit: float | No
     if ja is not None and jp:
         jr = jref if jref is not None else sum(j for _, j in jp) / len(jp)
         dj = abs(ja - jr)
-        if dj <= SAME_J_RTOL * max(1.0, abs(jr)):
+        tol = num(a.get("loss_tol"))
+        if a.get("precision") == "bf16":
+            bound = f", within bf16's bound {tol:.1e}" if tol is not None and dj <= tol else (
+                f", over bf16's bound {tol:.1e}" if tol is not None else "")
+            adv.append(f"**J vs {name}**: J = {ja:.4f} after the same examples, {dj:.1e} from "
+                       f"the partitioned runs' {jr:.4f}{bound} (docs/one-device.md): "
+                       f"partitioning computes the {a['dtype']} update exactly, bf16 rounds it.")
+        elif dj <= SAME_J_RTOL * max(1.0, abs(jr)):
             # nothing for partitioning to gain here
             dis.append(f"**J vs {name}**: the same J = {ja:.4f} after the same examples as "
                        f"the partitioned runs (|ΔJ| = {dj:.1e}): the same update.")

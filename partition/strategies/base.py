@@ -32,7 +32,10 @@ class StepOut:
     objective: float  # J = L + s, the same on every rank (reduced under role `metric`)
     data_loss: float  # L, the batch mean
     correct: int | None  # examples classified right (cross-entropy only)
-    grads: list[Grads] | None = None  # copies of the final gradients, when asked (grad check)
+    # The final gradients, when asked (grad check): the runner's own buffers, read before the
+    # next step (no copy, so the check adds nothing to the step's memory).
+    grads: list[Grads] | None = None
+    grads_have_decay: bool = True  # False: λW is the optimizer's (AdamW), not in `grads`
     in_flight_max: int = 0  # most micro-batches whose activations were held at once
     # Seconds in local arithmetic. None: the sum of the step's compute spans (trace.Tracer,
     # train.py), the one definition for the explicit engine; the torch engines, whose
@@ -126,18 +129,16 @@ def finish_step(*, layers: list[Layer], grads: list[Grads], counted: list[Layer]
 
     s = λ/2 Σ‖W‖² from the weights before the update (`counted`: the layers this rank
     contributes to s, so a replica counts once), dJ/dW += λW once per step (unless the
-    optimizer applies λ itself: AdamW), a copy of the final gradients dJ/dW for the check,
-    the optimizer update of the master weights, the compute copies rounded from them
-    (`compute`, mixed precision), and J's reduction over the group (role `metric`:
-    [this rank's loss sum, its Σ‖W‖², its correct count] in float64).
+    optimizer applies λ itself: AdamW), the optimizer update of the master weights (which
+    reads the gradients and leaves them as they are: they go back for the check), the
+    compute copies rounded from them (`compute`, mixed precision), and J's reduction over
+    the group (role `metric`: [this rank's loss sum, its Σ‖W‖², its correct count] in
+    float64).
     """
     with maybe_span(tracer, "update", kind="update"):
         sq = sq_norm(counted)
         if not opt.decoupled:
             add_decay(layers, grads, weight_decay)
-        copies = [g.clone() for g in grads] if want_grads else None
-        if copies is not None and opt.decoupled:
-            add_decay(layers, copies, weight_decay)  # the check compares dJ/dW, λW included
         opt.step(layers, grads)
         if compute is not None:
             refresh_copies(layers, compute)
@@ -145,7 +146,8 @@ def finish_step(*, layers: list[Layer], grads: list[Grads], counted: list[Layer]
         loss_sum, sq, correct = reduce_metric(comm, loss_sum, sq, correct, device=device)
     L = loss_sum / batch
     return StepOut(objective=L + 0.5 * weight_decay * sq, data_loss=L,
-                   correct=int(correct) if cross_entropy else None, grads=copies,
+                   correct=int(correct) if cross_entropy else None,
+                   grads=grads if want_grads else None, grads_have_decay=not opt.decoupled,
                    in_flight_max=in_flight_max)
 
 
