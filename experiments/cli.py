@@ -393,10 +393,16 @@ def summary_line(result: dict[str, Any], path: str) -> str:
         return f"[{result['status']}] {what} {detail} -> {path}"
     loss = tr["loss"]
     med = tr["step_time_s"]["median"]
-    sent = max((r["comm"].get("sent_bytes", 0) + r["comm"].get("collective_bytes", 0)
-                for r in result["ranks"]), default=0)
+    # Per device: the most any rank moves per step for training; the J reduction apart.
+    from partition.boundaries import describe, device_bytes
+
+    moved = [device_bytes(r.get("comm")) for r in result["ranks"]]
+    train = max((t or 0 for t, _ in moved), default=0)
+    metric = max((m for _, m in moved), default=0)
+    extra = f" (+{metric:,} B metric)" if metric else ""
+    bounds = f"; {describe(result['boundaries'])}" if result.get("boundaries") else ""
     return (f"[ok] {what}: J {loss[0]:.4f} -> {loss[-1]:.4f}, step {med * 1e3:.1f} ms, "
-            f"{sent:,} B/step/device -> {path}")
+            f"{train:,} B/step/device{extra}{bounds} -> {path}")
 
 
 def load_run_config(overrides: list[str]) -> Any:

@@ -7,9 +7,11 @@
 
 Runs every case of conf/experiment/compare.yaml (each in its own folder under
 compare.out, through the same launcher as experiments.run), then writes results.csv,
-results.md and the plots there and prints the table and a generated summary. Overrides
-apply to every case, before the case's own. A rerun skips the cases already `ok`.
-Bad input ends before anything runs: one line, exit status 2.
+results.md, summary.png (peak memory, bytes and time per device, one row per case) and
+the other figures there, and prints the table and a generated summary. Overrides apply
+to every case, before the case's own. A rerun skips the cases already `ok`; delete the
+folder (or give compare.out) to measure afresh. Bad input ends before anything runs:
+one line, exit status 2.
 """
 
 from __future__ import annotations

@@ -3,9 +3,10 @@
     python -m experiments.report outputs/sweeps/<sweep>
     python -m experiments.report outputs/compare --out /tmp/report --no-plots
 
-Writes results.csv, results.md and PNG plots into --out (default: the one folder
-given, or the folder the given ones have in common) and prints the table and the
-generated summary.
+Writes results.csv, results.md and the figures (summary.png, memory_per_rank.png,
+loss.png, and memory_vs_batch.png / bytes_vs_width.png when the runs vary B or the
+width) into --out (default: the one folder given, or the folder the given ones have in
+common) and prints the table (120 columns) and the generated summary.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("folders", nargs="+", help="run or sweep folders (searched for result.json)")
     ap.add_argument("--out", help="where to write results.csv/.md and the plots")
-    ap.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    ap.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
     args = ap.parse_args(argv)
 
     from partition.report import load_table, write_report

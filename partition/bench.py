@@ -11,7 +11,9 @@ For each case both engines train the same net on the same data on P ranks:
   costs a Python call per aten op, which is not torch's cost.
 
 The ranks are started once for the whole benchmark (torch's elastic launcher, as for
-a run); every run builds its runner afresh from the same initial weights.
+a run); every run builds its runner afresh from the same initial weights. Rank 0 prints
+a progress line per case and per timed pair. Bytes are per device: the most any one
+rank sends or hands to collectives per step (the J reduction apart), as everywhere.
 """
 
 from __future__ import annotations
@@ -29,18 +31,21 @@ from typing import Any
 
 import torch
 
+from partition.boundaries import NOT_TRAINING, device_bytes
 from partition.comm import Comm, Ledger
 from partition.config import RunConfig, parse_config
 from partition.data import load_dataset
 from partition.results import atomic_write
 from partition.strategies import build_runner
-from partition.topology import Topology, destroy, from_env, init_process_group
+from partition.topology import Topology, destroy, from_env, init_process_group, rank_threads
 from partition.train import RankRecord, run_rank
 from partition.weights import initial_weights
 
 ENGINES = ("explicit", "torch")
 # Roles that are not the strategy's training traffic: the J reduction, torch's one-off votes.
-NON_PAYLOAD = ("metric", "metadata")
+NON_PAYLOAD = NOT_TRAINING
+# Fewer timed pairs than this give a median and a range that mean little on a shared machine.
+MIN_PAIRS = 5
 
 
 @dataclass(frozen=True)
@@ -116,10 +121,25 @@ def _fresh_comm(topo: Topology) -> tuple[Comm, Ledger]:
                 device=topo.device), ledger
 
 
+def _say(topo: Topology, line: str) -> None:
+    if topo.rank == 0:
+        print(f"[bench] {line}", flush=True)
+
+
 def bench_case(cfgs: dict[str, RunConfig], topo: Topology, *, pairs: int,
-               warmup_pairs: int) -> dict[str, Any]:
+               warmup_pairs: int, label: str = "", where: str = "") -> dict[str, Any]:
     """One case on this rank: a measuring run per engine, then the alternating timing runs."""
     cfg0 = cfgs["explicit"]
+    with rank_threads(cfg0.threads_per_rank, topo.device):
+        return _bench_case(cfgs, topo, pairs=pairs, warmup_pairs=warmup_pairs,
+                           label=label, where=where)
+
+
+def _bench_case(cfgs: dict[str, RunConfig], topo: Topology, *, pairs: int,
+                warmup_pairs: int, label: str, where: str) -> dict[str, Any]:
+    cfg0 = cfgs["explicit"]
+    t_start = time.monotonic()
+    _say(topo, f"{where}{label}: measuring bytes and memory (one run per engine)")
     data = load_dataset(cfg0.data, cfg0.spec, seed=cfg0.seed)
     full = initial_weights(cfg0.spec, init=cfg0.model.init, init_path=cfg0.model.init_path,
                            seed=cfg0.seed)
@@ -135,7 +155,11 @@ def bench_case(cfgs: dict[str, RunConfig], topo: Topology, *, pairs: int,
     times: dict[str, list[list[float]]] = {e: [] for e in ENGINES}
     cpu: dict[str, list[list[float]]] = {e: [] for e in ENGINES}
     comm, _ = _fresh_comm(topo)
-    for _ in range(warmup_pairs + pairs):
+    for i in range(warmup_pairs + pairs):
+        what = (f"warm-up pair {i + 1}/{warmup_pairs}" if i < warmup_pairs
+                else f"timed pair {i - warmup_pairs + 1}/{pairs}")
+        _say(topo, f"{where}{label}: {what} (explicit, torch) | "
+                   f"{time.monotonic() - t_start:.0f} s in this case")
         for e in ENGINES:
             gc.collect()
             comm.barrier()  # both ranks start each run together
@@ -153,7 +177,9 @@ def bench_rank(base: dict[str, Any], cases: list[Case], pairs: int,
     init_process_group(topo, timeout_s=float(base.get("timeout_s", 60)))
     try:
         return {c.label: bench_case(case_configs(base, c), topo, pairs=pairs,
-                                    warmup_pairs=warmup_pairs) for c in cases}
+                                    warmup_pairs=warmup_pairs, label=c.label,
+                                    where=f"case {i + 1}/{len(cases)} ")
+                for i, c in enumerate(cases)}
     finally:
         destroy()
 
@@ -170,8 +196,8 @@ class Row:
     ratios: list[float] = field(default_factory=list)  # explicit ÷ torch, one per pair
     cpu_s: dict[str, float] = field(default_factory=dict)  # CPU s per step, all ranks together
     cpu_ratios: list[float] = field(default_factory=list)
-    payload: dict[str, int] = field(default_factory=dict)  # training bytes per step, all ranks
-    other_bytes: dict[str, int] = field(default_factory=dict)  # metric + metadata
+    payload: dict[str, int] = field(default_factory=dict)  # training bytes per step per device
+    other_bytes: dict[str, int] = field(default_factory=dict)  # metric + metadata, per device
     peak: dict[str, int | None] = field(default_factory=dict)  # largest rank's peak, bytes
     losses_agree: bool | None = None
 
@@ -212,10 +238,10 @@ def summarize_case(label: str, by_rank: list[dict[str, Any]], *, warmup_steps: i
                   for per_rank in runs][warmup_pairs:]
         row.cpu_s[e] = statistics.median(cpu[e])
         recs: list[RankRecord] = [r["measured"][e] for r in by_rank]
-        row.payload[e] = sum(v["bytes"] for rec in recs for k, v in rec.comm["by_role"].items()
-                             if k not in NON_PAYLOAD)
-        row.other_bytes[e] = sum(v["bytes"] for rec in recs for k, v in rec.comm["by_role"].items()
-                                 if k in NON_PAYLOAD)
+        # Per device: the rank that moves the most (as in result.json and the report).
+        moved = [device_bytes(rec.comm) for rec in recs]
+        row.payload[e] = max((t or 0 for t, _ in moved), default=0)
+        row.other_bytes[e] = max((m for _, m in moved), default=0)
         peaks = [rec.memory.get("peak_bytes") for rec in recs]
         row.peak[e] = None if any(p is None for p in peaks) else max(peaks)
     row.explicit_s = statistics.median(med["explicit"])
@@ -247,6 +273,8 @@ def run_bench(base: dict[str, Any], cases: list[Case] | None = None, *, pairs: i
               warmup_pairs: int = 1) -> tuple[list[Row], dict[str, Any]]:
     if pairs < 1:
         raise ValueError(f"pairs must be >= 1, got {pairs}")
+    if warmup_pairs < 0:
+        raise ValueError(f"warmup_pairs must be >= 0, got {warmup_pairs}")
     cases = list(cases or DEFAULT_CASES)
     for c in cases:  # bad settings fail here, before any rank starts
         case_configs(base, c)
@@ -285,9 +313,13 @@ def _mib(n: int | None) -> str:
     return "n/a" if n is None else f"{n / 2**20:.2f} MiB"
 
 
+TABLE_TITLE = "Step time, bytes and peak memory per device: explicit engine vs torch's own"
+CPU_TITLE = "CPU time per step (both ranks, waiting excluded): explicit engine vs torch's own"
+
+
 def table(rows: list[Row]) -> str:
     head = ("| strategy | explicit ms/step | torch ms/step | explicit ÷ torch: median [min, max] "
-            "| payload B/step explicit | torch | peak memory explicit | torch |")
+            "| payload B/step/device explicit | torch | peak memory explicit | torch |")
     lines = [head, "|" + "---|" * 8]
     for r in rows:
         if r.skip:
@@ -325,6 +357,12 @@ def settings_line(base: dict[str, Any], cases: list[Case]) -> str:
                         for c in cases))
 
 
+def threads_text(base: dict[str, Any]) -> str:
+    n = base.get("threads_per_rank")
+    n = int(n or 1)
+    return f"{n} intra-op thread{'s' if n > 1 else ''} per rank"
+
+
 def markdown(rows: list[Row], info: dict[str, Any], base: dict[str, Any], cases: list[Case],
              command: str) -> str:
     notes = []
@@ -334,7 +372,7 @@ def markdown(rows: list[Row], info: dict[str, Any], base: dict[str, Any], cases:
         extra = {e: r.other_bytes[e] for e in ENGINES}
         notes.append(f"- {r.label}: besides the payload, the J reduction (and torch's metadata) "
                      f"moved {extra['explicit']:,} B (explicit) and {extra['torch']:,} B (torch) "
-                     f"per step; J agreed between the engines: {r.losses_agree}.")
+                     f"per step per device; J agreed between the engines: {r.losses_agree}.")
     return "\n".join([
         "# Benchmarks: the explicit engine against PyTorch's own",
         "",
@@ -348,9 +386,13 @@ def markdown(rows: list[Row], info: dict[str, Any], base: dict[str, Any], cases:
         "less so).",
         "",
         f"Settings: {settings_line(base, cases)}. {info['pairs']} timed pairs (A B A B …) after "
-        f"{info['warmup_pairs']} warm-up pair(s); one thread per rank.",
+        f"{info['warmup_pairs']} warm-up pair(s); {threads_text(base)}.",
+        "",
+        f"## {TABLE_TITLE}",
         "",
         table(rows),
+        "",
+        f"## {CPU_TITLE}",
         "",
         "CPU time of the same timing runs (both ranks' processes, all their threads; time spent "
         "waiting does not count), which shows each engine's own work even on a busy machine:",
@@ -359,9 +401,10 @@ def markdown(rows: list[Row], info: dict[str, Any], base: dict[str, Any], cases:
         "",
         "Step time is the median over a run's steps of the slowest rank (as in result.json), "
         "then the median over runs; the ratio is per pair, then median, min and max over pairs. "
-        "Payload is the training traffic per step summed over ranks (what each rank sends or hands "
-        "to a collective, DESIGN §5): the ledger's for the explicit engine, the dispatch-mode "
-        "observer's for torch. Peak memory is the largest rank's, from the memory probe "
+        "Payload is the training traffic per step of one device: the most any rank sends or hands "
+        "to a collective (the J reduction apart, below), from the ledger for the explicit engine "
+        "and the dispatch-mode observer for torch. Peak memory is the largest rank's, from the "
+        "memory probe "
         "(n/a where it measured nothing). The torch engines are timed without the "
         "dispatch-mode observer that counts their bytes (a Python call per aten op, which is not "
         "torch's own cost); the explicit engine keeps its ledger, which is part of it.",

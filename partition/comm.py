@@ -1,7 +1,7 @@
 """Every crossing of a device boundary, and its ledger.
 
 This is the only module that moves training data through torch.distributed. Each
-call names a `role` (DESIGN §5) and a `phase` (forward / backward / update /
+call names a `role` (docs/results.md) and a `phase` (forward / backward / update /
 metric) and is recorded with its payload, its wire bytes under a ring model, its
 peer or group size and the seconds spent in it. `Observer` is an independent
 check: a TorchDispatchMode that sees every c10d op with its tensors, used by the
@@ -22,7 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from partition.plans.traffic import ring_wire_bytes
 
 ROLES = ("activation", "activation_grad", "partial_output", "input_grad", "gather",
-         "weight_grad", "metric", "calibration")
+         "weight_grad", "weight_gather", "metric", "calibration")
 # `setup`: outside training steps (the cost model's start-up micro-benchmark).
 PHASES = ("forward", "backward", "update", "metric", "setup")
 
@@ -133,6 +133,9 @@ class Transport:
 
     def reduce_scatter(self, out: torch.Tensor, ins: list[torch.Tensor]) -> None:
         dist.reduce_scatter(out, ins, op=dist.ReduceOp.SUM, group=self.group)
+
+    def all_gather_into(self, out: torch.Tensor, piece: torch.Tensor) -> None:
+        dist.all_gather_single(out, piece, group=self.group)
 
 
 class Comm:
@@ -267,6 +270,28 @@ class Comm:
                   received=(self.world_size - 1) * n, collective=n,
                   wire=ring_wire_bytes("all_gather", n, self.world_size), seconds=dt)
         return outs
+
+    def all_gather_into(self, out: torch.Tensor, piece: torch.Tensor, *, role: str,
+                        phase: str) -> torch.Tensor:
+        """Gather every rank's equal-sized `piece` into `out` (P pieces in rank order), in one call.
+
+        The flat form FSDP uses: the caller keeps its shards padded to one size, so the
+        gathered tensor is one buffer whose front is the whole (views, no copy). The
+        padded piece is what is recorded, since that is what crosses.
+        """
+        if out.numel() != piece.numel() * self.world_size:
+            raise ValueError(f"all_gather_into: out has {out.numel()} elements, not "
+                             f"{self.world_size} x {piece.numel()}")
+        piece = piece.contiguous()
+        t0 = time.perf_counter()
+        self.transport.all_gather_into(out, piece)
+        t1 = time.perf_counter()
+        n = nbytes(piece)
+        self._rec("all_gather", role, phase, peer=None, sent=n,
+                  received=(self.world_size - 1) * n, collective=n,
+                  wire=ring_wire_bytes("all_gather", n, self.world_size), seconds=t1 - t0)
+        self._span(f"all_gather {role}", t0, t1, role=role, nbytes=n, waiting=True)
+        return out
 
     def reduce_scatter(self, chunks: list[torch.Tensor], *, role: str,
                        phase: str) -> torch.Tensor:

@@ -14,8 +14,9 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from partition.model import ACTIVATIONS, LOSSES, MLPSpec
+from partition.plans.fsdp import ZERO_STAGES
 
-STRATEGIES = ("single", "pipeline", "tensor", "data")
+STRATEGIES = ("single", "pipeline", "tensor", "data", "fsdp")
 SCHEDULES = ("gpipe", "1f1b")  # or the path of a compute-only .csv (plans/schedule.py)
 LAYOUTS = ("megatron", "rowwise")
 DEVICES = ("auto", "cpu", "cuda")
@@ -55,6 +56,8 @@ class StrategyConfig:
     # pipeline: params (None) | flops | time | layers per stage (plans/stages.py)
     balance: tuple[int, ...] | str | None = None
     layout: str = "megatron"  # tensor: megatron | rowwise
+    zero_stage: int = 3  # fsdp: 1 | 2 | 3 (what is sharded: optimizer; + grads; + params)
+    reshard_after_forward: bool = True  # fsdp stage 3: free gathered weights after forward
 
 
 @dataclass(frozen=True)
@@ -110,7 +113,7 @@ class FaultConfig:
 
 @dataclass(frozen=True)
 class CostConfig:
-    """The analytic model's machine: α + n/β per message, a compute rate (DESIGN §6).
+    """The analytic model's machine: α + n/β per message, a compute rate (docs/cost-model.md).
 
     Defaults are what a 2-core CPU box with loopback gloo showed; `calibrate` measures
     them at start-up instead (a short micro-benchmark, recorded in result.json).
@@ -150,6 +153,7 @@ class RunConfig:
     timeout_s: float = 60.0
     seed: int = 0
     memory_probe: bool = True
+    threads_per_rank: int | None = None  # intra-op threads of one rank; None = 1 on CPU
 
     @property
     def spec(self) -> MLPSpec:
@@ -274,6 +278,14 @@ def parse_bytes(key: str, v: Any) -> int | None:
     return int(n)
 
 
+def _zero_stage(v: Any) -> int:
+    stage = _int("strategy.zero_stage", v)
+    if stage not in ZERO_STAGES:
+        raise ConfigError("strategy.zero_stage", v,
+                          f"must be one of {', '.join(map(str, ZERO_STAGES))}")
+    return stage
+
+
 # ---------------------------------------------------------------- the parser
 
 
@@ -345,6 +357,9 @@ def parse_config(d: dict[str, Any]) -> RunConfig:
         schedule=_schedule(_get(d, "strategy.schedule", "gpipe")),
         balance=_balance(balance_raw),
         layout=_choice("strategy.layout", _get(d, "strategy.layout", "megatron"), LAYOUTS),
+        zero_stage=_zero_stage(_get(d, "strategy.zero_stage", 3)),
+        reshard_after_forward=_bool("strategy.reshard_after_forward",
+                                    _get(d, "strategy.reshard_after_forward", True)),
     )
 
     init = _choice("model.init", _get(d, "model.init", "seeded"), INITS)
@@ -443,6 +458,8 @@ def parse_config(d: dict[str, Any]) -> RunConfig:
                        why="2**32 - 1 at most: the data's shuffle multiplies it into "
                            "torch's 64-bit generator seeds"),
         memory_probe=_bool("memory_probe", _get(d, "memory_probe", True)),
+        threads_per_rank=None if _get(d, "threads_per_rank", None) is None
+        else _int("threads_per_rank", _get(d, "threads_per_rank", None), min_value=1),
     )
     _check_cross(cfg)
     return cfg
@@ -552,14 +569,16 @@ def _check_cross(cfg: RunConfig) -> None:
                 raise ConfigError("strategy.balance", list(bal),
                                   f"must sum to the {L} layers of model.dims")
         _check_schedule(cfg)
-    if cfg.strategy.name == "data" and cfg.train.batch_size < cfg.world_size:
+    if cfg.strategy.name in ("data", "fsdp") and cfg.train.batch_size < cfg.world_size:
         raise ConfigError("train.batch_size", cfg.train.batch_size,
-                          f"data parallel needs at least one example per rank (world_size={cfg.world_size})")
-    if cfg.strategy.name == "data":
+                          f"{cfg.strategy.name} parallel needs at least one example per rank "
+                          f"(world_size={cfg.world_size})")
+    if cfg.strategy.name in ("data", "fsdp"):
         fewest = cfg.train.batch_size // cfg.world_size  # rows on the last ranks
         if cfg.train.microbatches > fewest:
             raise ConfigError("train.microbatches", cfg.train.microbatches,
-                              f"data parallel splits each rank's rows into micro-batches; the "
+                              f"{cfg.strategy.name} parallel splits each rank's rows into "
+                              f"micro-batches; the "
                               f"smallest share of train.batch_size={cfg.train.batch_size} over "
                               f"world_size={cfg.world_size} is {fewest} rows")
     if cfg.strategy.name == "tensor":
@@ -572,6 +591,19 @@ def _check_cross(cfg: RunConfig) -> None:
             raise ConfigError("world_size", cfg.world_size,
                               f"tensor layout {layout} splits widths {widths} of model.dims; "
                               f"every rank needs at least one unit of the narrowest, {min(widths)}")
+    if (cfg.strategy.name == "fsdp" and not cfg.strategy.reshard_after_forward
+            and cfg.strategy.zero_stage != 3):
+        raise ConfigError("strategy.reshard_after_forward", False,
+                          f"only applies to strategy.zero_stage=3 (stage "
+                          f"{cfg.strategy.zero_stage} keeps full weights, it gathers nothing "
+                          f"before a forward)")
+    if cfg.strategy.name == "fsdp":
+        t = cfg.train
+        for key, value, plain in (("train.recompute", t.recompute, "none"),
+                                  ("train.precision", t.precision, OWN_PRECISION[t.dtype])):
+            if value != plain:
+                raise ConfigError(key, value, f"strategy=fsdp runs {key}={plain} (its sharded "
+                                              f"optimizer state takes train.optimizer)")
     if cfg.engine == "torch":
         _check_torch_engine(cfg)
 
@@ -621,6 +653,10 @@ def _check_torch_engine(cfg: RunConfig) -> None:
         raise ConfigError("strategy.schedule", cfg.strategy.schedule,
                           "engine=torch runs gpipe and 1f1b; a .csv schedule runs on "
                           "engine=explicit")
+    if cfg.strategy.name == "fsdp" and cfg.strategy.zero_stage != 3:
+        raise ConfigError("strategy.zero_stage", cfg.strategy.zero_stage,
+                          "engine=torch runs FSDP2 (fully_shard), which is zero_stage=3; "
+                          "stages 1 and 2 run on engine=explicit")
     if cfg.strategy.name == "pipeline" and cfg.strategy.schedule == "1f1b" and M < P:
         raise ConfigError("train.microbatches", M,
                           f"engine=torch's Schedule1F1B needs >= world_size={P} micro-batches")

@@ -23,13 +23,16 @@ Time is still the simple model (FLOPs ÷ rate, stretched by the ideal bubble, pl
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 from partition.comm import CommRecord, summarize
 from partition.config import RunConfig
 from partition.plans.data import data_calls, data_rows
 from partition.plans.schedule import (
+    NAMED,
     Message,
+    Schedule,
     eager_sends,
     gpipe_bubble,
     in_flight,
@@ -72,7 +75,14 @@ class LocalLayer:
 
 
 def _schedule(cfg: RunConfig):  # noqa: ANN202 - plans.schedule.Schedule
+    if cfg.strategy.schedule in NAMED:  # built and validated once: every rank's formulas read it
+        return _named_schedule(cfg.strategy.schedule, cfg.world_size, cfg.train.microbatches)
     return load_schedule(cfg.strategy.schedule, world=cfg.world_size, micro=cfg.train.microbatches)
+
+
+@lru_cache(maxsize=16)
+def _named_schedule(name: str, world: int, micro: int):  # noqa: ANN202
+    return load_schedule(name, world=world, micro=micro)
 
 
 def stage_layers(cfg: RunConfig, rank: int) -> list[LocalLayer]:
@@ -183,7 +193,44 @@ def data_messages(cfg: RunConfig, rank: int) -> list[CommRecord]:
     return [_record(c, P) for c in data_calls(cfg.spec, world=P, itemsize=ITEMSIZE[cfg.train.dtype])]
 
 
-MESSAGES = {"pipeline": pipeline_messages, "tensor": tensor_messages, "data": data_messages}
+def _fsdp_plan(cfg: RunConfig):  # noqa: ANN202 - the plan's shards
+    from partition.plans import fsdp
+
+    return fsdp, fsdp.shard_plan(cfg.model.dims, world=cfg.world_size, bias=cfg.model.bias)
+
+
+def fsdp_messages(cfg: RunConfig, rank: int) -> list[CommRecord]:
+    """The fsdp plan's collectives (plans/fsdp.py `fsdp_calls`) and the metric."""
+    plan, shards = _fsdp_plan(cfg)
+    P, st = cfg.world_size, cfg.strategy
+    calls = plan.fsdp_calls(shards, zero_stage=st.zero_stage,
+                            reshard_after_forward=st.reshard_after_forward,
+                            micro=cfg.train.microbatches, itemsize=ITEMSIZE[cfg.train.dtype])
+    return [CommRecord(None, c.op, c.role, c.phase, None, P, c.payload, c.received, c.payload,
+                       c.wire, 0.0) for c in calls] + [_record(metric_call(P), P)]
+
+
+def fsdp_formula(cfg: RunConfig, rank: int) -> dict[str, Any]:
+    """fsdp's closed forms from its plan: state 1/P (padded), the gathered layers, the
+    unsharded gradient being reduce-scattered, kept activations as `data` — a floor (the
+    batch and the backward's temporaries are left out; docs/fsdp.md)."""
+    plan, _ = _fsdp_plan(cfg)
+    st = cfg.strategy
+    mem = plan.memory(cfg.model.dims, world=cfg.world_size, rank=rank,
+                      rows=data_rows(cfg.train.batch_size, cfg.world_size, rank),
+                      micro=cfg.train.microbatches, zero_stage=st.zero_stage,
+                      reshard_after_forward=st.reshard_after_forward, bias=cfg.model.bias,
+                      momentum=bool(cfg.train.momentum), itemsize=ITEMSIZE[cfg.train.dtype])
+    comm = summarize(fsdp_messages(cfg, rank))
+    return {"rank": rank, **{k: mem[k] for k in ("params_bytes", "grads_bytes",
+                                                  "optimizer_bytes", "activations_bytes",
+                                                  "gathered_bytes", "peak_bytes")},
+            "comm": {k: comm[k] for k in ("sent_bytes", "recv_bytes", "collective_bytes",
+                                          "wire_bytes", "messages", "by_role")}}
+
+
+MESSAGES = {"pipeline": pipeline_messages, "tensor": tensor_messages, "data": data_messages,
+            "fsdp": fsdp_messages}
 
 
 def messages(cfg: RunConfig, rank: int) -> list[CommRecord]:
@@ -393,6 +440,11 @@ def tail_bytes(cfg: RunConfig, rank: int) -> int:
     return w + input_bytes(cfg, rank) + (_loss_gradient(cfg, rank) if last else 0)
 
 
+@lru_cache(maxsize=16)
+def _eager_sends(sched: Schedule) -> bool:
+    return eager_sends(sched)  # plays every rank's list: once per schedule, not per rank
+
+
 def _pipeline_moments(cfg: RunConfig, rank: int) -> dict[str, int]:
     """A pipeline rank's largest `backward` and `hand-off` live sets beyond state and the
     data batch, read off its action list. At each action: the activations of the
@@ -414,7 +466,7 @@ def _pipeline_moments(cfg: RunConfig, rank: int) -> dict[str, int]:
     r, item, q = _rows(cfg, rank), ITEMSIZE[cfg.train.dtype], cfg.model.dims[-1]
     kept_mb = _kept_per_microbatch(cfg, rank)
     transient = {s: backward_transient(cfg, rank, s) for s in kept_mb}
-    eager = eager_sends(sched)
+    eager = _eager_sends(sched)
     live = dict.fromkeys(kept_mb, 0)  # micro-batches in flight per stage (F until B or W)
     held: list[int] = []
     local: dict[Message, int] = {}
@@ -505,6 +557,13 @@ def independent_estimate(cfg: RunConfig) -> int:
 
 def formula(cfg: RunConfig, rank: int) -> dict[str, Any]:
     """`predicted.formula.ranks[]`: the closed forms for one rank."""
+    if cfg.strategy.name == "fsdp":
+        out = fsdp_formula(cfg, rank)
+        if cfg.train.optimizer != "sgd":  # Adam's two moments instead of momentum's one
+            extra = optimizer_state_bytes(cfg, rank) - out["optimizer_bytes"]
+            out["optimizer_bytes"] += extra
+            out["peak_bytes"] += extra
+        return out
     comm = summarize(messages(cfg, rank))
     out = {"rank": rank, **state_bytes(cfg, rank),
            "input_bytes": input_bytes(cfg, rank),
@@ -548,7 +607,11 @@ def recompute_flops(cfg: RunConfig, rank: int) -> int:
 def optimizer_state_bytes(cfg: RunConfig, rank: int) -> int:
     """The optimizer's state for the rank's parameters, in the master dtype: SGD with
     momentum one buffer per parameter, Adam / AdamW two (m and v), plain SGD none."""
-    p = sum(l.params for l in stage_layers(cfg, rank)) * ITEMSIZE[cfg.train.dtype]
+    if cfg.strategy.name == "fsdp":  # the real elements of the rank's pieces
+        _, shards = _fsdp_plan(cfg)
+        p = sum(s.valid(rank) for s in shards) * ITEMSIZE[cfg.train.dtype]
+    else:
+        p = sum(l.params for l in stage_layers(cfg, rank)) * ITEMSIZE[cfg.train.dtype]
     if cfg.train.optimizer in ("adam", "adamw"):
         return 2 * p
     return p if cfg.train.momentum else 0
@@ -803,7 +866,7 @@ def predict(cfg: RunConfig, *, device: str = "cpu", params: CostParams | None = 
                       "in_flight_max": c.in_flight_max,
                       "layers": [{"index": l.index, "n_in": l.n_in, "n_out": l.n_out}
                                  for l in c.layers]})
-    has_formula = bool(costs and costs[0].layers)
+    has_formula = bool(costs and costs[0].layers) or cfg.strategy.name == "fsdp"
     return {
         "source": "dry run",
         "ranks": ranks,

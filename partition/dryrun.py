@@ -83,6 +83,9 @@ class DryTransport(Transport):
     def reduce_scatter(self, out: torch.Tensor, ins: list[torch.Tensor]) -> None:
         _moved(ins, out)
 
+    def all_gather_into(self, out: torch.Tensor, piece: torch.Tensor) -> None:
+        _moved(out, piece)
+
 
 def meta_weights(cfg: RunConfig) -> dict[str, torch.Tensor]:
     """Full float64 weights of the right shapes, with no storage behind them."""

@@ -1,4 +1,4 @@
-"""Peak memory per device, by category (DESIGN §6): measured, never process RSS.
+"""Peak memory per device, by category (docs/measurement.md): measured, never process RSS.
 
 CPU has no allocator statistics, so `StorageTracker` — a TorchDispatchMode — keeps a
 ledger of live tensor storages on the rank's device: it is seeded with what exists
@@ -11,6 +11,7 @@ exactly when the memory is released). Every live storage has a category:
     params, grads, optimizer   seeded from the runner before the step
     input                      the data batch (X, y) on the device
     activations                what the stages keep for backward (tagged by `Stage`)
+    gathered                   a layer's full weights all-gathered from its shards (fsdp; tagged by the runner)
     comm                       buffers handed to or filled by a c10d op (recv, send, all-reduce)
     temporaries                everything else: backward temporaries, loss, masks, ...
 
@@ -41,9 +42,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-CATEGORIES = ("params", "grads", "optimizer", "input", "activations", "comm", "temporaries")
+CATEGORIES = ("params", "grads", "optimizer", "input", "activations", "gathered", "comm",
+              "temporaries")
 # Higher wins when a storage is tagged twice; seeded categories are never re-tagged.
-_RANK = {"temporaries": 0, "comm": 1, "activations": 2, "input": 3}
+_RANK = {"temporaries": 0, "comm": 1, "gathered": 2, "activations": 3, "input": 4}
 _SEEDED = ("params", "grads", "optimizer")
 
 TRAINING = "training step"
@@ -349,9 +351,12 @@ class MemoryProbe:
             torch.cuda.reset_peak_memory_stats(self.device)
         stages = stages_of(runner)
         seeded = {}
+        # Read before the tracker starts: a torch engine's state comes out through detach /
+        # to_local, ops the tracker would otherwise register as temporaries, not as state.
+        state = state_tensors(runner)
         try:
             with tracker:
-                for cat, ts in state_tensors(runner).items():
+                for cat, ts in state.items():
                     tracker.seed(cat, ts)
                 seeded = {c: tracker.totals[c] for c in _SEEDED}
                 if self.cuda and m is not None:
@@ -413,6 +418,8 @@ def memory_record(train: Measurement | None, predict: Measurement | None,
         "grads_bytes": seeded.get("grads", state.get("grads_bytes")),
         "optimizer_bytes": seeded.get("optimizer", state.get("optimizer_bytes")),
         "activations_bytes": train.activations_bytes if train else None,
+        # fsdp: the most bytes of gathered full layers alive at once (0 elsewhere)
+        "gathered_bytes": train.category_peaks.get("gathered", 0) if train else None,
         "breakdown": train.breakdown if train else None,
         "predict_breakdown": predict.breakdown if predict else None,
         # CUDA only: peak_bytes is the allocator's; these say what it holds beyond the

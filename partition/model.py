@@ -1,4 +1,4 @@
-"""The seed MLP with explicit forward and backward propagation (DESIGN §2).
+"""The seed MLP with explicit forward and backward propagation (docs/seed.md).
 
 Notation follows the seed: for layer l (1-based in the text, 0-based in code)
     z_l = W_l x_l (+ b_l)       x_0 = X, a minibatch with examples as rows

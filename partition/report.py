@@ -5,15 +5,21 @@ result, a failed run, a measurement that was off) becomes a missing value, shown
 as "—", never an error. The table has one row per run:
 
 - what ran: strategy, P (ranks), B, M, variant (pipeline schedule, tensor layout,
-  `accum` for single-device gradient accumulation), dims, status;
+  `accum` for single-device gradient accumulation), dims, status, intra-op threads
+  per rank and the cores the run had;
 - memory: the peak per device (max over ranks) measured and predicted, their
-  relative error, and the peak of a prediction-only forward;
-- communication: training bytes per step per device (max over ranks, all roles but
-  `metric`) measured and predicted, and ring-model wire bytes;
-- time and quality: median step time, bubble (measured and predicted), J after the
-  last step, examples seen, the step-0 gradient check;
+  relative error, what was live at that peak by category (`bd_*`, `pred_bd_*`),
+  and the peak of a prediction-only forward;
+- communication: training bytes per step per device (max over ranks, every role but
+  the `metric` reduction of J, which is `metric_bytes`) measured and predicted,
+  ring-model wire bytes, and for a pipeline the bytes each way per stage boundary;
+- time and quality: median step time, the time for the examples the run saw
+  (median step time × steps), bubble (measured and predicted), J after the last
+  step, examples seen, the step-0 gradient check;
 - a baseline: the single-device run with the same dims, dtype, data and B
   (M = 1 and `ok` if there is one), and ratios against it.
+
+The figures are drawn by `partition.plots`.
 """
 
 from __future__ import annotations
@@ -21,42 +27,48 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+import dataclasses
+from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
 
 from partition.costs import rel_err
+from partition.boundaries import device_bytes, short_bytes
 from partition.results import load_results
 
 STRATEGY_ORDER = {"single": 0, "pipeline": 1, "tensor": 2, "data": 3}
-# Identical curves (every strategy computes the same update) stay visible on top of each other.
-LINESTYLE = {"single": "-", "pipeline": "--", "tensor": "-.", "data": ":"}
 MISSING = "—"
 
-# (column, header) of the compact table printed on the terminal.
+# The memory categories of a breakdown, in the order the figures stack them.
+CATEGORIES = ("params", "grads", "optimizer", "input", "activations", "comm", "temporaries")
+
+# (column, header) of the compact table printed on the terminal (fits 120 columns;
+# results.md and results.csv have every column).
 COMPACT = [
-    ("id", "id"), ("name", "run"), ("strategy", "strategy"), ("P", "P"), ("B", "B"),
-    ("M", "M"), ("variant", "variant"), ("status", "status"), ("peak_bytes", "peak/dev"),
-    ("bytes_per_step", "bytes/step/dev"), ("step_s", "step"), ("bubble", "bubble"),
-    ("final_loss", "J final"), ("examples", "examples"), ("grad_err", "grad err"),
-    ("mem_err", "mem err"), ("comm_err", "comm err"), ("time_err", "time err"),
-    ("base", "base"), ("mem_x", "mem ×base"), ("time_x", "time ×base"),
+    ("id", "id"), ("label", "case"), ("B", "B"), ("status", "status"),
+    ("peak_bytes", "peak/dev"), ("bytes_per_step", "bytes/step/dev"), ("time_s", "time"),
+    ("bubble", "bubble"), ("final_loss", "J final"), ("mem_err", "mem err"),
+    ("comm_err", "comm err"), ("base", "base"), ("mem_x", "mem×"), ("time_x", "time×"),
 ]
 # results.md: the same with the predictions and the details next to the measurements.
 FULL = [
     ("id", "id"), ("name", "run"), ("strategy", "strategy"), ("P", "P"), ("B", "B"),
     ("M", "M"), ("variant", "variant"), ("status", "status"),
+    ("threads", "threads/rank"), ("cores", "cores"), ("load", "load"),
     ("peak_bytes", "peak/dev"), ("pred_peak_bytes", "pred peak"),
     ("infer_peak_bytes", "infer peak"), ("params_bytes", "params/dev"),
     ("bytes_per_step", "bytes/step/dev"), ("pred_bytes_per_step", "pred bytes"),
-    ("wire_bytes", "wire/dev"), ("step_s", "step"), ("pred_step_s", "pred step"),
+    ("metric_bytes", "metric/dev"), ("wire_bytes", "wire/dev"), ("boundaries", "boundaries"),
+    ("step_s", "step"), ("pred_step_s", "pred step"), ("time_s", "time"),
     ("bubble", "bubble"), ("pred_bubble", "pred bubble"), ("final_loss", "J final"),
     ("examples", "examples"), ("grad_err", "grad err"), ("mem_err", "mem err"),
     ("comm_err", "comm err"), ("time_err", "time err"), ("base", "base"),
     ("mem_x", "mem ×base"), ("time_x", "time ×base"), ("loss_delta", "ΔJ vs base"),
     ("error", "error"),
 ]
+# Columns that hold lists or dicts (for the figures), left out of results.csv.
+NESTED = ("loss_curve", "breakdown", "pred_breakdown", "rank_mem")
 
 
 # ---------------------------------------------------------------- reading one result
@@ -86,13 +98,25 @@ def _max(xs: Iterable[Any]) -> float | None:
 
 def _training_bytes(comm: Any) -> float | None:
     """Bytes this rank sends or hands to collectives per step, for training (not `metric`)."""
-    if not isinstance(comm, dict):
+    train, _ = device_bytes(comm)
+    return None if train is None else float(train)
+
+
+def _breakdown(mem: Any) -> dict[str, float] | None:
+    """What was live at the peak, by category (None if the result has no breakdown)."""
+    bd = _get(mem, "breakdown")
+    if not isinstance(bd, dict):
         return None
-    roles = comm.get("by_role")
-    if isinstance(roles, dict):
-        return float(sum(num(_get(v, "bytes")) or 0 for k, v in roles.items() if k != "metric"))
-    parts = [num(comm.get("sent_bytes")), num(comm.get("collective_bytes"))]
-    return None if all(p is None for p in parts) else float(sum(p or 0 for p in parts))
+    return {c: num(bd.get(c)) or 0.0 for c in CATEGORIES}
+
+
+def _boundaries_text(bounds: Any) -> str | None:
+    if not isinstance(bounds, list) or not bounds:
+        return None
+    return "; ".join(f"{b.get('from_stage')}→{b.get('to_stage')}: "
+                     f"{short_bytes(b.get('forward_bytes') or 0)} fwd, "
+                     f"{short_bytes(b.get('backward_bytes') or 0)} bwd"
+                     for b in bounds if isinstance(b, dict))
 
 
 def _worst(pairs: list[tuple[float | None, float | None]]) -> float | None:
@@ -110,7 +134,7 @@ def _error_text(err: Any) -> str | None:
 
 
 def result_row(res: dict[str, Any]) -> dict[str, Any]:
-    """One table row from one result.json (any subset of DESIGN §5's keys)."""
+    """One table row from one result.json (any subset of its keys, docs/results.md)."""
     run, cfg, tr = res.get("run") or {}, res.get("config") or {}, res.get("train") or {}
     ranks = [r for r in res.get("ranks") or [] if isinstance(r, dict)]
     pred = res.get("predicted") or {}
@@ -151,6 +175,19 @@ def result_row(res: dict[str, Any]) -> dict[str, Any]:
     # The cost model's step time, under whichever of these names it is recorded.
     pred_step = next((num(pred[k]) for k in ("step_time_s", "step_s", "time_s") if k in pred),
                      None)
+    steps_done = len(loss) if loss else num(tr.get("steps_done"))
+    # The rank whose peak is the row's (measured, else predicted) gives the breakdown.
+    top = max(range(len(peaks)), key=lambda i: peaks[i] or 0) if any(peaks) else None
+    ptop = max(range(len(ppeaks)), key=lambda i: ppeaks[i] or 0) if any(ppeaks) else None
+    rank_mem = [{"rank": i, "peak": peaks[i] if i < len(peaks) else None,
+                 "pred_peak": ppeaks[i] if i < len(ppeaks) else None,
+                 "breakdown": _breakdown(ranks[i].get("memory")) if i < len(ranks) else None,
+                 "pred_breakdown": _breakdown(pr[i].get("memory")) if i < len(pr) else None}
+                for i in range(max(len(peaks), len(ppeaks)))]
+    bd = _breakdown(ranks[top].get("memory")) if top is not None else None
+    pbd = _breakdown(pr[ptop].get("memory")) if ptop is not None else None
+    metric = [device_bytes(r.get("comm"))[1] for r in ranks]
+    device = str(run.get("device") or "").split(":")[0] or None
     return {
         "name": os.path.basename(res.get("path") or "") or None,
         "strategy": strategy,
@@ -167,6 +204,12 @@ def result_row(res: dict[str, Any]) -> dict[str, Any]:
         "policy": policy,  # None: no recomputation, the dtype's own precision
         "data": _get(cfg, "data.name"),
         "lr": _get(cfg, "train.lr"),
+        "label": None,  # filled in by build_table (it depends on the other rows)
+        "device": device,
+        # Intra-op threads per rank (older results: cpu_threads_per_rank) and usable cores.
+        "threads": run.get("threads_per_rank", run.get("cpu_threads_per_rank")),
+        "cores": run.get("cpu_count"),
+        "load": num((run.get("load_average") or [None])[0]),  # 1-minute, as the run ended
         "status": res.get("status") or "unknown",
         "error": _error_text(res.get("error")),
         "memory_limit": cfg.get("memory_limit"),
@@ -180,13 +223,17 @@ def result_row(res: dict[str, Any]) -> dict[str, Any]:
         "bytes_per_step": _max(tbytes),
         "pred_bytes_per_step": _max(pbytes),
         "comm_err": _worst(list(zip(tbytes, pbytes, strict=False))),
+        "metric_bytes": _max(metric),
         "wire_bytes": _max(_get(r, "comm.wire_bytes") for r in ranks),
+        "boundaries": _boundaries_text(res.get("boundaries")),
         "step_s": step_s,
         "pred_step_s": pred_step,
         "time_err": rel_err(step_s, pred_step),
+        # The time for the examples this run saw: median step time × steps done.
+        "time_s": step_s * steps_done if step_s is not None and steps_done else None,
         "bubble": num(tr.get("bubble_fraction_measured")),
         "pred_bubble": num(pred.get("bubble_fraction")),
-        "steps": len(loss) if loss else num(tr.get("steps_done")),
+        "steps": steps_done,
         "planned_examples": steps_cfg * B if isinstance(steps_cfg, int) and B else None,
         "examples": num(tr.get("examples_seen")),
         "final_loss": num(tr.get("final_loss", loss[-1] if loss else None)),
@@ -194,6 +241,11 @@ def result_row(res: dict[str, Any]) -> dict[str, Any]:
         # bf16: the bound on |J − J_float64| after these steps (docs/one-device.md)
         "loss_tol": num(_get(res, "check.final_loss_tolerance")),
         "loss_curve": [num(x) for x in loss],
+        "breakdown": bd,
+        "pred_breakdown": pbd,
+        "rank_mem": rank_mem,
+        **{f"bd_{c}": (bd or {}).get(c) for c in CATEGORIES},
+        **{f"pred_bd_{c}": (pbd or {}).get(c) for c in CATEGORIES},
         "path": res.get("path"),
     }
 
@@ -215,6 +267,7 @@ def build_table(results: list[dict[str, Any]], *, sort: bool = True) -> pd.DataF
     df.insert(0, "id", range(len(df)))
     df = df.astype(object).where(pd.notna(df), None)
     _add_baselines(df)
+    df["label"] = [case_label(r, df) for _, r in df.iterrows()]
     return df
 
 
@@ -254,7 +307,9 @@ def _add_baselines(df: pd.DataFrame) -> None:
         same_examples = row["examples"] is not None and row["examples"] == base["examples"]
         fl, bl = num(row["final_loss"]), num(base["final_loss"])
         dloss.append(fl - bl if same_examples and fl is not None and bl is not None else None)
-    df["base"], df["mem_x"], df["time_x"], df["loss_delta"] = bases, mem_x, time_x, dloss
+    for col, vals in (("base", bases), ("mem_x", mem_x), ("time_x", time_x),
+                      ("loss_delta", dloss)):  # object columns: a missing value stays None
+        df[col] = pd.Series(vals, index=df.index, dtype=object)
 
 
 def load_table(folders: Iterable[str], *, sort: bool = True) -> pd.DataFrame:
@@ -275,6 +330,13 @@ def fmt_bytes(x: Any) -> str:
     return f"{v / 1024**2:.1f} MiB"
 
 
+def fmt_seconds(x: Any) -> str:
+    v = num(x)
+    if v is None:
+        return MISSING
+    return f"{v * 1e3:.0f} ms" if v < 10 else f"{v:.1f} s"
+
+
 def _fmt(col: str, x: Any) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return MISSING
@@ -282,6 +344,8 @@ def _fmt(col: str, x: Any) -> str:
         return fmt_bytes(x)
     if col in ("step_s", "pred_step_s"):
         return f"{x * 1e3:.2f} ms"
+    if col == "time_s":
+        return fmt_seconds(x)
     if col in ("bubble", "pred_bubble"):
         return f"{x:.2f}"
     if col.endswith("_err") and col != "grad_err":
@@ -292,6 +356,8 @@ def _fmt(col: str, x: Any) -> str:
         return f"{x:.2f}×"
     if col == "final_loss":
         return f"{x:.4f}"
+    if col == "load":
+        return f"{x:.1f}"
     if col == "loss_delta":
         return f"{x:+.2e}"
     if isinstance(x, float) and x.is_integer():
@@ -316,8 +382,50 @@ def to_markdown(df: pd.DataFrame) -> str:
     return "\n".join([head, sep, *body])
 
 
-def to_text(df: pd.DataFrame) -> str:
-    return df.to_string(index=False) if len(df) else "(no results)"
+def to_text(df: pd.DataFrame, *, left: tuple[str, ...] = ("case", "run")) -> str:
+    """The table as fixed-width text, the name columns aligned left."""
+    if not len(df):
+        return "(no results)"
+    df = df.copy()
+    for col in left:
+        if col in df.columns:
+            w = max(len(col), *(len(str(v)) for v in df[col]))
+            df[col] = [str(v).ljust(w) for v in df[col]]
+            df = df.rename(columns={col: col.ljust(w)})
+    return df.to_string(index=False)
+
+
+WIDTH = 120  # what the console output fits in
+# Compact columns left out, in this order, while the table is wider than WIDTH.
+DROPPABLE = ("base", "bubble", "comm err", "mem err", "B")
+
+
+def fit(shown: pd.DataFrame, width: int = WIDTH) -> tuple[str, list[str]]:
+    """The table as text no wider than `width`, and the columns it had to leave out."""
+    dropped: list[str] = []
+    text = to_text(shown)
+    for col in DROPPABLE:
+        if max((len(line) for line in text.splitlines()), default=0) <= width:
+            break
+        if col in shown.columns:
+            shown = shown.drop(columns=[col])
+            dropped.append(col)
+            text = to_text(shown)
+    return text, dropped
+
+
+def wrap(lines: list[str], width: int = WIDTH) -> list[str]:
+    """Lines of prose (Markdown bullets kept as bullets) wrapped for a terminal."""
+    import textwrap
+
+    out = []
+    for line in lines:
+        if len(line) <= width:
+            out.append(line)
+            continue
+        indent = "  " if line.startswith("- ") else ""
+        out += textwrap.wrap(line, width, subsequent_indent=indent, break_on_hyphens=False)
+    return out
 
 
 # ---------------------------------------------------------------- plots
@@ -334,130 +442,87 @@ def run_label(row: pd.Series, *, with_b: bool = False) -> str:
     return s
 
 
-def _mib(x: Any) -> float | None:
-    v = num(x)
-    return None if v is None else v / 1024**2
+def _text(v: Any) -> str:
+    return v if isinstance(v, str) else ""
 
 
-@dataclass
-class Plots:
-    written: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-
-def write_plots(df: pd.DataFrame, out: str) -> Plots:
-    """The four PNGs; a plot with nothing to show is skipped with a note saying why."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    res = Plots()
-
-    def save(fig: Any, name: str) -> None:
-        path = os.path.join(out, name)
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        res.written.append(path)
-
-    # 1. Peak memory per device against batch size, one line per strategy (and P).
-    mem = df[df["peak_bytes"].notna() | df["pred_peak_bytes"].notna()]
-    if len(mem):
-        fig, ax = plt.subplots(figsize=(9, 4.5))
-        for label, g in mem.groupby(mem.apply(run_label, axis=1), sort=False):
-            g = g.sort_values("B")
-            color = None
-            m = g[g["peak_bytes"].notna()]
-            if len(m):
-                (line,) = ax.plot(m["B"], [_mib(x) for x in m["peak_bytes"]], "o-", label=label)
-                color = line.get_color()
-            p = g[g["pred_peak_bytes"].notna()]
-            if len(p):
-                ax.plot(p["B"], [_mib(x) for x in p["pred_peak_bytes"]], "s--", mfc="none",
-                        color=color, label=None if len(m) else label)
-            oom = g[g["status"] == "oom"]
-            for _, r in oom.iterrows():
-                y = _mib(r["peak_bytes"]) or _mib(r["pred_peak_bytes"])
-                if y is not None:
-                    ax.plot([r["B"]], [y], "x", ms=12, mew=2, color="red")
-        limits = {num(x) for x in df["memory_limit"] if num(x)}
-        for lim in sorted(limits):
-            ax.axhline(lim / 1024**2, color="red", ls=":", lw=1)
-            ax.annotate(f"memory_limit {fmt_bytes(lim)}", (0.01, lim / 1024**2),
-                        xycoords=("axes fraction", "data"), va="bottom", fontsize=8, color="red")
-        ax.set_xlabel("batch size B")
-        ax.set_ylabel("peak memory per device (MiB)")
-        ax.set_title("Peak memory per device (filled: measured, hollow: predicted, × oom)",
-                     fontsize=10)
-        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
-        save(fig, "memory_vs_batch.png")
-    else:
-        res.notes.append("memory_vs_batch.png skipped: no run has a measured or predicted "
-                         "peak memory (memory.peak_bytes is empty)")
-
-    # 2. Bytes per step per device against the hidden width.
-    byt = df[df["bytes_per_step"].notna() & df["hidden"].notna()]
-    if len(byt):
-        with_b = byt["B"].nunique() > 1
-        labels = byt.apply(run_label, axis=1, with_b=with_b)
-        fig, ax = plt.subplots(figsize=(9, 4.5))
-        if byt["hidden"].nunique() == 1:  # one width: a bar per strategy says it better
-            ax.bar(range(len(byt)), [x / 1024 for x in byt["bytes_per_step"]],
-                   color=[f"C{STRATEGY_ORDER.get(s, 4)}" for s in byt["strategy"]])
-            ax.set_xticks(range(len(byt)), list(labels), rotation=30, ha="right", fontsize=8)
-            ax.set_xlabel(f"hidden width {int(byt['hidden'].iloc[0])}")
-        else:
-            for label, g in byt.groupby(labels, sort=False):
-                g = g.sort_values("hidden")
-                ax.plot(g["hidden"], [x / 1024 for x in g["bytes_per_step"]], "o-", label=label)
-            ax.set_xlabel("hidden width (largest of model.dims[1:-1])")
-            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
-        ax.set_ylabel("training bytes per step per device (KiB)")
-        ax.set_title("Bytes crossing device boundaries per step")
-        save(fig, "bytes_vs_width.png")
-    else:
-        res.notes.append("bytes_vs_width.png skipped: no finished run with communication "
-                         "figures and a hidden layer")
-
-    # 3. Median step time by run.
-    tim = df[df["step_s"].notna()]
-    if len(tim):
-        fig, ax = plt.subplots(figsize=(7, 0.9 + 0.32 * len(tim)))
-        labels = [f"{run_label(r, with_b=True)} M={r['M']}" for _, r in tim.iterrows()]
-        colors = [f"C{STRATEGY_ORDER.get(s, 4)}" for s in tim["strategy"]]
-        ax.barh(range(len(tim)), [x * 1e3 for x in tim["step_s"]], color=colors)
-        ax.set_yticks(range(len(tim)), labels, fontsize=8)
-        ax.invert_yaxis()
-        ax.set_xlabel("median step time (ms)")
-        ax.set_title("Step time by strategy")
-        save(fig, "step_time.png")
-    else:
-        res.notes.append("step_time.png skipped: no finished run has a step time")
-
-    # 4. J against step, and against examples seen (a smaller minibatch takes more steps).
-    cur = df[df["loss_curve"].apply(lambda c: bool(c) and any(x is not None for x in c))]
-    if len(cur):
-        fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 4.2), sharey=True)
-        for _, r in cur.iterrows():
-            ys = r["loss_curve"]
-            label = f"{run_label(r, with_b=True)} M={r['M']}"
-            ls = LINESTYLE.get(r["strategy"], "-")
-            a1.plot(range(len(ys)), ys, marker=".", ls=ls, label=label)
-            a2.plot([(i + 1) * r["B"] for i in range(len(ys))], ys, marker=".", ls=ls, label=label)
-        a1.set_xlabel("step")
-        a2.set_xlabel("examples seen")
-        a1.set_ylabel("J (loss + λ/2 ‖W‖²)")
-        a1.set_title("J vs step")
-        a2.set_title("J vs examples seen")
-        a2.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
-        save(fig, "loss.png")
-    else:
-        res.notes.append("loss.png skipped: no run has a loss curve")
-    return res
+def case_label(row: pd.Series, df: pd.DataFrame) -> str:
+    """What tells this row apart in a table or figure: strategy, variant, P, and B and M
+    where the rows differ in them (`single B=256`, `pipeline 1f1b P=2 M=4`)."""
+    s = run_label(row)
+    kin = df[(df["strategy"] == row["strategy"]) & (df["P"] == row["P"])
+             & (df["variant"].map(_text) == _text(row["variant"]))]
+    if kin["hidden"].nunique(dropna=True) > 1 and row["hidden"] is not None:
+        s += f" h={row['hidden']}"
+    if (kin if row["strategy"] != "single" else df[df["strategy"] == "single"])[
+            "B"].nunique(dropna=True) > 1:
+        s += f" B={row['B']}"
+    if (row["M"] or 1) > 1 and (row["variant"] == "accum" or df["M"].nunique(dropna=True) > 1):
+        s += f" M={row['M']}"
+    return s
 
 
 # ---------------------------------------------------------------- the whole report
+
+
+def legend(df: pd.DataFrame) -> list[str]:
+    """What the table's figures mean, said once (and what differs between its rows)."""
+    lines = ["Per device = the largest rank's figure. bytes/step/dev: what that rank sends or hands "
+             "to collectives per training step, training roles only; the J reduction "
+             "(`metric`) is apart (metric/dev in results.md). time = median step time × steps: "
+             "the time for the examples the run saw. Errors: (measured − predicted) / predicted, "
+             "worst rank; base: the id of the single-device row compared with (×)."]
+    crowded = sorted({int(num(r["cores"])) for _, r in df.iterrows() if _crowded(r)})
+    if crowded:
+        lines.append(f"*: a CPU run with more ranks than the {crowded[0]} cores it had: its ranks "
+                     "took turns on them, so its time is the machine's more than the strategy's.")
+    busy = busy_machine(df)
+    if busy:
+        lines.append(f"The machine was busy while these runs ran (1-minute load average up to "
+                     f"{busy[0]:.1f} on {busy[1]} cores): times are noisy, bytes and memory "
+                     "are not.")
+    ex = sorted({int(x) for x in df["examples"] if num(x)}) if len(df) else []
+    if len(ex) > 1:
+        lines.append("The runs saw different numbers of examples (" + ", ".join(f"{e:,}" for e in ex)
+                     + "): compare their times only among rows with the same count.")
+    threads = sorted({int(t) for t in df["threads"] if num(t)}) if len(df) else []
+    if len(threads) == 1:
+        lines.append(f"Every rank, the single device included, computed with {threads[0]} "
+                     f"intra-op thread{'s' if threads[0] > 1 else ''} (threads_per_rank).")
+    elif len(threads) > 1:
+        lines.append("Intra-op threads per rank differ between rows ("
+                     + ", ".join(map(str, threads)) + "): a device is not the same compute in "
+                     "every row (threads/rank in results.md).")
+    return lines
+
+
+def busy_machine(df: pd.DataFrame) -> tuple[float, int] | None:
+    """(the highest load, the cores) when some CPU run ended with more load than cores."""
+    if not len(df) or "load" not in df.columns:
+        return None
+    over = [(num(r["load"]), int(num(r["cores"]))) for _, r in df.iterrows()
+            if r["device"] == "cpu" and num(r["load"]) and num(r["cores"])
+            and num(r["load"]) > num(r["cores"])]
+    return max(over) if over else None
+
+
+def _crowded(r: pd.Series) -> bool:
+    from partition.plots import over_cores
+
+    return r["status"] == "ok" and over_cores(r)
+
+
+def _mark_crowded(shown: pd.DataFrame, df: pd.DataFrame, col: str) -> pd.DataFrame:
+    if col in shown.columns:
+        shown[col] = [v + "*" if _crowded(r) and v != MISSING else v
+                      for v, (_, r) in zip(shown[col], df.iterrows())]
+    return shown
+
+
+def _shown(path: str) -> str:
+    """A folder as the user would type it: relative to here when it is under here."""
+    rel = os.path.relpath(path)
+    return path if rel.startswith("..") else rel
 
 
 @dataclass
@@ -467,33 +532,59 @@ class Report:
     summary: list[str]
     files: list[str]
     notes: list[str]
+    legend: list[str] = dataclasses.field(default_factory=list)
 
     def console(self) -> str:
-        """What the entry points print: the table, its notes, the summary, the files written."""
+        """What the entry points print: the table, its legend and notes, the summary, and
+        the files written (their folder once)."""
         notes = [f"note: {n}" for n in self.notes]
-        return "\n".join([self.text, *notes, "", *self.summary, "", "wrote " + ", ".join(self.files)])
+        folders = {os.path.dirname(os.path.abspath(f)) for f in self.files}
+        if len(folders) == 1:
+            wrote = (f"wrote {_shown(folders.pop())}/: "
+                     + ", ".join(os.path.basename(f) for f in self.files))
+        else:
+            wrote = "wrote " + ", ".join(_shown(os.path.abspath(f)) for f in self.files)
+        return "\n".join([self.text, *wrap([*self.legend, *notes]), "", *wrap(self.summary), "",
+                          wrote])
 
 
 def write_report(df: pd.DataFrame, out: str, *, plots: bool = True,
                  title: str = "Results") -> Report:
     """results.csv (every column, raw numbers), results.md (table, notes, summary), PNGs."""
+    from partition.plots import write_plots
     from partition.summary import summarize  # it reads this module's table
 
     os.makedirs(out, exist_ok=True)
     csv_path = os.path.join(out, "results.csv")
-    df.drop(columns=["loss_curve"]).to_csv(csv_path, index=False)
+    df.drop(columns=[c for c in NESTED if c in df.columns]).to_csv(csv_path, index=False)
     pl = write_plots(df, out) if plots else Plots()
     summary = summarize(df)
-    md = [f"# {title}", "", to_markdown(display(df, FULL)), "",
-          "Bytes are per step per device (max over ranks), training roles only; errors are "
-          "(measured − predicted) / predicted, the worst rank; `base` is the id of the "
-          "single-device row each row is compared with; — = not in the result.", ""]
-    md += [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in pl.written]
+    lines = legend(df)
+    md = [f"# {title}", ""]
+    md += [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in pl.written[:1]]
+    md += ["", to_markdown(_mark_crowded(display(df, FULL), df, "time")), "", *lines, ""]
+    md += [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in pl.written[1:]]
     md += [f"- {n}" for n in pl.notes]
     md += ["", "## Summary", "", *summary, ""]
     md_path = os.path.join(out, "results.md")
     with open(md_path, "w") as fh:
         fh.write("\n".join(md))
-    return Report(table=df, text=to_text(display(df, COMPACT)), summary=summary,
-                  files=[csv_path, md_path, *pl.written], notes=pl.notes)
+    text, dropped = fit(_mark_crowded(display(df, COMPACT), df, "time"))
+    if dropped:
+        lines = [f"(Left out here to fit {WIDTH} columns: {', '.join(dropped)}; results.md has "
+                 "every column.)", *lines]
+    return Report(table=df, text=text, summary=summary,
+                  files=[csv_path, md_path, *pl.written], notes=pl.notes, legend=lines)
 
+
+@dataclass
+class Plots:
+    written: list[str] = dataclasses.field(default_factory=list)
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+
+def write_plots(df: pd.DataFrame, out: str) -> Plots:
+    """The figures (partition.plots), for callers of this module."""
+    from partition.plots import write_plots as draw
+
+    return draw(df, out)

@@ -1,4 +1,4 @@
-"""The result record (result.json, DESIGN §5), atomic writing, and loading many into one table."""
+"""The result record (result.json, docs/results.md), atomic writing, and loading many into one table."""
 
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ from typing import IO, Any
 import torch
 
 from partition import costs
+from partition.boundaries import boundaries
 from partition.config import RunConfig
+from partition.topology import intra_op_threads
 from partition.timeline import measured, stage_imbalance
 
 RESULT_FILE = "result.json"
@@ -134,7 +136,13 @@ def run_info(cfg: RunConfig, *, device: str, backend: str, seconds: float) -> di
         "torch": torch.__version__,
         "python": platform.python_version(),
         "host": platform.node(),
-        "cpu_threads_per_rank": torch.get_num_threads() if device == "cpu" and cfg.ranks == 1 else 1,
+        # Intra-op threads of every rank, `single` included (null: torch's default, on GPU).
+        "threads_per_rank": intra_op_threads(cfg.threads_per_rank, device.split(":")[0] or "cpu"),
+        "cpu_count": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+        else os.cpu_count(),  # cores this process may use: ranks beyond them share cores
+        # 1, 5, 15-minute load average as the run ended: a busy machine makes times noisy.
+        "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg")
+        else None,
         "seconds": seconds,
     }
 
@@ -196,7 +204,7 @@ def build_result(cfg: RunConfig, records: list[Any], *, seconds: float,
     errs = [r.grad_rel_err for r in records if r.grad_rel_err is not None]
     losses = r0.objective if r0 else []
     accs = r0.accuracy if r0 else []
-    return {
+    out = {
         "status": status,
         "error": error,
         "run": run_info(cfg, device=r0.device if r0 else "", backend=r0.backend if r0 else "",
@@ -232,6 +240,10 @@ def build_result(cfg: RunConfig, records: list[Any], *, seconds: float,
             **costs.precision_check(cfg, losses),
         },
     }
+    if cfg.strategy.name == "pipeline" and records:
+        # Bytes each way per stage boundary in one steady step (from the ranks' ledgers).
+        out["boundaries"] = boundaries({r.rank: getattr(r, "sends", []) for r in records})
+    return out
 
 
 def cost_params(cfg: RunConfig, records: list[Any]) -> costs.CostParams:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import pandas as pd
 
+from partition.plots import over_cores
 from partition.report import fmt_bytes, num, run_label
 
 # Two J values closer than this (relative) are the same update computed two ways.
@@ -178,26 +179,43 @@ def summarize(df: pd.DataFrame) -> list[str]:
     elif part:
         missing.append("bytes moved: no finished partitioned run")
 
-    # ---- time to see the same examples
-    timed = [(r, _time_for(r, E)) for r in ok_part if _time_for(r, E) is not None]
+    # ---- time to see the same examples (only runs that saw them are compared)
+    def saw_E(r: pd.Series) -> bool:
+        return E is not None and num(r["examples"]) == E
+
+    def crowd(r: pd.Series) -> str:
+        return "*" if over_cores(r) else ""
+
+    timed = [(r, _time_for(r, E)) for r in ok_part if saw_E(r) and _time_for(r, E) is not None]
+    others = [r for r in ok_part + [x for x in (s0, a0, f0) if x is not None and x["status"] == "ok"]
+              if not saw_E(r) and num(r["examples"]) is not None]
+    for r in others:
+        missing.append(f"time of {run_label(r)} B={r['B']}: it saw {int(num(r['examples'])):,} "
+                       f"examples, not {E:,}, so its time is not compared")
     if timed:
         fastest = min(timed, key=lambda t: t[1])
         refs = [(name, x) for name, x in (("smaller minibatch", s0), ("accumulation", a0),
                                           ("full batch", f0))
-                if x is not None and x["status"] == "ok" and _time_for(x, E) is not None]
-        parts = ", ".join(f"{run_label(r)} {_ms(t)}" for r, t in timed)
+                if x is not None and x["status"] == "ok" and saw_E(x)
+                and _time_for(x, E) is not None]
+        parts = ", ".join(f"{run_label(r)} {_ms(t)}{crowd(r)}" for r, t in timed)
         if refs:
             name, x = refs[0]
             tx = _time_for(x, E)
-            line = (f"**Time for {E:,} examples** (median step time × {E:,}/B, this machine): "
-                    f"fastest partitioned {run_label(fastest[0])} {_ms(fastest[1])} vs {name} "
+            crowded = sorted({int(num(r["cores"])) for r, _ in timed if over_cores(r)})
+            note = (f" (* more ranks than the machine's {crowded[0]} cores: they took turns on "
+                    "them)") if crowded else ""
+            line = (f"**Time for {E:,} examples** (median step time × {E:,}/B, this machine, "
+                    f"every rank with the same threads): fastest partitioned "
+                    f"{run_label(fastest[0])} {_ms(fastest[1])}{crowd(fastest[0])} vs {name} "
                     f"B={x['B']} {_ms(tx)} ({_ms(num(x['step_s']))} per step); "
-                    f"all partitioned: {parts}.")
+                    f"all partitioned: {parts}{note}.")
             (adv if fastest[1] < tx else dis).append(line)
         else:
-            missing.append("time: no finished single-device run to compare with")
+            missing.append(f"time: no finished single-device run that saw the same {E:,} "
+                           "examples to compare with")
     elif part:
-        missing.append("step time: no finished partitioned run")
+        missing.append("step time: no finished partitioned run that saw the same examples")
 
     # ---- pipeline bubble
     pipes = [r for r in ok_part if r["strategy"] == "pipeline"]

@@ -7,7 +7,9 @@ comm.py and launch.py) that touch torch.distributed: setting the world up.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -74,11 +76,40 @@ def from_env(pref: str) -> Topology:
     return Topology(rank, world, local_rank, device, backend)
 
 
+def intra_op_threads(requested: int | None, device: torch.device | str) -> int | None:
+    """The intra-op threads one rank computes with: `threads_per_rank` if given, else 1 on
+    CPU, else None (leave torch's default: a GPU rank's matmuls do not run on these threads).
+
+    A device is one rank with the same compute in every case, the single-device baseline
+    included: on a CPU machine whose cores the ranks share, two threads for `single` and
+    one per rank for the partitioned runs would compare two cores with one.
+    """
+    if requested is not None:
+        return requested
+    return 1 if torch.device(device).type == "cpu" else None
+
+
+@contextlib.contextmanager
+def rank_threads(requested: int | None, device: torch.device | str) -> Iterator[int]:
+    """Compute with `intra_op_threads(requested, device)` threads inside, then put the
+    process's own count back (a single-device run trains in the launching process)."""
+    before = torch.get_num_threads()
+    n = intra_op_threads(requested, device)
+    if n is not None and n != before:
+        torch.set_num_threads(n)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+
+
 def init_process_group(topo: Topology, *, timeout_s: float) -> None:
     if topo.device.type == "cuda":
         torch.cuda.set_device(topo.device)
     else:
-        # Ranks share the cores: one thread each, or they fight and time means nothing.
+        # Ranks share the cores: one thread each, or they fight and time means nothing
+        # (run_rank then applies threads_per_rank, see intra_op_threads).
         torch.set_num_threads(1)
     dist.init_process_group(
         backend=topo.backend, rank=topo.rank, world_size=topo.world_size,

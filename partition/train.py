@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from partition.boundaries import p2p_sends
 from partition.comm import Comm, Ledger
 from partition.config import FaultConfig, RunConfig
 from partition.data import Dataset, load_dataset
@@ -21,7 +22,7 @@ from partition.model import Grads, Layer, weight_names
 from partition.reference import reference_grads
 from partition.strategies import build_runner
 from partition.strategies.base import Runner, saved_layers
-from partition.topology import Topology
+from partition.topology import Topology, rank_threads
 from partition.trace import Tracer, traced_steps
 from partition.weights import Shard, initial_weights, layer_shards
 
@@ -60,6 +61,7 @@ class RankRecord:
     spans: list[dict[str, Any]] = field(default_factory=list)  # trace.Tracer's, traced steps
     action_times: dict[str, float] | None = None  # calibrate.action_times: the simulator's input
     clock: dict[str, Any] | None = None  # calibrate.clock_offset: this clock minus rank 0's
+    sends: list[dict[str, Any]] = field(default_factory=list)  # one steady step's stage crossings
     grad_rel_err: float | None = None
     shards: list[Shard] = field(default_factory=list)
     status: str = "ok"
@@ -145,8 +147,15 @@ def run_rank(cfg: RunConfig, topo: Topology, comm: Comm | None, ledger: Ledger, 
 
     `run_dir`: where `trace.profiler` writes torch.profiler's trace of the traced step.
 
-    `on_step(step)` is called as each step starts (the launcher's step watchdog).
+    `on_step(step)` is called as each step starts (the launcher's step watchdog). The rank
+    computes with `threads_per_rank` intra-op threads (1 on CPU by default), `single` too.
     """
+    with rank_threads(cfg.threads_per_rank, topo.device):
+        return _run_rank(cfg, topo, comm, ledger, data=data, on_step=on_step)
+
+
+def _run_rank(cfg: RunConfig, topo: Topology, comm: Comm | None, ledger: Ledger, *,
+              data: Dataset | None, on_step: Callable[[int], None] | None) -> RankRecord:
     spec = cfg.spec
     data = data if data is not None else load_dataset(cfg.data, spec, seed=cfg.seed)
     full = initial_weights(spec, init=cfg.model.init, init_path=cfg.model.init_path, seed=cfg.seed)
@@ -225,6 +234,7 @@ def run_rank(cfg: RunConfig, topo: Topology, comm: Comm | None, ledger: Ledger, 
     steady = list(range(len(rec.step_s)))[t.warmup_steps:] or list(range(len(rec.step_s)))
     summaries = [ledger.step_summary(s) for s in steady]
     rec.comm = summaries[-1]
+    rec.sends = p2p_sends(ledger.step_records(steady[-1]))  # result.json's boundaries[]
     keys = ("sent_bytes", "recv_bytes", "collective_bytes", "wire_bytes", "messages", "by_role")
     rec.comm_steps_equal = all(all(s[k] == summaries[0][k] for k in keys) for s in summaries)
     rec.comm["seconds"] = statistics.median(rec.comm_s[i] for i in steady)

@@ -1,4 +1,11 @@
-"""Measured memory against the cost model, the seed's claims, and the memory limit (issue 5)."""
+"""Measured memory against the cost model, the seed's claims, and the memory limit (issues 5, 12).
+
+Each real run (one process, or P spawned gloo ranks) is held against `costs.predict`,
+whose per-rank comm and memory come from the dry run (partition/dryrun.py: the same
+runners on the meta device): exact, but for the collective buffers gloo lets go of late
+on tensor parallel (check_memory_collectives). The closed forms (costs.formula) are held
+to the measurement too: state and kept activations exact, the training peak ±5 %.
+"""
 
 from __future__ import annotations
 
@@ -21,9 +28,10 @@ from partition.results import build_result
 from partition.topology import from_env, single_process
 from partition.train import run_rank
 
-# The stated tolerance of a measured peak against its prediction. On CPU the replay is
+# The stated tolerance of a measured peak against its prediction. On CPU the dry run is
 # exact to the byte (asserted too, as a regression check on the engine's lifetimes);
 # on CUDA the allocator rounds every block to 512 bytes and cuBLAS keeps a workspace.
+# The closed-form peak is held to the same ±5 % (issue 12).
 PEAK_TOL = 0.05
 EXACT = ("params_bytes", "grads_bytes", "optimizer_bytes", "activations_bytes")
 COMM_KEYS = ("sent_bytes", "recv_bytes", "collective_bytes", "wire_bytes", "messages",
@@ -39,18 +47,47 @@ def check_memory(measured: dict, predicted: dict) -> None:
     assert measured["breakdown"] == predicted["breakdown"]
 
 
-def check_memory_collectives(measured: dict, predicted: dict) -> None:
+def check_formula(cfg, rank: int, measured: dict, *, late: int = 0) -> None:
+    """The closed forms against a measured rank: state and kept activations exact, the
+    training peak within PEAK_TOL (and `late`, see check_memory_collectives)."""
+    st = costs.state_bytes(cfg, rank)
+    for k, v in st.items():
+        assert measured[k] == v, (rank, k)
+    assert measured["activations_bytes"] == costs.kept_activation_bytes(cfg, rank), rank
+    peak = costs.formula_peak(cfg, rank)
+    assert abs(peak - measured["peak_bytes"]) <= PEAK_TOL * measured["peak_bytes"] + late, (
+        rank, peak, measured["peak_bytes"])
+
+
+def late_collective_bytes(cfg, rank: int) -> int:
+    """The buffers of this rank's largest collective call: an all-gather's (padded) piece
+    and its P receive buffers, a reduce-scatter's P chunks and its output, an all-reduce's
+    tensor — what gloo may still hold when the next peak comes."""
+    out = 0
+    for m in costs.messages(cfg, rank):
+        if m.op == "all_gather":
+            out = max(out, m.sent + m.received + m.sent)
+        elif m.op == "reduce_scatter":
+            out = max(out, m.sent + m.received // max(m.group_size - 1, 1))
+        elif m.op == "all_reduce":
+            out = max(out, m.sent)
+    return out
+
+
+def check_memory_collectives(measured: dict, predicted: dict, *, late: int) -> None:
     """Tensor parallel: gloo runs a collective on a worker thread, which lets go of the
     collective's tensors a moment after this rank resumes (freeing a storage there takes
     the GIL); on a loaded machine a buffer the runner has dropped (a gathered piece, the
-    all-reduced o) can still be alive at the next peak. So the training peak is at least
-    the prediction and within PEAK_TOL of it; seen: exact, or one gather's buffers over
-    (3.6 % on a 30-wide net). Everything else is exact: the prediction forward
-    (exchange=False) makes no collective at all."""
+    all-reduced o, a reduce-scatter's output) can still be alive at the next peak. So the
+    training peak is at least the dry run's and over it by at most PEAK_TOL or one
+    collective's buffers (`late`), whichever is more; seen: exact, or one collective's
+    buffers over (3.6 % on a 30-wide net; 6.2 %, 3,128 bytes of a 3,584-byte all-gather,
+    on row-2L-bias-M3 at P=3 on a loaded 2-core machine). Everything else is exact: the
+    prediction forward (exchange=False) makes no collective at all."""
     for k in EXACT + ("predict_peak_bytes", "predict_breakdown"):
         assert measured[k] == predicted[k], k
     peak, want = measured["peak_bytes"], predicted["peak_bytes"]
-    assert want <= peak <= (1 + PEAK_TOL) * want, (peak, want)
+    assert want <= peak <= want + max(PEAK_TOL * want, late), (peak, want, late)
     assert sum(measured["breakdown"].values()) == peak
 
 
@@ -76,7 +113,7 @@ def test_tracker_counts_storages_by_hand():
         del c
     assert tr.peak == 1600
     assert tr.breakdown() == {"params": 800, "grads": 0, "optimizer": 0, "input": 0,
-                              "activations": 400, "comm": 0, "temporaries": 400}
+                              "activations": 400, "gathered": 0, "comm": 0, "temporaries": 400}
     assert tr.category_peaks["activations"] == 400 and tr.live_bytes == 800
 
 
@@ -116,6 +153,7 @@ def test_single_measured_equals_predicted(kw):
     rec = run_rank(cfg, single_process("cpu"), None, Ledger())
     pred = costs.predict(cfg)["ranks"][0]
     check_memory(rec.memory, pred["memory"])
+    check_formula(cfg, 0, rec.memory)
     assert rec.memory_steps_equal
     assert rec.comm["messages"] == 0 and pred["comm"]["messages"] == 0
 
@@ -149,6 +187,7 @@ def test_done_when_single_device(tmp_path):
     assert m["params_bytes"] == (d * h + h * q) * 4
     est = costs.independent_estimate(cfg)  # params + grads + input + (z, h) + dh
     assert abs(m["peak_bytes"] - est) / est < 1e-3
+    check_formula(cfg, 0, m)
     assert m["predict_peak_bytes"] < est
     # Half that peak: the run ends cleanly with status oom, naming the bytes and the limit.
     limit = m["peak_bytes"] // 2
@@ -248,7 +287,9 @@ def test_pipeline_measured_equals_predicted(P):
             for k in COMM_KEYS:  # payload, wire and messages, by role and phase: exact
                 assert rec.comm[k] == pr["comm"][k], (i, rank, k)
             check_memory(rec.memory, pr["memory"])
+            check_formula(cfg, rank, rec.memory)
             assert rec.in_flight_max == pr["in_flight_max"]
+            assert rec.in_flight_max == max(costs.in_flight_per_stage(cfg, rank).values())
             assert rec.memory_steps_equal
             # The measured prediction forward crossed nothing: no traffic outside steps.
             assert outside == []
@@ -257,7 +298,8 @@ def test_pipeline_measured_equals_predicted(P):
 
 def test_done_when_pipeline_stage_params():
     d, h, q = 784, 2048, 10
-    cd = config_dict(strategy="pipeline", world_size=2, **{**SEED, "train.steps": 1})
+    cd = config_dict(strategy="pipeline", world_size=2,
+                     **{**SEED, "train.steps": 1, "train.warmup_steps": 0})
     out = spawn(_ranks_run, 2, [cd], timeout=240)
     assert [o[0][0].memory["params_bytes"] for o in out] == [d * h * 4, h * q * 4]
 
@@ -321,8 +363,11 @@ def test_tensor_and_data_measured_equal_predicted(P):
                 assert comm[k] == pr["comm"][k], (name, r, k)
             if cfg.strategy.name == "data":
                 check_memory(rr["memory"], pr["memory"])  # in place on seeded grads: exact
+                check_formula(cfg, r, rr["memory"])
             else:
-                check_memory_collectives(rr["memory"], pr["memory"])
+                late = late_collective_bytes(cfg, r)
+                check_memory_collectives(rr["memory"], pr["memory"], late=late)
+                check_formula(cfg, r, rr["memory"], late=late)
 
 
 # ---------------------------------------------------------------- device too small
@@ -358,12 +403,16 @@ def test_limit_between_pipeline_and_single(tmp_path):
     assert res["predicted"]["bubble_fraction"] == pytest.approx(1 / 5)
     assert res["predicted"]["flops_per_step"] > 0 and res["predicted"]["step_time_s"] > 0
     assert res["prediction_error"]["max_abs"] == {"comm": 0.0, "state": 0.0, "peaks": 0.0}
+    fe = res["prediction_error"]["formula_max_abs"]  # the closed forms against the run
+    assert fe["comm"] == 0.0 and fe["state"] == 0.0 and fe["peak"] <= PEAK_TOL
     # Tensor (megatron) at P = 2 fits too: W¹ and W² halved, the last layer replicated.
     res = run(make_config(strategy="tensor", world_size=2, **SMALL_DEVICE, memory_limit=limit),
               str(tmp_path / "tensor"))
     assert res["status"] == "ok"
     err = res["prediction_error"]["max_abs"]
     assert err["comm"] == 0.0 and err["state"] == 0.0 and err["peaks"] <= PEAK_TOL
+    fe = res["prediction_error"]["formula_max_abs"]
+    assert fe["comm"] == 0.0 and fe["state"] == 0.0 and fe["peak"] <= PEAK_TOL
     assert max(r["memory"]["peak_bytes"] for r in res["ranks"]) <= limit
 
 

@@ -1,8 +1,8 @@
 """The results table, plots and generated summary; the compare experiment's cases.
 
 Strategies other than single and pipeline, measured memory and the `oom` status come
-from hand-made result.json files that follow DESIGN §5, so the report is tested on
-every kind of row whatever this branch can run.
+from hand-made result.json files that follow the result.json contract (docs/results.md),
+so the report is tested on every kind of row whatever this branch can run.
 """
 
 from __future__ import annotations
@@ -24,8 +24,10 @@ def fake_result(strategy: str, P: int, batch: int = B, M: int = 1, *, variant: s
                 status: str = "ok", peak: float | None = None, pred_peak: float | None = None,
                 role_bytes: dict[str, int] | None = None, step_s: float | None = 0.1,
                 loss: list[float] | None = None, bubble: float | None = None,
-                steps: int = 4, error: dict | None = None) -> dict:
-    """A result.json as DESIGN §5 has it (the keys a strategy of this kind would fill)."""
+                steps: int = 4, error: dict | None = None, cores: int = 2,
+                threads: int = 1, boundaries: list | None = None,
+                load: list | None = None) -> dict:
+    """A result.json as the contract has it (the keys a strategy of this kind would fill)."""
     role_bytes = role_bytes or {}
     loss = [2.3, 2.1, 1.9, 1.7] if loss is None and status == "ok" else (loss or [])
     ranks = []
@@ -42,15 +44,20 @@ def fake_result(strategy: str, P: int, batch: int = B, M: int = 1, *, variant: s
                 "memory": {"peak_bytes": None if peak is None else peak - r,
                            "predict_peak_bytes": None if peak is None else peak // 3,
                            "params_bytes": (D * H + H * Q) * 4 // P, "grads_bytes": 0,
-                           "optimizer_bytes": 0, "activations_bytes": None},
+                           "optimizer_bytes": 0, "activations_bytes": None,
+                           "breakdown": None if peak is None else {
+                               "params": MiB, "grads": MiB, "optimizer": 0, "input": MiB,
+                               "activations": peak - r - 4 * MiB, "comm": 0,
+                               "temporaries": MiB}},
                 "timing": {"step_s": step_s, "compute_s": None, "comm_s": None, "other_s": None},
             })
     pranks = [{"comm": {"by_role": {k: {"bytes": v} for k, v in role_bytes.items()}},
                "memory": {"peak_bytes": pred_peak}} for _ in range(P)] if pred_peak else []
-    return {
+    res = {
         "status": status,
         "error": error,
         "run": {"strategy": strategy, "world_size": P, "ranks": P, "device": "cpu",
+                "threads_per_rank": threads, "cpu_count": cores, "load_average": load,
                 "backend": "gloo" if P > 1 else "none",
                 "schedule": variant if strategy == "pipeline" else None,
                 "layout": variant if strategy == "tensor" else None,
@@ -69,6 +76,9 @@ def fake_result(strategy: str, P: int, batch: int = B, M: int = 1, *, variant: s
                       "bubble_fraction": (P - 1) / (M + P - 1) if strategy == "pipeline" else 0.0},
         "check": {"grad_max_rel_err": 2e-7 if status == "ok" else None, "reference": "autograd"},
     }
+    if boundaries is not None:
+        res["boundaries"] = boundaries
+    return res
 
 
 ACT = B * H * 4  # one hidden activation of the full batch, float32
@@ -87,7 +97,9 @@ CASES = [
         "single", 1, M=4, peak=22 * MiB, pred_peak=22 * MiB, step_s=0.09, loss=SAME)),
     ("04-pipeline-gpipe-P2", fake_result(
         "pipeline", 2, M=4, variant="gpipe", peak=29 * MiB, pred_peak=28 * MiB,
-        role_bytes={"activation": ACT}, step_s=0.12, bubble=0.35, loss=SAME)),
+        role_bytes={"activation": ACT}, step_s=0.12, bubble=0.35, loss=SAME,
+        boundaries=[{"from_stage": 0, "to_stage": 1, "from_rank": 0, "to_rank": 1,
+                     "forward_bytes": ACT, "backward_bytes": ACT, "messages": 8}])),
     ("05-pipeline-1f1b-P2", fake_result(
         "pipeline", 2, M=4, variant="1f1b", peak=25 * MiB, pred_peak=25 * MiB,
         role_bytes={"activation": ACT}, step_s=0.11, bubble=0.3, loss=SAME)),
@@ -161,10 +173,13 @@ def test_report_files_and_generated_summary(tmp_path):
     folder = _write(tmp_path)
     df = load_table([folder], sort=False)
     rep = write_report(df, str(tmp_path / "out"))
-    names = sorted(os.path.basename(f) for f in rep.files)
-    assert names == ["bytes_vs_width.png", "loss.png", "memory_vs_batch.png", "results.csv",
-                     "results.md", "step_time.png"]
-    assert rep.notes == []
+    names = [os.path.basename(f) for f in rep.files]
+    assert names == ["results.csv", "results.md", "summary.png", "memory_per_rank.png",
+                     "loss.png"]
+    # One B per case and one width: the figures against B and width would show nothing.
+    assert rep.notes == [
+        "memory_vs_batch.png not drawn: no case was measured at two or more batch sizes",
+        "bytes_vs_width.png not drawn: one hidden width"]
     text = "\n".join(rep.summary)
     adv = text.split("Advantages of partitioning:")[1].split("Disadvantages")[0]
     dis = text.split("Disadvantages of partitioning:")[1].split("Missing:")[0]
@@ -190,12 +205,17 @@ def test_report_files_and_generated_summary(tmp_path):
     assert "data P=2" in text and "data P=4 M=1: failed: rank 3: DistBackendError" in missing
 
     md = open(tmp_path / "out" / "results.md").read()
-    assert "## Summary" in md and "![memory_vs_batch.png](memory_vs_batch.png)" in md
-    assert md.count("\n| ") >= len(CASES) + 1
+    assert "## Summary" in md and md.index("![summary.png](summary.png)") < md.index("| id |")
+    assert md.count("\n| ") == len(CASES) + 1
+    assert "| 0→1: 8.0 MiB fwd, 8.0 MiB bwd |" in md  # the pipeline's boundary, both ways
     import pandas as pd
 
     csv = pd.read_csv(tmp_path / "out" / "results.csv")
-    assert len(csv) == len(CASES) and "loss_curve" not in csv.columns
+    assert len(csv) == len(CASES)
+    assert not {"loss_curve", "breakdown", "rank_mem"} & set(csv.columns)
+    # Every column of the full table is in the CSV, the breakdown flattened.
+    assert csv.loc[3, "bd_activations"] == 29 * MiB - 4 * MiB
+    assert csv.loc[3, "metric_bytes"] == 8 and csv.loc[3, "threads"] == 1
 
 
 def test_summary_flips_with_the_numbers(tmp_path):
@@ -228,14 +248,14 @@ def test_missing_fields_do_not_break_the_report(tmp_path):
     df = load_table([str(tmp_path)])
     assert len(df) == 2
     rep = write_report(df, str(tmp_path))
-    assert any("memory_vs_batch.png skipped" in n for n in rep.notes)
+    assert any("memory_vs_batch.png not drawn" in n for n in rep.notes)
     assert "—" in rep.text
     assert "No partitioned run" not in "\n".join(rep.summary)
     assert any("no run" in s for s in rep.summary)  # no single-device case to compare with
 
     empty = build_table([{"status": "failed"}])
     rep2 = write_report(empty, str(tmp_path / "e"))
-    assert len(rep2.notes) == 4  # every plot skipped, each with its reason
+    assert len(rep2.notes) == 5  # every figure skipped, each with its reason
     assert rep2.summary == ["No partitioned run in these results: nothing to compare with a "
                             "smaller minibatch."]
 
@@ -253,6 +273,160 @@ def test_report_command_line(tmp_path, capsys):
     assert main([str(tmp_path / "empty")]) == 2
 
 
+# ---------------------------------------------------------------- reading it at a glance
+
+
+def _console_width(text: str) -> int:
+    return max(len(line) for line in text.splitlines())
+
+
+def test_console_fits_120_columns_and_names_the_folder_once(tmp_path):
+    out = tmp_path / "a-rather-long-folder-name-for-the-report" / "report"
+    rep = write_report(load_table([_write(tmp_path)], sort=False), str(out))
+    text = rep.console()
+    assert _console_width(text.rsplit("\n", 1)[0]) <= 120  # all but the folder's path
+    assert text.count(str(out)) == 1  # "wrote <folder>/: results.csv, …", not once per file
+    assert text.splitlines()[-1] == (f"wrote {out}/: results.csv, results.md, summary.png, "
+                                     "memory_per_rank.png, loss.png")
+    # Every column is in results.md, even those the console leaves out.
+    md = (out / "results.md").read_text()
+    assert md.splitlines()[4].count(" | ") == 35  # 36 columns
+    # Long case names still fit: columns are dropped (and said so), never wrapped.
+    many = [(f"{i:02d}-x", fake_result("pipeline", 2, M=4, variant="interleaved_1f1b_long",
+                                       peak=20 * MiB, role_bytes={"activation": ACT}))
+            for i in range(3)]
+    rep2 = write_report(load_table([_write(tmp_path / "m", many)]), str(tmp_path / "r2"),
+                        plots=False)
+    assert _console_width(rep2.console().rsplit("\n", 1)[0]) <= 120
+    assert "Left out here to fit 120 columns: base" in rep2.console()
+
+
+def test_time_is_compared_only_for_the_same_examples(tmp_path):
+    """A smaller minibatch that stopped after 2,048 examples: its time for them is shown as
+    not compared, in the figure's entries and in the summary."""
+    from partition.plots import time_entries
+
+    cases = [(n, json.loads(json.dumps(r))) for n, r in CASES[:8]]
+    cases[1] = ("02-single-smaller-minibatch", fake_result(
+        "single", 1, batch=256, steps=8, peak=19 * MiB, pred_peak=19 * MiB, step_s=0.02,
+        loss=[2.3 - 0.05 * i for i in range(8)]))
+    df = load_table([_write(tmp_path, cases)], sort=False)
+    entries = time_entries(df)
+    assert [e["kind"] for e in entries] == ["text", "text"] + ["bar"] * 6
+    assert entries[0]["text"] == "oom"
+    assert entries[1]["text"] == "not compared: saw 2,048 examples, not 4,096"
+    assert entries[2]["value"] == pytest.approx(0.36) and entries[2]["text"] == "360 ms"
+    text = "\n".join(write_report(df, str(tmp_path / "o"), plots=False).summary)
+    assert ("time of single B=256: it saw 2,048 examples, not 4,096, so its time is not "
+            "compared") in text.split("Missing:")[1]
+    timeline = next(line for line in text.splitlines() if "**Time for" in line)
+    assert "vs accumulation B=1024 360.0 ms" in timeline and "B=256" not in timeline
+
+
+def test_more_ranks_than_cores_are_marked(tmp_path):
+    from partition.plots import time_entries
+
+    cases = [("a", fake_result("single", 1, M=4, peak=22 * MiB, step_s=0.09, loss=SAME)),
+             ("b", fake_result("data", 2, peak=26 * MiB, step_s=0.07, loss=SAME,
+                               role_bytes={"weight_grad": 1000})),
+             ("c", fake_result("data", 4, peak=19 * MiB, step_s=0.2, loss=SAME,
+                               role_bytes={"weight_grad": 1000})),
+             ("d", fake_result("data", 4, peak=19 * MiB, step_s=0.05, loss=SAME, cores=8,
+                               role_bytes={"weight_grad": 1000}))]
+    df = load_table([_write(tmp_path, cases)], sort=False)
+    assert [e["crowded"] for e in time_entries(df)] == [False, False, True, False]
+    assert [e["text"] for e in time_entries(df)] == ["360 ms", "280 ms", "800 ms *", "200 ms"]
+    rep = write_report(df, str(tmp_path / "o"), plots=False)
+    times = [line.split()[-8] for line in rep.text.splitlines()[1:]]
+    assert times == ["ms", "ms", "ms*", "ms"]
+    assert rep.legend[1] == ("*: a CPU run with more ranks than the 2 cores it had: its ranks "
+                             "took turns on them, so its time is the machine's more than the "
+                             "strategy's.")
+
+
+def test_bytes_panel_writes_0_B_and_keeps_predictions(tmp_path):
+    from partition.plots import bytes_entries
+
+    df = load_table([_write(tmp_path)], sort=False)
+    es = bytes_entries(df)
+    assert [e["kind"] for e in es] == ["text", "zero", "zero"] + ["bar"] * 5 + ["text"]
+    assert [e["text"] for e in es] == ["oom", "0 B", "0 B", "8.0 MiB", "8.0 MiB", "40.0 KiB",
+                                       "4.0 MiB", "6.2 MiB", "failed"]
+    assert es[3]["inside"] == "stage 0→1: 8.0 MiB fwd, 8.0 MiB bwd" and es[4]["inside"] is None
+    assert es[5]["pred"] == B * Q * 4  # the cost model's figure, drawn as a tick
+
+
+def test_threads_are_stated_and_a_difference_is_flagged(tmp_path):
+    df = load_table([_write(tmp_path)], sort=False)
+    rep = write_report(df, str(tmp_path / "o"), plots=False)
+    assert ("Every rank, the single device included, computed with 1 intra-op thread "
+            "(threads_per_rank).") in rep.legend
+    cases = [("a", fake_result("single", 1, peak=20 * MiB, threads=2)),
+             ("b", fake_result("data", 2, peak=20 * MiB))]
+    rep = write_report(load_table([_write(tmp_path / "t", cases)]), str(tmp_path / "o2"),
+                       plots=False)
+    assert rep.legend[-1] == ("Intra-op threads per rank differ between rows (1, 2): a device "
+                              "is not the same compute in every row (threads/rank in "
+                              "results.md).")
+
+
+def test_a_busy_machine_is_said_once(tmp_path):
+    cases = [("a", fake_result("single", 1, peak=20 * MiB, load=[1.5, 1.0, 1.0])),
+             ("b", fake_result("data", 2, peak=20 * MiB, load=[7.25, 3.0, 2.0]))]
+    rep = write_report(load_table([_write(tmp_path, cases)]), str(tmp_path / "o"), plots=False)
+    busy = [line for line in rep.legend if "busy" in line]
+    assert busy == ["The machine was busy while these runs ran (1-minute load average up to 7.2 "
+                    "on 2 cores): times are noisy, bytes and memory are not."]
+    calm = write_report(load_table([_write(tmp_path / "c", cases[:1])]), str(tmp_path / "o2"),
+                        plots=False)
+    assert not [line for line in calm.legend if "busy" in line]
+
+
+def test_summary_figure_has_a_row_per_case(tmp_path):
+    import matplotlib.pyplot as plt
+
+    from partition.plots import summary_figure
+
+    df = load_table([_write(tmp_path)], sort=False)
+    path = summary_figure(df, str(tmp_path / "s.png"))
+    # 16 in wide; 2.6 in of titles and legend plus 0.36 in per case, at 110 dpi.
+    assert plt.imread(path).shape == (int((2.6 + 0.36 * len(CASES)) * 110), 1760, 4)
+    assert summary_figure(df.iloc[0:0], str(tmp_path / "none.png")) is None
+
+
+def test_identical_loss_curves_are_drawn_once_and_said_so(tmp_path):
+    from partition.plots import loss_groups, loss_label
+
+    cases = [(n, json.loads(json.dumps(r))) for n, r in CASES]
+    cases[5][1]["train"]["loss"] = [2.3, 2.1, 1.9, 1.7 + 3e-7]  # float32 rounding apart
+    df = load_table([_write(tmp_path, cases)], sort=False)
+    rows = [r for _, r in df.iterrows() if r["loss_curve"]]
+    groups = loss_groups(rows)
+    assert [len(m) for m, _ in groups] == [1, 6]
+    assert loss_label(*groups[1]) == ("6 runs identical to 3e-07 (single accum, pipeline ×2, "
+                                      "tensor ×2, data)")
+    assert loss_label(*groups[0]) == "single B=256"
+
+
+def test_sweep_figures_only_with_two_batch_sizes_or_widths(tmp_path):
+    """memory_vs_batch.png needs a case at two B, bytes_vs_width.png two hidden widths."""
+    from partition.plots import write_plots
+
+    cases = []
+    for b in (256, 512):
+        for h in (1024, 2048):
+            r = fake_result("data", 2, batch=b, peak=b * h * 16, pred_peak=b * h * 16,
+                            role_bytes={"weight_grad": (D * h + h * Q) * 4})
+            r["run"]["dims"] = r["config"]["model"]["dims"] = [D, h, Q]
+            cases.append((f"b{b}-h{h}", r))
+    df = load_table([_write(tmp_path, cases)])
+    res = write_plots(df, str(tmp_path))
+    assert [os.path.basename(p) for p in res.written] == [
+        "summary.png", "memory_per_rank.png", "loss.png", "memory_vs_batch.png",
+        "bytes_vs_width.png"]
+    assert res.notes == []
+
+
 # ---------------------------------------------------------------- the compare experiment
 
 
@@ -266,7 +440,8 @@ def test_compare_cases_see_the_same_examples():
                      "03-single-grad-accumulation", "04-single-recompute", "05-single-bf16",
                      "06-single-recompute-bf16", "07-pipeline-gpipe-P2", "08-pipeline-1f1b-P2",
                      "09-tensor-megatron-P2", "10-tensor-megatron-P4", "11-tensor-rowwise-P2",
-                     "12-tensor-rowwise-P4", "13-data-P2", "14-data-P4"]
+                     "12-tensor-rowwise-P4", "13-data-P2", "14-data-P4", "15-fsdp-P2",
+                     "16-fsdp-P4"]
     cfgs = {n: rc for (c, rc), n in zip(planned, names, strict=True)}
     assert {rc.train.batch_size * rc.train.steps for rc in cfgs.values()} == {4096}
     assert cfgs["02-single-smaller-minibatch"].train.batch_size == 256

@@ -64,7 +64,7 @@ def test_multirun_four_jobs_report_and_rerun_skips(tmp_path):
     from experiments.report import main as report_main
 
     assert report_main([sweep]) == 0
-    for f in ("results.csv", "results.md", "bytes_vs_width.png", "step_time.png", "loss.png"):
+    for f in ("results.csv", "results.md", "summary.png", "memory_vs_batch.png", "loss.png"):
         assert os.path.getsize(os.path.join(sweep, f)) > 0, f
     import pandas as pd
 

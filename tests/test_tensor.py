@@ -66,7 +66,7 @@ def runs(request):
 
 
 def expected_roles(dims: list[int], layout: str, P: int, B: int, M: int, b: int) -> dict:
-    """{role: (bytes, messages)} per rank per step, written out from DESIGN §3."""
+    """{role: (bytes, messages)} per rank per step, written out from docs/strategies.md."""
     out = {"metric": (24, 1)}
     if P == 1:
         return out

@@ -2,7 +2,7 @@
 
 pipeline: torch.distributed.pipelining (PipelineStage, ScheduleGPipe / Schedule1F1B);
 tensor: torch.distributed.tensor.parallel (ColwiseParallel / RowwiseParallel on a DeviceMesh);
-data: DistributedDataParallel. Autograd, the same init, data, λ term and SGD update as the
+data: DistributedDataParallel; fsdp: FSDP2's fully_shard (zero stage 3). Autograd, the same init, data, λ term and SGD update as the
 explicit engine, so both end at the same weights; their bytes are what the dispatcher saw
 (`observe.py`), recorded in the same ledger format. This package may call torch.distributed.
 """
@@ -32,7 +32,11 @@ def build_torch_runner(cfg: RunConfig, topo: Topology, comm: Comm, data: Dataset
         from partition.engines.data import TorchDataRunner
 
         return TorchDataRunner(cfg, topo, comm, data, full)
-    raise ValueError(f"engine=torch has no {name!r} strategy (pipeline, tensor, data)")
+    if name == "fsdp":
+        from partition.engines.fsdp import TorchFsdpRunner
+
+        return TorchFsdpRunner(cfg, topo, comm, data, full)
+    raise ValueError(f"engine=torch has no {name!r} strategy (pipeline, tensor, data, fsdp)")
 
 
 __all__ = ["build_torch_runner"]

@@ -37,6 +37,10 @@ def build_runner(cfg: RunConfig, topo: Topology, comm: Comm | None, data: Datase
         from partition.strategies.data import DataRunner
 
         return DataRunner(cfg, topo, comm, data, full)
+    if name == "fsdp":
+        from partition.strategies.fsdp import FsdpRunner
+
+        return FsdpRunner(cfg, topo, comm, data, full)
     raise ValueError(f"strategy {name!r} is not implemented yet")
 
 
