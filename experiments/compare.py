@@ -4,6 +4,7 @@
     python -m experiments.compare compare.world_sizes=[2] compare.out=/tmp/cmp
     python -m experiments.compare model.dims=[784,4096,10] memory_limit=96MiB
     python -m experiments.compare experiment=schedules   # every pipeline schedule, M = P, 2P, 4P
+    python -m experiments.compare compare.optimizer=adam   # Adam's state in the budget
 
 Runs every case of conf/experiment/compare.yaml (each in its own folder under
 compare.out, through the same launcher as experiments.run), then writes results.csv,
@@ -94,6 +95,16 @@ def plan(overrides: list[str]) -> tuple[str, list[tuple[Case, Any]]]:
     except ConfigError as e:
         fail(str(e))
     spec = OmegaConf.to_container(cfg.compare, resolve=True)
+    optimizer = spec.get("optimizer")
+    if optimizer is not None:
+        # every case with this optimizer, its state in the same memory budget, apart
+        lr = (spec.get("optimizer_lr") or {}).get(optimizer)
+        base = [*base, f"train.optimizer={optimizer}", *([f"train.lr={lr}"] if lr else [])]
+        try:
+            cfg, rc = _parse(base)
+        except ConfigError as e:
+            fail(f"compare.optimizer={optimizer}: {e}")
+        spec["out"] = f"{spec.get('out') or 'outputs/compare'}-{optimizer}"
     singles = {}
     for case in spec.get("cases") or []:
         try:

@@ -23,6 +23,14 @@ LAYOUTS = ("megatron", "rowwise")
 DEVICES = ("auto", "cpu", "cuda")
 ENGINES = ("explicit", "torch")
 DTYPES = ("float32", "float64")
+RECOMPUTE = ("none", "full")
+# The compute precision of forward and backward; train.dtype stays the master weights' storage.
+PRECISIONS = ("fp32", "bf16", "fp64")
+# The policies that make sense (docs/one-device.md): each storage dtype computes in its own
+# precision, and float32 masters may compute in bfloat16 (mixed precision).
+PRECISION_DTYPES = {"fp32": ("float32",), "bf16": ("float32",), "fp64": ("float64",)}
+OWN_PRECISION = {"float32": "fp32", "float64": "fp64"}
+OPTIMIZERS = ("sgd", "adam", "adamw")
 DATASETS = ("synthetic", "npz", "digits")
 INITS = ("seeded", "file")
 FAULT_KINDS = ("raise", "exit", "hang")
@@ -90,6 +98,11 @@ class TrainConfig:
     dtype: str = "float32"
     warmup_steps: int = 1  # excluded from step-time and steady-state figures
     grad_check: bool = True  # compare step 0's gradients with a float64 autograd reference
+    recompute: str = "none"  # none | full: keep each micro-batch's stage input only, redo z, h
+    precision: str = "fp32"  # fp32 | bf16 | fp64: what forward/backward compute in
+    optimizer: str = "sgd"  # sgd (train.momentum) | adam (λ as L2) | adamw (λ decoupled)
+    betas: tuple[float, float] = (0.9, 0.999)  # adam/adamw: β₁, β₂
+    eps: float = 1e-8  # adam/adamw: ε
 
 
 @dataclass(frozen=True)
@@ -405,6 +418,7 @@ def parse_config(d: dict[str, Any]) -> RunConfig:
     )
     if train.momentum >= 1:
         raise ConfigError("train.momentum", train.momentum, "must be < 1")
+    train = _one_device_keys(d, train)
 
     world = _int("world_size", _get(d, "world_size", 1), min_value=1)
     fault_kind = _get(d, "fault.kind", None)
@@ -457,6 +471,36 @@ def parse_config(d: dict[str, Any]) -> RunConfig:
     )
     _check_cross(cfg)
     return cfg
+
+
+def _one_device_keys(d: dict[str, Any], train: TrainConfig) -> TrainConfig:
+    """train.recompute, train.precision (null: the dtype's own), train.optimizer and Adam's
+    betas / eps, with the combinations that make no sense refused (docs/one-device.md)."""
+    from dataclasses import replace
+
+    recompute = _choice("train.recompute", _get(d, "train.recompute", "none"), RECOMPUTE)
+    raw = _get(d, "train.precision", None)
+    precision = (OWN_PRECISION[train.dtype] if raw in (None, "null", "auto")
+                 else _choice("train.precision", raw, PRECISIONS))
+    if train.dtype not in PRECISION_DTYPES[precision]:
+        why = ("bf16 mixed precision keeps float32 master weights (train.dtype=float32)"
+               if precision == "bf16" else
+               f"{precision} is train.dtype={PRECISION_DTYPES[precision][0]}'s own precision; "
+               f"train.dtype={train.dtype} computes in {OWN_PRECISION[train.dtype]}")
+        raise ConfigError("train.precision", precision, f"{why}, not train.dtype={train.dtype}")
+    optimizer = _choice("train.optimizer", _get(d, "train.optimizer", "sgd"), OPTIMIZERS)
+    betas_raw = _get(d, "train.betas", [0.9, 0.999])
+    if isinstance(betas_raw, (str, int, float)) or betas_raw is None or len(betas_raw) != 2:
+        raise ConfigError("train.betas", betas_raw, "must be a list of two numbers [β₁,β₂]")
+    betas = tuple(_float("train.betas", b, non_negative=True) for b in betas_raw)
+    if any(b >= 1 for b in betas):
+        raise ConfigError("train.betas", list(betas), "each must be in [0, 1)")
+    eps = _float("train.eps", _get(d, "train.eps", 1e-8), positive=True)
+    if optimizer != "sgd" and train.momentum:
+        raise ConfigError("train.momentum", train.momentum,
+                          f"is SGD's; train.optimizer={optimizer} uses train.betas")
+    return replace(train, recompute=recompute, precision=precision, optimizer=optimizer,
+                   betas=betas, eps=eps)
 
 
 def _balance(v: Any) -> tuple[int, ...] | str | None:
@@ -585,6 +629,13 @@ def _check_cross(cfg: RunConfig) -> None:
                           f"only applies to strategy.zero_stage=3 (stage "
                           f"{cfg.strategy.zero_stage} keeps full weights, it gathers nothing "
                           f"before a forward)")
+    if cfg.strategy.name == "fsdp":
+        t = cfg.train
+        for key, value, plain in (("train.recompute", t.recompute, "none"),
+                                  ("train.precision", t.precision, OWN_PRECISION[t.dtype])):
+            if value != plain:
+                raise ConfigError(key, value, f"strategy=fsdp runs {key}={plain} (its sharded "
+                                              f"optimizer state takes train.optimizer)")
     if cfg.engine == "torch":
         _check_torch_engine(cfg)
 
@@ -625,6 +676,13 @@ def _check_torch_engine(cfg: RunConfig) -> None:
     """What PyTorch's own engines (partition/engines) cannot do, refused before any rank starts."""
     P, M = cfg.world_size, cfg.train.microbatches
     sched = cfg.strategy.schedule
+    t = cfg.train
+    for key, value, plain in (("train.recompute", t.recompute, "none"),
+                              ("train.precision", t.precision, OWN_PRECISION[t.dtype]),
+                              ("train.optimizer", t.optimizer, "sgd")):
+        if value != plain:
+            raise ConfigError(key, value, f"engine=torch runs {key}={plain}; this one runs on "
+                                          f"engine=explicit")
     if cfg.strategy.name == "fsdp" and cfg.strategy.zero_stage != 3:
         raise ConfigError("strategy.zero_stage", cfg.strategy.zero_stage,
                           "engine=torch runs FSDP2 (fully_shard), which is zero_stage=3; "

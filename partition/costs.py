@@ -47,9 +47,11 @@ from partition.plans.traffic import Call, metric_call, ring_wire_bytes
 
 ITEMSIZE = {"float32": 4, "float64": 8}
 
-__all__ = ["CostParams", "LocalLayer", "RankCost", "bubble_fraction", "kept_activation_bytes",
-           "predict", "peak_over_limit", "prediction_error", "rank_cost", "rank_costs",
-           "rel_err", "split_evenly", "state_bytes", "width"]
+__all__ = ["CostParams", "LocalLayer", "RankCost", "bubble_fraction", "compute_itemsize",
+           "kept_activation_bytes", "one_device_formula", "optimizer_state_bytes", "predict",
+           "peak_over_limit", "prediction_error", "rank_cost", "rank_costs",
+           "recompute_flops", "recompute_kept_bytes", "rel_err", "split_evenly",
+           "state_bytes", "width"]
 
 
 # ---------------------------------------------------------------- what a rank holds
@@ -156,10 +158,11 @@ def _record(c: Call, world: int) -> CommRecord:
 
 def pipeline_messages(cfg: RunConfig, rank: int) -> list[CommRecord]:
     """The schedule's crossings on `rank` (its lowering: F's output to the next stage's
-    rank, B/I's input gradient to the previous one), each mb·n_k·b bytes, and the metric."""
+    rank, B/I's input gradient to the previous one), each mb·n_k·b bytes (b the compute
+    itemsize: 2 under bf16), and the metric."""
     sched = _schedule(cfg)
     plan = plan_stages(cfg.spec, sched.stages, cfg.strategy.balance)
-    P, item, rows = cfg.world_size, ITEMSIZE[cfg.train.dtype], _rows(cfg, rank)
+    P, item, rows = cfg.world_size, compute_itemsize(cfg), _rows(cfg, rank)
     recv, send = transfers(sched, rank)
     out = []
     for m in send:
@@ -180,7 +183,8 @@ def tensor_messages(cfg: RunConfig, rank: int) -> list[CommRecord]:
     P = cfg.world_size
     calls = tensor_calls(cfg.strategy.layout, cfg.model.dims, world=P, rank=rank,
                          batch=cfg.train.batch_size, micro=cfg.train.microbatches,
-                         itemsize=ITEMSIZE[cfg.train.dtype])
+                         itemsize=compute_itemsize(cfg),
+                         recompute=cfg.train.recompute == "full")
     return [_record(c, P) for c in calls]
 
 
@@ -261,7 +265,9 @@ def rank_flops(cfg: RunConfig, rank: int) -> dict[str, int]:
         one = 2 * rows * l.n_in * l.n_out
         f, w = f + one, w + one
         i += one if l.index > 0 else 0
-    return {"forward": f, "input_grad": i, "weight_grad": w, "total": f + i + w}
+    r = recompute_flops(cfg, rank)  # train.recompute=full: the backward's forward again
+    return {"forward": f, "input_grad": i, "weight_grad": w, "recompute": r,
+            "total": f + i + w + r}
 
 
 def bubble_fraction(cfg: RunConfig) -> float:
@@ -475,9 +481,9 @@ def _pipeline_moments(cfg: RunConfig, rank: int) -> dict[str, int]:
 
     Boundary buffers, each one micro-batch of a boundary width (r·n_k·b):
       G         a B's incoming dJ/d(output), held through the stage's backward
-      held      sent buffers still referenced: with eager sends the last one (the wait
-                loop's variable holds it until the next send completes), otherwise every
-                send of the step (waited for at its end)
+      held      sent buffers not yet waited for: none with eager sends (each is waited for
+                and freed right after the next receive is posted), otherwise every send of
+                the step (waited for at its end)
       local     outputs handed to a stage on the same rank, until it takes them
       posted    the receive posted for the next action, as soon as this one is done
     An F's received input is not a term of its own: it is the first layer's kept x.
@@ -534,7 +540,7 @@ def _pipeline_moments(cfg: RunConfig, rank: int) -> dict[str, int]:
         hand_off = max(hand_off, kept() + loss_grads() + sent + sum(held) + sum(local.values())
                        + posted)
         if sent:
-            held = [sent] if eager else [*held, sent]
+            held = [] if eager else [*held, sent]
     return {"backward": backward, "hand-off": hand_off}
 
 
@@ -580,16 +586,185 @@ def independent_estimate(cfg: RunConfig) -> int:
 def formula(cfg: RunConfig, rank: int) -> dict[str, Any]:
     """`predicted.formula.ranks[]`: the closed forms for one rank."""
     if cfg.strategy.name == "fsdp":
-        return fsdp_formula(cfg, rank)
+        out = fsdp_formula(cfg, rank)
+        if cfg.train.optimizer != "sgd":  # Adam's two moments instead of momentum's one
+            extra = optimizer_state_bytes(cfg, rank) - out["optimizer_bytes"]
+            out["optimizer_bytes"] += extra
+            out["peak_bytes"] += extra
+        return out
     comm = summarize(messages(cfg, rank))
-    return {"rank": rank, **state_bytes(cfg, rank),
-            "input_bytes": input_bytes(cfg, rank),
-            "activations_bytes": kept_activation_bytes(cfg, rank),
-            "peak_bytes": formula_peak(cfg, rank),
-            "in_flight": in_flight_per_stage(cfg, rank),
-            "comm": {k: comm[k] for k in ("sent_bytes", "recv_bytes", "collective_bytes",
-                                          "wire_bytes", "messages", "by_role")},
-            "flops": rank_flops(cfg, rank)}
+    out = {"rank": rank, **state_bytes(cfg, rank),
+           "input_bytes": input_bytes(cfg, rank),
+           "activations_bytes": kept_activation_bytes(cfg, rank),
+           "peak_bytes": formula_peak(cfg, rank),
+           "in_flight": in_flight_per_stage(cfg, rank),
+           "comm": {k: comm[k] for k in ("sent_bytes", "recv_bytes", "collective_bytes",
+                                         "wire_bytes", "messages", "by_role")},
+           "flops": rank_flops(cfg, rank)}
+    t = cfg.train
+    if t.recompute != "none" or t.precision == "bf16" or t.optimizer != "sgd":
+        out.update(one_device_formula(cfg, rank))
+    return out
+
+
+# ---------------------------------------------------------------- one device's alternatives
+#
+# Recomputation, mixed precision and the optimizer's state (docs/one-device.md), as closed
+# forms on top of the ones above: each says what changes, the rest is theirs.
+
+
+def compute_itemsize(cfg: RunConfig) -> int:
+    """Bytes per element of what forward and backward make (activations, their gradients,
+    the data batch X): 2 under train.precision=bf16, else the master dtype's."""
+    return 2 if cfg.train.precision == "bf16" else ITEMSIZE[cfg.train.dtype]
+
+
+def recompute_flops(cfg: RunConfig, rank: int) -> int:
+    """Extra FLOPs of train.recompute=full: each micro-batch's backward redoes z = W x of
+    every layer the rank holds but the net's output layer (whose backward needs only its
+    input and dJ/do), 2·rows·n_in·n_out each — the forward's FLOPs less the output layer's."""
+    if cfg.train.recompute != "full":
+        return 0
+    rows = cfg.train.batch_size
+    if cfg.strategy.name == "data":
+        rows = data_rows(rows, cfg.world_size, rank)
+    last = cfg.spec.num_layers - 1
+    return sum(2 * rows * l.n_in * l.n_out for l in stage_layers(cfg, rank) if l.index != last)
+
+
+def optimizer_state_bytes(cfg: RunConfig, rank: int) -> int:
+    """The optimizer's state for the rank's parameters, in the master dtype: SGD with
+    momentum one buffer per parameter, Adam / AdamW two (m and v), plain SGD none."""
+    if cfg.strategy.name == "fsdp":  # the real elements of the rank's pieces
+        _, shards = _fsdp_plan(cfg)
+        p = sum(s.valid(rank) for s in shards) * ITEMSIZE[cfg.train.dtype]
+    else:
+        p = sum(l.params for l in stage_layers(cfg, rank)) * ITEMSIZE[cfg.train.dtype]
+    if cfg.train.optimizer in ("adam", "adamw"):
+        return 2 * p
+    return p if cfg.train.momentum else 0
+
+
+def compute_copy_bytes(cfg: RunConfig, rank: int) -> int:
+    """Mixed precision's bfloat16 copy of the rank's weights (2 bytes a parameter), kept
+    next to the float32 masters and counted with the params."""
+    if cfg.train.precision != "bf16":
+        return 0
+    return 2 * sum(l.params for l in stage_layers(cfg, rank))
+
+
+def recompute_kept_bytes(cfg: RunConfig, rank: int) -> int:
+    """Kept activations under train.recompute=full: per stage, micro-batches in flight ×
+    its input (rows × n_{first layer} × compute itemsize); a stage that reads the data
+    batch keeps nothing beyond it."""
+    c, rows = compute_itemsize(cfg), _rows(cfg, rank)
+    flight = in_flight_per_stage(cfg, rank)
+    first: dict[int, LocalLayer] = {}
+    for lay in stage_layers(cfg, rank):
+        first.setdefault(lay.stage, lay)
+    return sum(flight.get(s, 1) * rows * lay.n_in * c
+               for s, lay in first.items() if lay.index > 0)
+
+
+def one_device_formula(cfg: RunConfig, rank: int) -> dict[str, int]:
+    """state, kept activations and peak under the run's recompute / precision / optimizer,
+    from the plain closed forms: the state with the optimizer's and the bf16 copy's bytes;
+    what forward and backward make at the compute itemsize c instead of b; with recompute,
+    the stage inputs in flight kept, plus one micro-batch's z and h back in its backward."""
+    b, c = ITEMSIZE[cfg.train.dtype], compute_itemsize(cfg)
+    plain_state = state_bytes(cfg, rank)
+    state = {"params_bytes": plain_state["params_bytes"] + compute_copy_bytes(cfg, rank),
+             "grads_bytes": plain_state["grads_bytes"],
+             "optimizer_bytes": optimizer_state_bytes(cfg, rank)}
+    inp, kept = input_bytes(cfg, rank), kept_activation_bytes(cfg, rank)
+    transient = formula_peak(cfg, rank) - sum(plain_state.values()) - inp - kept
+    layers = stage_layers(cfg, rank)
+    rows = data_rows(cfg.train.batch_size, cfg.world_size, rank) \
+        if cfg.strategy.name == "data" else cfg.train.batch_size
+    x = rows * cfg.model.dims[0] * b if layers[0].index == 0 else 0
+    inp = inp - x + x * c // b
+    if cfg.train.recompute == "full":
+        per_mb = _kept_per_microbatch(cfg, rank)
+        mb_rows = _rows(cfg, rank)
+        first: dict[int, LocalLayer] = {}
+        for lay in layers:
+            first.setdefault(lay.stage, lay)
+        # the largest of one micro-batch's redone caches, less its input (already kept)
+        redone = max(n - (mb_rows * first[s].n_in * b if first[s].index > 0 else 0)
+                     for s, n in per_mb.items())
+        kept_now = recompute_kept_bytes(cfg, rank)
+        live = kept_now + redone * c // b
+    else:
+        kept_now = kept * c // b
+        live = kept_now
+    peak = sum(state.values()) + inp + live + transient * c // b
+    if cfg.train.precision == "bf16":
+        peak = max(peak, sum(state.values()) + inp + _mixed_weight_grad_live(cfg, rank))
+    return {**state, "activations_bytes": kept_now, "peak_bytes": peak}
+
+
+def _mixed_weight_grad_live(cfg: RunConfig, rank: int) -> int:
+    """bf16's other candidate for the peak: the backward of a stage's lowest layer makes its
+    weight gradient dJ/dz xᵀ as a bfloat16 temporary (n_out·n_in·2 bytes) before adding it
+    into the float32 buffer, while its x and z, dJ/dh, dJ/dz, the gradient the stage's
+    backward started from, and the other micro-batches in flight are alive (bytes beyond
+    state and the data batch)."""
+    b, c, rows = ITEMSIZE[cfg.train.dtype], compute_itemsize(cfg), _rows(cfg, rank)
+    L = cfg.spec.num_layers
+    flight = in_flight_per_stage(cfg, rank)
+    per_mb = _kept_per_microbatch(cfg, rank)
+    by_stage: dict[int, list[LocalLayer]] = {}
+    for lay in stage_layers(cfg, rank):
+        by_stage.setdefault(lay.stage, []).append(lay)
+    best = 0
+    for s, lays in by_stage.items():
+        low, top = lays[0], lays[-1]
+        one = (rows * low.n_in * c if low.index > 0 else 0) if cfg.train.recompute == "full" \
+            else per_mb[s] * c // b
+        hidden = low.index < L - 1
+        live = ((flight.get(s, 1) - 1) * one
+                + (rows * low.n_in * c if low.index > 0 else 0)  # x, unless the data batch
+                + rows * low.n_out * c * (3 if hidden else 1)  # z, dJ/dh, dJ/dz (or dJ/do)
+                + (rows * top.n_out * c if len(lays) > 1 else 0)  # where the backward began
+                + low.n_out * low.n_in * c)  # the bfloat16 product
+        best = max(best, live)
+    return best
+
+
+# bfloat16 keeps 8 significant bits: round-to-nearest errs by at most 2⁻⁸ relative.
+BF16_UNIT_ROUNDOFF = 2.0**-8
+
+
+def bf16_growth(cfg: RunConfig) -> dict[str, int]:
+    """How many unit roundoffs one bf16 step can add (docs/one-device.md): every matrix
+    product of the forward rounds its weight copy and its output, the data batch is
+    rounded once (2L+1, at most 3L with a rounded φ); the gradient of W¹ also passes back
+    through every layer, each rounding dJ/dz, its product and φ'(z) from a rounded z (6L)."""
+    L = cfg.spec.num_layers
+    return {"forward": 3 * L, "step": 6 * L}
+
+
+def bf16_loss_tolerance(cfg: RunConfig, losses: list[float]) -> float:
+    """|J_bf16 − J_float64| after the steps of `losses` (J per step), to first order:
+    evaluating J at the end errs by ≤ 3L·u·|J_T| (the forward's growth), and each step's
+    gradient by ≤ 6L·u relative, which changes that step's decrease of J by as much, so the
+    path adds ≤ 6L·u·Σ_t |J_t − J_{t+1}|. u = 2⁻⁸; no cancellation assumed."""
+    u, g = BF16_UNIT_ROUNDOFF, bf16_growth(cfg)
+    path = sum(abs(a - b) for a, b in zip(losses, losses[1:]))
+    return u * (g["forward"] * abs(losses[-1]) + g["step"] * path)
+
+
+def precision_check(cfg: RunConfig, losses: list[float]) -> dict[str, Any]:
+    """result.json's `check` under train.precision=bf16: the tolerance on the final J against
+    a float64 run of the same config (from this run's own curve), and what it rests on;
+    the achieved gradient error is `grad_max_rel_err` beside it. Empty otherwise."""
+    if cfg.train.precision != "bf16" or not losses:
+        return {}
+    g = bf16_growth(cfg)
+    return {"precision": "bf16", "unit_roundoff": BF16_UNIT_ROUNDOFF, "growth": g,
+            "grad_rel_err_first_order": g["step"] * BF16_UNIT_ROUNDOFF,
+            "final_loss_tolerance": bf16_loss_tolerance(cfg, losses),
+            "tolerance_reference": "float64, same config (docs/one-device.md)"}
 
 
 _DEVIATION_KEYS = ("peak_bytes", "params_bytes", "grads_bytes", "optimizer_bytes",
@@ -609,8 +784,9 @@ def formula_deviation(cfg: RunConfig) -> list[dict[str, Any]]:
         if d.same_as:
             continue
         f = formula(cfg, d.rank)
-        row: dict[str, Any] = {"rank": d.rank, "count": d.count,
-                               "moment": peak_terms(cfg, d.rank)["moment"]}
+        moment = ("floor (plans/fsdp.py)" if cfg.strategy.name == "fsdp"
+                  else peak_terms(cfg, d.rank)["moment"])
+        row: dict[str, Any] = {"rank": d.rank, "count": d.count, "moment": moment}
         for k in _DEVIATION_KEYS:
             row[k] = (d.memory[k], f[k], rel_err(f[k], d.memory[k]))
         for k in _DEVIATION_COMM:
@@ -679,7 +855,7 @@ def rank_costs(cfg: RunConfig, *, device: str = "cpu") -> list[RankCost]:
             d.rank, layers, messages(cfg, d.rank) if layers else [], d.comm, d.memory,
             {k: d.memory[k] for k in ("params_bytes", "grads_bytes", "optimizer_bytes")},
             rank_flops(cfg, d.rank) if layers else {"total": 0},
-            d.in_flight_max, d.count))
+            d.in_flight_max, d.count, extra={"flops_counted": d.flops}))
     return out
 
 
@@ -714,6 +890,8 @@ def predict(cfg: RunConfig, *, device: str = "cpu", params: CostParams | None = 
                   if sim else {"step_s": None, "compute_s": None, "idle_fraction": None})
         ranks.append({"rank": c.rank, "comm": c.comm, "memory": c.memory(), "timing": timing,
                       "flops": c.flops["total"], "flops_by_kind": c.flops,
+                      # the dry run's count of the runner's own matrix products
+                      "flops_counted": c.extra.get("flops_counted"),
                       "in_flight_max": c.in_flight_max,
                       "layers": [{"index": l.index, "n_in": l.n_in, "n_out": l.n_out}
                                  for l in c.layers]})

@@ -218,13 +218,16 @@ def step_ops(cfg, times: list[dict[str, float]], links: Links, *, schedule=None)
     from partition.plans.traffic import METRIC_BYTES, ring_wire_bytes
 
     name, P, M = cfg.strategy.name, cfg.ranks, cfg.train.microbatches
+    # activations cross in the compute dtype (bf16: 2 bytes), gradients reduce in the master's
     item, B = ITEM[cfg.train.dtype], cfg.train.batch_size
+    citem = 2 if cfg.train.precision == "bf16" else item
+    recompute = cfg.train.recompute == "full"
     metric = links.collective(ring_wire_bytes("all_reduce", METRIC_BYTES, P), P)
     if name == "pipeline":
         plan = plan_stages(cfg.spec, schedule.stages, cfg.strategy.balance)
 
         def transfer(m: Message) -> float:
-            return links.p2p(B // M * cfg.model.dims[plan[max(m.from_stage, m.to_stage)][0]] * item)
+            return links.p2p(B // M * cfg.model.dims[plan[max(m.from_stage, m.to_stage)][0]] * citem)
 
         return pipeline_ops(schedule, compute=lambda a: times[schedule.stage_rank[a.stage]][
             f"s{a.stage}:{a.kind}"], transfer=transfer, tail=lambda r: times[r]["update"],
@@ -244,7 +247,7 @@ def step_ops(cfg, times: list[dict[str, float]], links: Links, *, schedule=None)
         elif name == "tensor":
             shards = plan_layers(cfg.strategy.layout, cfg.model.dims, P, r)
             calls = tensor_calls(cfg.strategy.layout, cfg.model.dims, world=P, rank=r, batch=B,
-                                 micro=M, itemsize=item)[:-1]
+                                 micro=M, itemsize=citem, recompute=recompute)[:-1]
             at = 0
 
             def comm(m: int) -> None:
@@ -261,6 +264,11 @@ def step_ops(cfg, times: list[dict[str, float]], links: Links, *, schedule=None)
                     if P > 1 and (s.kind == "row" or s.kind == "rowwise"):
                         comm(m)
                 ops.append(Op(r, "compute", "loss", t["loss"], args={"kind": "loss", "mb": m}))
+                # recompute: the redone forward's hidden-layer collectives cross again (their
+                # compute is in the calibrated B times)
+                for s in shards if recompute and P > 1 else ():
+                    if s.layer < cfg.spec.num_layers - 1 and s.kind in ("row", "rowwise"):
+                        comm(m)
                 for i in range(len(shards) - 1, -1, -1):
                     s = shards[i]
                     ops.append(Op(r, "compute", f"B{s.layer}", t[f"B{s.layer}"],

@@ -25,7 +25,7 @@ import torch
 from partition.comm import Comm, Pending
 from partition.config import RunConfig
 from partition.data import Dataset
-from partition.model import SGD, Layer, make_layer
+from partition.model import Layer, compute_copies, make_layer
 from partition.plans.schedule import (
     Action,
     Message,
@@ -38,7 +38,15 @@ from partition.plans.schedule import (
     sent_order,
 )
 from partition.plans.stages import plan_stages
-from partition.strategies.base import StepOut, finish_step, state_bytes
+from partition.strategies.base import (
+    StepOut,
+    build_optimizer,
+    compute_dtype,
+    finish_step,
+    master_dtype,
+    recomputes,
+    state_bytes,
+)
 from partition.strategies.stage import Stage
 from partition.topology import Topology
 from partition.trace import maybe_span
@@ -57,7 +65,9 @@ class PipelineRunner:
                  full: dict[str, torch.Tensor], *, schedule: Schedule | None = None) -> None:
         self.cfg, self.topo, self.comm, self.data = cfg, topo, comm, data
         self.spec = cfg.spec
-        self.dtype = getattr(torch, cfg.train.dtype)
+        # Masters in train.dtype; activations and their gradients (what crosses between stages)
+        # in the compute dtype: bf16 halves those bytes.
+        self.dtype, self.cdtype = master_dtype(cfg), compute_dtype(cfg)
         self.schedule = schedule or pipeline_schedule(cfg)
         self.plan = plan_stages(self.spec, self.schedule.stages, cfg.strategy.balance)
         self.stages: dict[int, Stage] = {}
@@ -65,9 +75,12 @@ class PipelineRunner:
             start, end = self.plan[s]
             layers = [make_layer(full, l, dtype=self.dtype, device=topo.device)
                       for l in range(start, end)]
-            self.stages[s] = Stage(self.spec, layers, index=s)
+            self.stages[s] = Stage(self.spec, layers, index=s,
+                                   compute=compute_copies(layers, self.cdtype),
+                                   recompute=recomputes(cfg))
         self.layers: list[Layer] = [l for st in self.stages.values() for l in st.layers]
-        self.opt = SGD(cfg.train.lr, cfg.train.momentum)
+        self.compute: list[Layer] = [l for st in self.stages.values() for l in st.compute]
+        self.opt = build_optimizer(cfg)
         self.micro = cfg.train.microbatches
         self.mb_rows = cfg.train.batch_size // self.micro
         self.actions: tuple[Action, ...] = self.schedule.ranks[topo.rank]
@@ -94,7 +107,7 @@ class PipelineRunner:
     def _post(self, msg: Message) -> None:
         """Post the receive of `msg`, after the same peer's earlier messages not yet posted."""
         for m in self._order.upto(msg):
-            self._posted[m] = self.comm.post_recv(self._shape(m), self.dtype,
+            self._posted[m] = self.comm.post_recv(self._shape(m), self.cdtype,
                                                   self.schedule.stage_rank[m.from_stage],
                                                   role=m.role, phase=_PHASE[m.role])
 
@@ -156,14 +169,13 @@ class PipelineRunner:
                 nxt = needs(self.actions[i + 1], S)
                 if self._remote(nxt):
                     self._post(nxt)
-            if self.eager:
-                for p in sends:
-                    self.comm.wait_send(p)
-                sends.clear()
+            if self.eager:  # popped, so no name keeps the sent buffer alive after its wait
+                while sends:
+                    self.comm.wait_send(sends.pop(0))
             self._in_flight_max = max(self._in_flight_max,
                                       sum(st.in_flight for st in self.stages.values()))
-        for p in sends:
-            self.comm.wait_send(p)
+        while sends:
+            self.comm.wait_send(sends.pop(0))
         assert not self._local and not self._posted and not self._dloss
         assert all(st.idle() for st in self.stages.values())
 
@@ -177,11 +189,9 @@ class PipelineRunner:
         t = self.cfg.train
         idx = self.data.rows(step, t.batch_size, shuffle=self.cfg.data.shuffle, seed=self.cfg.seed)
         dev = self.topo.device
-        self._X = self.data.X[idx].to(device=dev, dtype=self.dtype).chunk(self.micro) if self.first else None
+        self._X = self.data.X[idx].to(device=dev, dtype=self.cdtype).chunk(self.micro) if self.first else None
         if self.last:
-            y = self.data.y[idx]
-            y = y.to(dev) if y.dtype == torch.int64 else y.to(device=dev, dtype=self.dtype)
-            self._y = y.chunk(self.micro)
+            self._y = self.data.targets(idx, device=dev, dtype=self.dtype).chunk(self.micro)
         else:
             self._y = None
 
@@ -200,7 +210,7 @@ class PipelineRunner:
                            batch=self.cfg.train.batch_size, want_grads=want_grads,
                            cross_entropy=self.spec.loss == "cross_entropy",
                            in_flight_max=self._in_flight_max, device=self.topo.device,
-                           tracer=self.tracer)
+                           compute=self.compute, tracer=self.tracer)
 
     def predict(self, step: int, *, exchange: bool = True) -> torch.Tensor | None:
         """A prediction forward through the pipeline (no micro-batching, nothing kept).
@@ -216,14 +226,14 @@ class PipelineRunner:
             width = self.spec.dims[self.plan[s][0]]
             if s == 0:
                 idx = self.data.rows(step, B, shuffle=self.cfg.data.shuffle, seed=self.cfg.seed)
-                x = self.data.X[idx].to(device=self.topo.device, dtype=self.dtype)
+                x = self.data.X[idx].to(device=self.topo.device, dtype=self.cdtype)
             elif s - 1 in self.stages and out is not None:
                 x = out  # the previous stage is on this rank: handed over
             elif exchange:
-                x = self.comm.recv((B, width), self.dtype, self.schedule.stage_rank[s - 1],
+                x = self.comm.recv((B, width), self.cdtype, self.schedule.stage_rank[s - 1],
                                    role="activation", phase="forward")
             else:
-                x = torch.zeros((B, width), dtype=self.dtype, device=self.topo.device)
+                x = torch.zeros((B, width), dtype=self.cdtype, device=self.topo.device)
             out = st.predict(x)
             del x
             if s + 1 < S and s + 1 not in self.stages:
@@ -236,4 +246,4 @@ class PipelineRunner:
         return out if self.last else None
 
     def state_bytes(self) -> dict[str, int]:
-        return state_bytes(self.layers, self.opt.state_bytes(self.layers))
+        return state_bytes(self.layers, self.opt.state_bytes(self.layers), self.compute)
