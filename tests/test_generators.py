@@ -59,7 +59,7 @@ def torch_order(name: str, P: int, M: int, v: int):
 
 
 CROSS = [(name, v, P, M) for name in NEW for v in ((2,) if name in ("zbv", "dualpipev") else (1, 2))
-         for P in (2, 4) for M in (1, 2, 3, 4, 5, 6, 8, 12, 16)]
+         for P in (2, 4) for M in (1, 2, 3, 4, 5, 8, 16)]
 
 
 @pytest.mark.parametrize("name,v,P,M", CROSS)
@@ -101,8 +101,8 @@ def test_one_stage_per_rank_needs_no_rounds(name):
 
 
 @pytest.mark.parametrize("name", NEW)
-@pytest.mark.parametrize("P", [1, 2, 3, 4, 5])
-@pytest.mark.parametrize("M", [2, 4, 5, 8, 10])
+@pytest.mark.parametrize("P", [1, 2, 3, 4])
+@pytest.mark.parametrize("M", [2, 4, 5, 8])
 def test_every_generated_schedule_is_valid_and_crosses_each_boundary_once(name, P, M):
     try:
         s = named_schedule(name, world=P, micro=M)
