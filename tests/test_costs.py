@@ -269,7 +269,7 @@ def test_closed_form_peak_within_5pct_on_the_compare_cases():
     from experiments.compare import plan
 
     _, planned = plan([])
-    assert len(planned) == 14
+    assert len(planned) == 16
     for case, cfg in planned:
         for row in costs.formula_deviation(cfg):
             dry, form, _ = row["peak_bytes"]
