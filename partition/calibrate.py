@@ -368,7 +368,8 @@ def resolve_balance(cfg: Any) -> Any:
 
     if cfg.strategy.name != "pipeline" or cfg.strategy.balance != "time":
         return cfg
-    sched = load_schedule(cfg.strategy.schedule, world=cfg.world_size, micro=cfg.train.microbatches)
+    sched = load_schedule(cfg.strategy.schedule, world=cfg.world_size, micro=cfg.train.microbatches,
+                          virtual=cfg.strategy.virtual_stages)
     per_layer = layer_times(cfg)
     L, S = cfg.spec.num_layers, sched.stages
     from partition.costs import CostParams

@@ -17,7 +17,8 @@ from partition.model import ACTIVATIONS, LOSSES, MLPSpec
 from partition.plans.fsdp import ZERO_STAGES
 
 STRATEGIES = ("single", "pipeline", "tensor", "data", "fsdp")
-SCHEDULES = ("gpipe", "1f1b")  # or the path of a compute-only .csv (plans/schedule.py)
+# or the path of a compute-only .csv (plans/schedule.py); the last five in plans/generators.py
+SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "looped_bfs", "zb1p", "zbv", "dualpipev")
 LAYOUTS = ("megatron", "rowwise")
 DEVICES = ("auto", "cpu", "cuda")
 ENGINES = ("explicit", "torch")
@@ -52,7 +53,11 @@ def _show(value: Any) -> str:
 @dataclass(frozen=True)
 class StrategyConfig:
     name: str = "single"
-    schedule: str = "gpipe"  # pipeline: gpipe | 1f1b | path to a .csv of per-rank actions
+    schedule: str = "gpipe"  # pipeline: one of SCHEDULES | path to a .csv of per-rank actions
+    # pipeline: stages per rank (P·v stages in all). None in the config = the schedule's own
+    # (1; 2 for interleaved_1f1b, looped_bfs, zbv, dualpipev); resolved here for a named
+    # schedule; a .csv says itself which rank holds which stage.
+    virtual_stages: int | None = None
     # pipeline: params (None) | flops | time | layers per stage (plans/stages.py)
     balance: tuple[int, ...] | str | None = None
     layout: str = "megatron"  # tensor: megatron | rowwise
@@ -352,9 +357,12 @@ def parse_config(d: dict[str, Any]) -> RunConfig:
     sname = strategy_node if isinstance(strategy_node, str) else _get(d, "strategy.name", "single")
     name = _choice("strategy", sname, STRATEGIES)
     balance_raw = _get(d, "strategy.balance", None) if isinstance(strategy_node, dict) else None
+    schedule = _schedule(_get(d, "strategy.schedule", "gpipe"))
     strategy = StrategyConfig(
         name=name,
-        schedule=_schedule(_get(d, "strategy.schedule", "gpipe")),
+        schedule=schedule,
+        virtual_stages=_virtual(schedule, _get(d, "strategy.virtual_stages", None),
+                                resolve=name == "pipeline"),
         balance=_balance(balance_raw),
         layout=_choice("strategy.layout", _get(d, "strategy.layout", "megatron"), LAYOUTS),
         zero_stage=_zero_stage(_get(d, "strategy.zero_stage", 3)),
@@ -522,13 +530,29 @@ def _schedule(v: Any) -> str:
     return _choice("strategy.schedule", v, SCHEDULES)
 
 
+def _virtual(schedule: str, v: Any, *, resolve: bool) -> int | None:
+    """strategy.virtual_stages: null or an integer >= 1; for a named pipeline schedule,
+    resolved to its stages per rank (refused where the schedule has a fixed number)."""
+    from partition.plans.generators import virtual_stages
+    from partition.plans.schedule import ScheduleError
+
+    raw = None if v is None or (isinstance(v, str) and v.lower() in ("null", "none")) else (
+        _int("strategy.virtual_stages", v, min_value=1))
+    if not resolve or schedule.endswith(".csv"):
+        return raw
+    try:
+        return virtual_stages(schedule, raw)
+    except ScheduleError as e:
+        raise ConfigError("strategy.virtual_stages", raw, str(e)) from None
+
+
 def _check_schedule(cfg: RunConfig) -> None:
     """Load and validate the pipeline schedule (complete, ordered, deadlock-free)."""
     from partition.plans.schedule import ScheduleError, load_schedule
 
     try:
         sched = load_schedule(cfg.strategy.schedule, world=cfg.world_size,
-                              micro=cfg.train.microbatches)
+                              micro=cfg.train.microbatches, virtual=cfg.strategy.virtual_stages)
     except ScheduleError as e:
         raise ConfigError("strategy.schedule", cfg.strategy.schedule, str(e)) from None
     L = cfg.spec.num_layers
@@ -560,9 +584,17 @@ def _check_cross(cfg: RunConfig) -> None:
             raise ConfigError("fault.step", f.step, f"must be < train.steps={cfg.train.steps}")
     L = cfg.spec.num_layers
     if cfg.strategy.name == "pipeline":
-        if cfg.world_size > L and not cfg.strategy.schedule.endswith(".csv"):
-            raise ConfigError("world_size", cfg.world_size,
-                              f"pipeline needs at most one stage per layer; model.dims has {L} layers")
+        v = cfg.strategy.virtual_stages
+        if not cfg.strategy.schedule.endswith(".csv") and cfg.world_size * v > L:
+            # A named schedule cuts the net into P·v stages of at least one layer each.
+            if v == 1:
+                raise ConfigError("world_size", cfg.world_size,
+                                  f"pipeline needs at most one stage per layer; model.dims has "
+                                  f"{L} layers")
+            raise ConfigError("strategy.virtual_stages", v,
+                              f"{cfg.strategy.schedule} on world_size={cfg.world_size} cuts the "
+                              f"net into {cfg.world_size}×{v}={cfg.world_size * v} stages; "
+                              f"model.dims has {L} layers and every stage needs at least one")
         bal = cfg.strategy.balance
         if bal is not None and not isinstance(bal, str):
             if sum(bal) != L:
@@ -614,6 +646,7 @@ def _check_cross(cfg: RunConfig) -> None:
 def _strategy_settings(cfg: RunConfig) -> list[tuple[str, Any, Any, tuple[str, ...]]]:
     s, default = cfg.strategy, StrategyConfig()
     return [("strategy.schedule", s.schedule, default.schedule, ("pipeline",)),
+            ("strategy.virtual_stages", s.virtual_stages, default.virtual_stages, ("pipeline",)),
             ("strategy.balance", s.balance, default.balance, ("pipeline",)),
             ("strategy.layout", s.layout, default.layout, ("tensor",))]
 
@@ -642,6 +675,7 @@ def _check_switches(cfg: RunConfig) -> None:
 def _check_torch_engine(cfg: RunConfig) -> None:
     """What PyTorch's own engines (partition/engines) cannot do, refused before any rank starts."""
     P, M = cfg.world_size, cfg.train.microbatches
+    sched = cfg.strategy.schedule
     t = cfg.train
     for key, value, plain in (("train.recompute", t.recompute, "none"),
                               ("train.precision", t.precision, OWN_PRECISION[t.dtype]),
@@ -649,17 +683,23 @@ def _check_torch_engine(cfg: RunConfig) -> None:
         if value != plain:
             raise ConfigError(key, value, f"engine=torch runs {key}={plain}; this one runs on "
                                           f"engine=explicit")
-    if cfg.strategy.name == "pipeline" and cfg.strategy.schedule.endswith(".csv"):
-        raise ConfigError("strategy.schedule", cfg.strategy.schedule,
-                          "engine=torch runs gpipe and 1f1b; a .csv schedule runs on "
-                          "engine=explicit")
     if cfg.strategy.name == "fsdp" and cfg.strategy.zero_stage != 3:
         raise ConfigError("strategy.zero_stage", cfg.strategy.zero_stage,
                           "engine=torch runs FSDP2 (fully_shard), which is zero_stage=3; "
                           "stages 1 and 2 run on engine=explicit")
-    if cfg.strategy.name == "pipeline" and cfg.strategy.schedule == "1f1b" and M < P:
+    if cfg.strategy.name == "pipeline" and sched == "1f1b" and M < P:
         raise ConfigError("train.microbatches", M,
                           f"engine=torch's Schedule1F1B needs >= world_size={P} micro-batches")
+    if cfg.strategy.name == "pipeline" and sched in ("interleaved_1f1b", "zb1p"):
+        # torch orders the micro-batches of its interleaved schedules in max(1, M // P) equal
+        # rounds even with one stage per rank, where the explicit engine needs none.
+        rounds = max(1, M // P)
+        if M % rounds:
+            cls = {"interleaved_1f1b": "ScheduleInterleaved1F1B",
+                   "zb1p": "ScheduleInterleavedZeroBubble"}[sched]
+            raise ConfigError("train.microbatches", M,
+                              f"engine=torch's {cls} runs M in max(1, M // P)={rounds} equal "
+                              f"rounds (world_size={P}); M must be a multiple of {rounds}")
     if cfg.strategy.name == "tensor" and cfg.strategy.layout == "megatron":
         # A column-parallel layer followed by a row-parallel one: DTensor.from_local rebuilds
         # the row layer's input assuming even shards.

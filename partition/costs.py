@@ -34,7 +34,6 @@ from partition.plans.schedule import (
     Message,
     Schedule,
     eager_sends,
-    gpipe_bubble,
     in_flight,
     load_schedule,
     needs,
@@ -75,14 +74,16 @@ class LocalLayer:
 
 
 def _schedule(cfg: RunConfig):  # noqa: ANN202 - plans.schedule.Schedule
+    v = cfg.strategy.virtual_stages
     if cfg.strategy.schedule in NAMED:  # built and validated once: every rank's formulas read it
-        return _named_schedule(cfg.strategy.schedule, cfg.world_size, cfg.train.microbatches)
-    return load_schedule(cfg.strategy.schedule, world=cfg.world_size, micro=cfg.train.microbatches)
+        return _named_schedule(cfg.strategy.schedule, cfg.world_size, cfg.train.microbatches, v)
+    return load_schedule(cfg.strategy.schedule, world=cfg.world_size, micro=cfg.train.microbatches,
+                         virtual=v)
 
 
 @lru_cache(maxsize=16)
-def _named_schedule(name: str, world: int, micro: int):  # noqa: ANN202
-    return load_schedule(name, world=world, micro=micro)
+def _named_schedule(name: str, world: int, micro: int, virtual: int | None):  # noqa: ANN202
+    return load_schedule(name, world=world, micro=micro, virtual=virtual)
 
 
 def stage_layers(cfg: RunConfig, rank: int) -> list[LocalLayer]:
@@ -270,10 +271,15 @@ def rank_flops(cfg: RunConfig, rank: int) -> dict[str, int]:
 
 
 def bubble_fraction(cfg: RunConfig) -> float:
-    """Ideal idle share of a pipeline step with equal stages: (P−1)/(M+P−1) (GPipe, 1F1B)."""
+    """Ideal idle share of a pipeline step: the schedule's action lists simulated with equal
+    stages, F = I = W (B = 2F) and free communication, averaged over the ranks —
+    (P−1)/(M+P−1) for GPipe and 1F1B (simulate.ideal_idle)."""
     if cfg.strategy.name != "pipeline":
         return 0.0
-    return gpipe_bubble(cfg.world_size, cfg.train.microbatches)
+    from partition.simulate import ideal_idle
+
+    idle = ideal_idle(_schedule(cfg))
+    return sum(idle) / len(idle)
 
 
 def in_flight_per_stage(cfg: RunConfig, rank: int) -> dict[int, int]:
@@ -328,10 +334,32 @@ def _kept_width(lay: LocalLayer, L: int) -> int:
     return (lay.n_in if lay.index > 0 else 0) + (lay.n_out if lay.index < L - 1 else 0)
 
 
+def _kept_for_weight_grad(cfg: RunConfig, rank: int) -> dict[int, int]:
+    """Per stage, bytes one micro-batch keeps from its I to its W (a deferred weight
+    gradient): every layer's input x (but the data batch) and its dJ/dz, z freed."""
+    item, rows = ITEMSIZE[cfg.train.dtype], _rows(cfg, rank)
+    out: dict[int, int] = {}
+    for lay in stage_layers(cfg, rank):
+        n = (lay.n_in if lay.index > 0 else 0) + lay.n_out
+        out[lay.stage] = out.get(lay.stage, 0) + rows * n * item
+    return out
+
+
 def kept_activation_bytes(cfg: RunConfig, rank: int) -> int:
-    """The kept-activation peak: Σ over stages of micro-batches in flight × what each keeps."""
-    flight = in_flight_per_stage(cfg, rank)
-    return sum(flight.get(s, 1) * n for s, n in _kept_per_microbatch(cfg, rank).items())
+    """The kept-activation peak. A pipeline rank walks its action list: F keeps what a
+    micro-batch keeps for backward, I trades it for what the deferred W needs, W and B free
+    it; the peak of that running sum (with F and B only, and one stage per rank: micro-batches
+    in flight × what each keeps). Elsewhere one micro-batch's worth."""
+    kf = _kept_per_microbatch(cfg, rank)
+    if cfg.strategy.name != "pipeline":
+        return sum(kf.values())
+    kw = _kept_for_weight_grad(cfg, rank)
+    live = peak = 0
+    for a in _schedule(cfg).ranks[rank]:
+        live += {"F": kf[a.stage], "B": -kf[a.stage], "I": kw[a.stage] - kf[a.stage],
+                 "W": -kw[a.stage]}[a.kind]
+        peak = max(peak, live)
+    return peak
 
 
 def _batch_rows(cfg: RunConfig, rank: int) -> int:
@@ -453,9 +481,9 @@ def _pipeline_moments(cfg: RunConfig, rank: int) -> dict[str, int]:
 
     Boundary buffers, each one micro-batch of a boundary width (r·n_k·b):
       G         a B's incoming dJ/d(output), held through the stage's backward
-      held      sent buffers still referenced: with eager sends the last one (the wait
-                loop's variable holds it until the next send completes), otherwise every
-                send of the step (waited for at its end)
+      held      sent buffers not yet waited for: none with eager sends (each is waited for
+                and freed right after the next receive is posted), otherwise every send of
+                the step (waited for at its end)
       local     outputs handed to a stage on the same rank, until it takes them
       posted    the receive posted for the next action, as soon as this one is done
     An F's received input is not a term of its own: it is the first layer's kept x.
@@ -512,7 +540,7 @@ def _pipeline_moments(cfg: RunConfig, rank: int) -> dict[str, int]:
         hand_off = max(hand_off, kept() + loss_grads() + sent + sum(held) + sum(local.values())
                        + posted)
         if sent:
-            held = [sent] if eager else [*held, sent]
+            held = [] if eager else [*held, sent]
     return {"backward": backward, "hand-off": hand_off}
 
 
@@ -756,8 +784,9 @@ def formula_deviation(cfg: RunConfig) -> list[dict[str, Any]]:
         if d.same_as:
             continue
         f = formula(cfg, d.rank)
-        row: dict[str, Any] = {"rank": d.rank, "count": d.count,
-                               "moment": peak_terms(cfg, d.rank)["moment"]}
+        moment = ("floor (plans/fsdp.py)" if cfg.strategy.name == "fsdp"
+                  else peak_terms(cfg, d.rank)["moment"])
+        row: dict[str, Any] = {"rank": d.rank, "count": d.count, "moment": moment}
         for k in _DEVIATION_KEYS:
             row[k] = (d.memory[k], f[k], rel_err(f[k], d.memory[k]))
         for k in _DEVIATION_COMM:

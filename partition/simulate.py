@@ -171,6 +171,17 @@ def pipeline_ops(s: Schedule, *, compute: Callable[[Action], float],
     return ops
 
 
+UNIT = {"F": 1.0, "I": 1.0, "W": 1.0, "B": 2.0}  # equal F, I, W; B = I then W
+
+
+def ideal_idle(s: Schedule) -> list[float]:
+    """Per rank, the idle fraction of schedule `s` with equal stages, unit F = I = W (B = 2)
+    and free communication: what the papers' bubble formulas describe, for this exact list."""
+    tl = simulate(pipeline_ops(s, compute=lambda a: UNIT[a.kind], transfer=lambda m: 0.0),
+                  s.world)
+    return [tl.idle_fraction(r) for r in range(s.world)]
+
+
 # ---------------------------------------------------------------- every strategy's step
 
 

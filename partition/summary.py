@@ -225,8 +225,10 @@ def summarize(df: pd.DataFrame) -> list[str]:
             meas, pred = num(r["bubble"]), num(r["pred_bubble"])
             m = "—" if meas is None else f"{meas:.0%}"
             p = "—" if pred is None else f"{pred:.0%}"
+            ideal = "(P−1)/(M+P−1)" if r["variant"] in ("gpipe", "1f1b") else \
+                "with equal stages and free communication"
             items.append(f"{run_label(r)} M={r['M']} spends {m} of a step not computing "
-                         f"(predicted bubble (P−1)/(M+P−1) = {p})")
+                         f"(predicted bubble {ideal} = {p})")
         dis.append("**Bubble**: " + "; ".join(items) + ".")
 
     # ---- loss after the same examples

@@ -8,7 +8,10 @@ that stage is on another rank, locally otherwise. Activations are kept per (stag
 micro-batch) in each `Stage`, so backwards may come in any order.
 
 Sends never block: each is posted, and the receive the next action needs is posted right
-after it, so two neighbours exchanging (1F1B's steady state) can never both wait. When
+after it, so two neighbours exchanging (1F1B's steady state) can never both wait.
+Receives from one peer are posted in the order that peer sends (`ReceiveOrder`: a
+message needed before an earlier one of the same peer is posted after it), since
+messages between two ranks are matched in posting order. When
 the plan proves it safe under NCCL's rule that a send completes only once its receive
 is posted (`eager_sends`: true for GPipe and 1F1B), each send is then waited for at once
 and its buffer freed as a blocking send would; otherwise sends are waited for at the end
@@ -23,7 +26,17 @@ from partition.comm import Comm, Pending
 from partition.config import RunConfig
 from partition.data import Dataset
 from partition.model import Layer, compute_copies, make_layer
-from partition.plans.schedule import Action, Message, Schedule, eager_sends, load_schedule, needs, produces
+from partition.plans.schedule import (
+    Action,
+    Message,
+    ReceiveOrder,
+    Schedule,
+    eager_sends,
+    load_schedule,
+    needs,
+    produces,
+    sent_order,
+)
 from partition.plans.stages import plan_stages
 from partition.strategies.base import (
     StepOut,
@@ -43,7 +56,8 @@ _PHASE = {"activation": "forward", "activation_grad": "backward"}
 
 def pipeline_schedule(cfg: RunConfig) -> Schedule:
     """The validated schedule a config names (a CSV path is read here)."""
-    return load_schedule(cfg.strategy.schedule, world=cfg.world_size, micro=cfg.train.microbatches)
+    return load_schedule(cfg.strategy.schedule, world=cfg.world_size, micro=cfg.train.microbatches,
+                         virtual=cfg.strategy.virtual_stages)
 
 
 class PipelineRunner:
@@ -71,6 +85,7 @@ class PipelineRunner:
         self.mb_rows = cfg.train.batch_size // self.micro
         self.actions: tuple[Action, ...] = self.schedule.ranks[topo.rank]
         self.eager = eager_sends(self.schedule)
+        self._sent_order = sent_order(self.schedule, topo.rank)
         self.first = 0 in self.stages
         self.last = self.schedule.stages - 1 in self.stages
         self.tracer = None  # a trace.Tracer, set by the train loop
@@ -89,10 +104,12 @@ class PipelineRunner:
         boundary = self.plan[msg.to_stage][0] if msg.role == "activation" else self.plan[msg.from_stage][0]
         return (self.mb_rows, self.spec.dims[boundary])
 
-    def _post(self, msg: Message) -> Pending:
-        return self.comm.post_recv(self._shape(msg), self.cdtype,
-                                   self.schedule.stage_rank[msg.from_stage], role=msg.role,
-                                   phase=_PHASE[msg.role])
+    def _post(self, msg: Message) -> None:
+        """Post the receive of `msg`, after the same peer's earlier messages not yet posted."""
+        for m in self._order.upto(msg):
+            self._posted[m] = self.comm.post_recv(self._shape(m), self.cdtype,
+                                                  self.schedule.stage_rank[m.from_stage],
+                                                  role=m.role, phase=_PHASE[m.role])
 
     def _input(self, a: Action) -> torch.Tensor | None:
         """What action `a` works on: the data, a local hand-over, a received tensor or dJ/do."""
@@ -104,8 +121,8 @@ class PipelineRunner:
             return self._X[a.mb] if a.kind == "F" else self._dloss.pop(a.mb)
         if not self._remote(msg):
             return self._local.pop(msg)
-        pending = self._posted.pop(msg, None) or self._post(msg)
-        return self.comm.wait_recv(pending)
+        self._post(msg)
+        return self.comm.wait_recv(self._posted.pop(msg))
 
     # ------------------------------------------------------------ one action
 
@@ -132,6 +149,7 @@ class PipelineRunner:
         S = self.schedule.stages
         self._local: dict[Message, torch.Tensor] = {}
         self._posted: dict[Message, Pending] = {}
+        self._order = ReceiveOrder(self._sent_order, self.schedule.stage_rank)
         sends: list[Pending] = []
         for i, a in enumerate(self.actions):
             x = self._input(a)
@@ -149,16 +167,15 @@ class PipelineRunner:
             del out
             if i + 1 < len(self.actions):
                 nxt = needs(self.actions[i + 1], S)
-                if self._remote(nxt) and nxt not in self._posted:
-                    self._posted[nxt] = self._post(nxt)
-            if self.eager:
-                for p in sends:
-                    self.comm.wait_send(p)
-                sends.clear()
+                if self._remote(nxt):
+                    self._post(nxt)
+            if self.eager:  # popped, so no name keeps the sent buffer alive after its wait
+                while sends:
+                    self.comm.wait_send(sends.pop(0))
             self._in_flight_max = max(self._in_flight_max,
                                       sum(st.in_flight for st in self.stages.values()))
-        for p in sends:
-            self.comm.wait_send(p)
+        while sends:
+            self.comm.wait_send(sends.pop(0))
         assert not self._local and not self._posted and not self._dloss
         assert all(st.idle() for st in self.stages.values())
 
