@@ -106,8 +106,11 @@ NAMES = [k for k, _ in KEYS]
 
 
 def _configs(P: int):
-    """The cases at P = 2 (the CSV schedule is a two-rank one); none in other spawns."""
-    return [make_config(**{**kw, "world_size": P}) for _, kw in KEYS] if P == 2 else []
+    """The cases are for P = 2 (the CSV schedule has two rank rows); another module's
+    spawn at another P runs none of them."""
+    if P != 2:
+        return []
+    return [make_config(**{**kw, "world_size": P}) for _, kw in KEYS]
 
 
 register("one_device", _configs)
