@@ -654,16 +654,24 @@ def compute_copy_bytes(cfg: RunConfig, rank: int) -> int:
 
 
 def recompute_kept_bytes(cfg: RunConfig, rank: int) -> int:
-    """Kept activations under train.recompute=full: per stage, micro-batches in flight ×
-    its input (rows × n_{first layer} × compute itemsize); a stage that reads the data
-    batch keeps nothing beyond it."""
-    c, rows = compute_itemsize(cfg), _rows(cfg, rank)
-    flight = in_flight_per_stage(cfg, rank)
-    first: dict[int, LocalLayer] = {}
+    """Kept activations under train.recompute=full, walked over the rank's action list as
+    `kept_activation_bytes` walks it: F keeps the stage's input (rows × n_first × compute
+    itemsize; nothing for the stage that reads the data batch), I trades it for what the
+    deferred W needs (the same as without recomputation: the redone x and dJ/dz), W and B
+    free it. With F and B only and one stage per rank: micro-batches in flight × input."""
+    b, c, rows = ITEMSIZE[cfg.train.dtype], compute_itemsize(cfg), _rows(cfg, rank)
+    kf: dict[int, int] = {}
     for lay in stage_layers(cfg, rank):
-        first.setdefault(lay.stage, lay)
-    return sum(flight.get(s, 1) * rows * lay.n_in * c
-               for s, lay in first.items() if lay.index > 0)
+        kf.setdefault(lay.stage, rows * lay.n_in * c if lay.index > 0 else 0)
+    if cfg.strategy.name != "pipeline":
+        return sum(kf.values())
+    kw = {s: n * c // b for s, n in _kept_for_weight_grad(cfg, rank).items()}
+    live = peak = 0
+    for a in _schedule(cfg).ranks[rank]:
+        live += {"F": kf[a.stage], "B": -kf[a.stage], "I": kw[a.stage] - kf[a.stage],
+                 "W": -kw[a.stage]}[a.kind]
+        peak = max(peak, live)
+    return peak
 
 
 def one_device_formula(cfg: RunConfig, rank: int) -> dict[str, int]:
