@@ -41,7 +41,7 @@ STRATEGY_ORDER = {"single": 0, "pipeline": 1, "tensor": 2, "data": 3}
 MISSING = "—"
 
 # The memory categories of a breakdown, in the order the figures stack them.
-CATEGORIES = ("params", "grads", "optimizer", "input", "activations", "comm", "temporaries")
+from partition.memory import CATEGORIES  # noqa: E402 - the probe's own list, one definition
 
 # (column, header) of the compact table printed on the terminal (fits 120 columns;
 # results.md and results.csv have every column).
