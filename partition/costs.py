@@ -353,7 +353,12 @@ def kept_activation_bytes(cfg: RunConfig, rank: int) -> int:
     kf = _kept_per_microbatch(cfg, rank)
     if cfg.strategy.name != "pipeline":
         return sum(kf.values())
-    kw = _kept_for_weight_grad(cfg, rank)
+    return _walk_kept(cfg, rank, kf, _kept_for_weight_grad(cfg, rank))
+
+
+def _walk_kept(cfg: RunConfig, rank: int, kf: dict[int, int], kw: dict[int, int]) -> int:
+    """The most bytes kept at once along the rank's action list: F keeps `kf` of its stage,
+    I trades that for the `kw` its W needs, B and W let go."""
     live = peak = 0
     for a in _schedule(cfg).ranks[rank]:
         live += {"F": kf[a.stage], "B": -kf[a.stage], "I": kw[a.stage] - kf[a.stage],
@@ -666,12 +671,7 @@ def recompute_kept_bytes(cfg: RunConfig, rank: int) -> int:
     if cfg.strategy.name != "pipeline":
         return sum(kf.values())
     kw = {s: n * c // b for s, n in _kept_for_weight_grad(cfg, rank).items()}
-    live = peak = 0
-    for a in _schedule(cfg).ranks[rank]:
-        live += {"F": kf[a.stage], "B": -kf[a.stage], "I": kw[a.stage] - kf[a.stage],
-                 "W": -kw[a.stage]}[a.kind]
-        peak = max(peak, live)
-    return peak
+    return _walk_kept(cfg, rank, kf, kw)
 
 
 def one_device_formula(cfg: RunConfig, rank: int) -> dict[str, int]:
