@@ -11,7 +11,7 @@ and 1F1B, so every schedule here runs on the one pipeline runtime.
     zbv                ZB-V: two stages per rank in a V             rank r: stages r, 2P−1−r
     dualpipev          DeepSeek's DualPipe, V form                  rank r: stages r, 2P−1−r
 
-The orders are those torch 2.13's `torch.distributed.pipelining` generates
+The orders are those torch 2.13's pipelining package generates
 (`ScheduleInterleaved1F1B`, `ScheduleLoopedBFS`, `ScheduleInterleavedZeroBubble`,
 `ScheduleZBVZeroBubble`, `ScheduleDualPipeV`: their `pipeline_order` with the empty
 slots dropped and an `OVERLAP_F_B` pair written as its two actions), written again here

@@ -7,7 +7,7 @@ A schedule is, per rank, an ordered list of compute actions on *global* stage in
     I  input gradient only, ∂J/∂h = Wᵀ ∂J/∂o (what the previous stage waits for)
     W  weight gradient only, ∂J/∂W = ∂J/∂o hᵀ (+ λW once per step; nobody waits for it)
 
-The text form is PyTorch's compute-only CSV (`torch.distributed.pipelining`): a cell is
+The text form is PyTorch's compute-only CSV (its pipelining package): a cell is
 `<stage><F|B|I|W><microbatch>` (`0F1`, `1B0`, `2I3`), one row per rank, empty cells ignored,
 so a schedule written for one engine runs on the other. Which rank holds a stage follows
 from the rows (a stage on two ranks is refused).
