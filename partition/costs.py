@@ -133,14 +133,6 @@ class CostParams:
         return cls(c.alpha_s, c.beta_Bps, c.collective_alpha_s, c.collective_beta_Bps,
                    c.flops_per_s, "config")
 
-    def message_s(self, op: str, nbytes: int, wire: int, group: int) -> float:
-        """α + n/β: p2p by payload, collectives by ring wire bytes (none alone)."""
-        if op in ("send", "recv"):
-            return self.alpha_s + nbytes / self.beta_Bps
-        if group <= 1:
-            return 0.0
-        return self.collective_alpha_s + wire / self.collective_beta_Bps
-
     def as_dict(self) -> dict[str, Any]:
         return {"alpha_s": self.alpha_s, "beta_Bps": self.beta_Bps,
                 "collective_alpha_s": self.collective_alpha_s,
@@ -237,20 +229,6 @@ MESSAGES = {"pipeline": pipeline_messages, "tensor": tensor_messages, "data": da
 def messages(cfg: RunConfig, rank: int) -> list[CommRecord]:
     fn = MESSAGES.get(cfg.strategy.name)
     return fn(cfg, rank) if fn else []
-
-
-def with_times(records: list[CommRecord], params: CostParams) -> list[CommRecord]:
-    """The same records with `seconds` from the α + n/β model (a recv waits as long as its send)."""
-    out = []
-    for r in records:
-        n = r.sent if r.op == "send" else r.received if r.op == "recv" else r.collective
-        s = params.message_s(r.op, n, r.wire, r.group_size)
-        out.append(CommRecord(r.step, r.op, r.role, r.phase, r.peer, r.group_size, r.sent,
-                              r.received, r.collective, r.wire, s))
-    return out
-
-
-# ---------------------------------------------------------------- FLOPs, bubble
 
 
 def rank_flops(cfg: RunConfig, rank: int) -> dict[str, int]:
@@ -821,7 +799,7 @@ class RankCost:
 
     rank: int
     layers: list[LocalLayer]
-    messages: list[CommRecord]  # the closed-form crossings (time model)
+    messages: list[CommRecord]  # the closed-form crossings (plans), next to the dry run's
     comm: dict[str, Any]  # the dry run's ledger summary: exactly what a run records
     memory_record: dict[str, Any]  # the dry run's `ranks[].memory`
     state: dict[str, int]

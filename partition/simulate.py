@@ -213,6 +213,7 @@ def step_ops(cfg, times: list[dict[str, float]], links: Links, *, schedule=None)
     pipeline: the schedule's action lists; data: each micro-batch's F and B, the gradient
     all-reduce, the update; tensor: layer by layer with the plan's collectives in between;
     single: F and B per micro-batch. Every multi-rank step ends with the J all-reduce."""
+    from partition.plans.data import param_count
     from partition.plans.stages import plan_stages
     from partition.plans.tensor import plan_layers, tensor_calls
     from partition.plans.traffic import METRIC_BYTES, ring_wire_bytes
@@ -240,7 +241,7 @@ def step_ops(cfg, times: list[dict[str, float]], links: Links, *, schedule=None)
                 ops.append(Op(r, "compute", f"F{m}", t["F"], args={"kind": "F", "mb": m}))
                 ops.append(Op(r, "compute", f"B{m}", t["B"], args={"kind": "B", "mb": m}))
             if name == "data" and P > 1:
-                n = _params(cfg) * item
+                n = param_count(cfg.spec) * item
                 ops.append(Op(r, "comm", "all_reduce weight_grad",
                               links.collective(ring_wire_bytes("all_reduce", n, P), P),
                               sync="weight_grad", args={"role": "weight_grad"}))
@@ -284,8 +285,3 @@ def step_ops(cfg, times: list[dict[str, float]], links: Links, *, schedule=None)
                           args={"role": "metric"}))
     return ops
 
-
-def _params(cfg) -> int:  # noqa: ANN001
-    from partition.plans.data import param_count
-
-    return param_count(cfg.spec)
