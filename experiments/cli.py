@@ -262,16 +262,23 @@ def compose_config(overrides: list[str], *, with_hydra: bool = False) -> Any:
 def _no_such_key(key: str) -> str:
     """Why `key` cannot be set: a close match among the project's keys, or (for a key
     outside them, which some tool may read) how Hydra adds one."""
-    from partition.config import schema, unknown_key_reason
+    from partition.config import close_match, schema, unknown_key_reason
 
     keys = schema()
     section, _, rest = key.partition(".")
     if rest and keys.get(section) is not None:
         return unknown_key_reason(section, rest)
-    if not rest:
-        reason = unknown_key_reason(None, key)
-        if "did you mean" in reason:
-            return reason
+    # A mistyped section (tran.steps) or a key without its section (batchsize): match the
+    # whole dotted key, then its last part alone.
+    dotted = [f"{s}.{k}" for s, ks in keys.items() if ks for k in ks]
+    dotted += [k for k, ks in keys.items() if ks is None]
+    match = close_match(key, dotted)
+    if match is None:
+        leaves = {d.rpartition(".")[2]: d for d in dotted}
+        leaf = close_match(key.rpartition(".")[2], list(leaves))
+        match = leaves[leaf] if leaf else None
+    if match:
+        return f"no such key (did you mean {match}?)"
     return f"no such key in the config (to add one, use +{key})"
 
 

@@ -3,6 +3,8 @@
     python -m experiments.compare
     python -m experiments.compare compare.world_sizes=[2] compare.out=/tmp/cmp
     python -m experiments.compare model.dims=[784,4096,10] memory_limit=96MiB
+    python -m experiments.compare experiment=schedules   # every pipeline schedule, M = P, 2P, 4P
+    python -m experiments.compare compare.optimizer=adam   # Adam's state in the budget
 
 Runs every case of conf/experiment/compare.yaml (each in its own folder under
 compare.out, through the same launcher as experiments.run), then writes results.csv,
@@ -38,7 +40,8 @@ def expand_cases(spec: dict[str, Any], batch_size: int, steps: int,
                  is_single: dict[str, bool]) -> list[Case]:
     """The runs of `compare.cases`: partitioned cases once per world size, single-device
     cases once (world_size=1); `batch_divisor: k` means B/k per step for k× the steps,
-    so every case sees the same examples. Pure: `is_single[name]` says which is which."""
+    so every case sees the same examples; `microbatches_per_rank: [k, ...]` one run per k
+    with M = k·P. Pure: `is_single[name]` says which is which."""
     default_ps = [int(p) for p in spec.get("world_sizes") or [2]]
     only = spec.get("only")
     out: list[Case] = []
@@ -56,7 +59,11 @@ def expand_cases(spec: dict[str, Any], batch_size: int, steps: int,
         else:
             ps = [int(p) for p in case.get("world_sizes") or default_ps]
             ps = [p for p in ps if p in default_ps] or ps[:1]  # compare.world_sizes narrows
-            runs = [(f"{name}-P{p}", [*over, f"world_size={p}"]) for p in ps]
+            per_rank = case.get("microbatches_per_rank")
+            runs = [(f"{name}-P{p}", [*over, f"world_size={p}"]) for p in ps] if not per_rank \
+                else [(f"{name}-P{p}-M{k * p}", [*over, f"world_size={p}",
+                                                 f"train.microbatches={k * p}"])
+                      for p in ps for k in per_rank]
         for run_name, run_over in runs:
             if only and run_name not in only and name not in only:
                 continue
@@ -80,12 +87,24 @@ def plan(overrides: list[str]) -> tuple[str, list[tuple[Case, Any]]]:
     from partition.config import ConfigError
     from partition.launch import check_dataset
 
-    base = [EXPERIMENT, *overrides]
+    from experiments.cli import has_override
+
+    base = overrides if has_override(overrides, "experiment") else [EXPERIMENT, *overrides]
     try:
         cfg, rc = _parse(base)
     except ConfigError as e:
         fail(str(e))
     spec = OmegaConf.to_container(cfg.compare, resolve=True)
+    optimizer = spec.get("optimizer")
+    if optimizer is not None:
+        # every case with this optimizer, its state in the same memory budget, apart
+        lr = (spec.get("optimizer_lr") or {}).get(optimizer)
+        base = [*base, f"train.optimizer={optimizer}", *([f"train.lr={lr}"] if lr else [])]
+        try:
+            cfg, rc = _parse(base)
+        except ConfigError as e:
+            fail(f"compare.optimizer={optimizer}: {e}")
+        spec["out"] = f"{spec.get('out') or 'outputs/compare'}-{optimizer}"
     singles = {}
     for case in spec.get("cases") or []:
         try:
@@ -144,7 +163,20 @@ def main(argv: list[str] | None = None) -> int:
     rep = write_report(df, out, title="Partitioning the seed MLP vs a smaller minibatch")
     print()
     print(rep.console())
+    if _report_kind(overrides) == "schedules":
+        from partition.schedule_report import write_schedule_report
+
+        print()
+        print(write_schedule_report(results, out))
     return 0
+
+
+def _report_kind(overrides: list[str]) -> str | None:
+    """`compare.report` of the experiment (schedules: the schedule table and figure too)."""
+    from experiments.cli import has_override
+
+    base = overrides if has_override(overrides, "experiment") else [EXPERIMENT, *overrides]
+    return compose_config(base).compare.get("report")
 
 
 if __name__ == "__main__":

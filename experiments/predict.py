@@ -103,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     limit = cfg.memory_limit
     print(f"{cfg.strategy.name} P={cfg.ranks} B={cfg.train.batch_size} "
           f"M={cfg.train.microbatches} dims={list(cfg.model.dims)} {cfg.train.dtype}"
+          + (" (bf16 compute)" if cfg.train.precision == "bf16" else "")
+          + (" recompute=full" if cfg.train.recompute == "full" else "")
+          + (f" {cfg.train.optimizer}" if cfg.train.optimizer != "sgd" else "")
           + (f", memory_limit {_mib(limit)}" if limit is not None else "")
           + " — predicted by a dry run of the real runners, no rank started")
     for line in render(pred, limit=limit):

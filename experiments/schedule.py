@@ -1,11 +1,13 @@
 """Print a pipeline schedule's per-rank action grid, and write it as a CSV to edit.
 
     python -m experiments.schedule strategy.schedule=1f1b world_size=4 train.microbatches=8
+    python -m experiments.schedule strategy.schedule=zbv world_size=2 train.microbatches=4
+    python -m experiments.schedule strategy.schedule=interleaved_1f1b strategy.virtual_stages=3 world_size=2 train.microbatches=4
     python -m experiments.schedule world_size=2 train.microbatches=3 --csv my.csv
     python -m experiments.run strategy=pipeline world_size=2 train.microbatches=3 strategy.schedule=my.csv
 
-The overrides are those of `experiments.run`; only the schedule, world_size and
-train.microbatches matter here (the net's depth is checked when the schedule runs). Ranks are
+The overrides are those of `experiments.run`; only the schedule, strategy.virtual_stages,
+world_size and train.microbatches matter here (the net's depth is checked when the schedule runs). Ranks are
 rows and time slots columns, each action one slot with free communication, `.` where a
 rank idles; the CSV is PyTorch's compute-only format (one row per rank, cells such as
 0F1, 1B0, 2I3, 2W3), which `strategy.schedule=FILE.csv` runs.
@@ -23,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--csv", metavar="FILE", help="also write the schedule to FILE (CSV)")
     args, overrides = ap.parse_known_args(argv)
     from experiments.cli import compose_config, fail, has_override, to_plain
-    from partition.config import ConfigError, _int, _schedule
+    from partition.config import ConfigError, _int, _schedule, _virtual
     from partition.plans.schedule import ScheduleError, format_grid, load_schedule
 
     if not has_override(overrides, "strategy"):
@@ -34,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
         name = _schedule(d["strategy"].get("schedule", "gpipe"))
         world = _int("world_size", d.get("world_size"), min_value=1)
         micro = _int("train.microbatches", d["train"].get("microbatches"), min_value=1)
-        sched = load_schedule(name, world=world, micro=micro)
+        virtual = _virtual(name, d["strategy"].get("virtual_stages"), resolve=True)
+        sched = load_schedule(name, world=world, micro=micro, virtual=virtual)
     except ConfigError as e:
         fail(str(e))
     except ScheduleError as e:

@@ -121,10 +121,14 @@ def action_times(cfg: Any, runner: Any) -> dict[str, float]:
     `F<layer>`/`B<layer>` and `loss`, every strategy `update`; and `peak_flops_per_s`,
     the matmul rate MFU divides by."""
     from partition.model import Grads, activation_backward, activation_forward, linear
-    from partition.model import linear_backward, loss_grad, loss_sum
+    from partition.model import copy_tensors, linear_backward, loss_and_grad, refresh_copies
+    from partition.strategies.base import build_optimizer, compute_dtype, master_dtype
 
     spec = cfg.spec
-    dtype = getattr(torch, cfg.train.dtype)
+    # what forward and backward compute in (bf16 under mixed precision); targets, gradients
+    # and the update in the master dtype
+    dtype, master = compute_dtype(cfg), master_dtype(cfg)
+    recompute = cfg.train.recompute == "full"
     layers = runner.layers
     device = layers[0].W.device if layers else torch.device("cpu")
     if device.type == "meta":
@@ -136,7 +140,7 @@ def action_times(cfg: Any, runner: Any) -> dict[str, float]:
     def labels(rows: int) -> torch.Tensor:
         if spec.loss == "cross_entropy":
             return torch.randint(q, (rows,), device=device)
-        return torch.randn(rows, q, dtype=dtype, device=device)
+        return torch.randn(rows, q, dtype=master, device=device)
 
     def time_stage(st: Any, rows: int, prefix: str, *, kinds: str) -> None:
         x = torch.randn(rows, st.layers[0].W.shape[1], dtype=dtype, device=device)
@@ -179,10 +183,11 @@ def action_times(cfg: Any, runner: Any) -> dict[str, float]:
     elif name == "tensor":
         rows = B // M
         last = spec.num_layers - 1
-        for layer in layers:
+        for layer in getattr(runner, "compute", layers):
             x = torch.randn(rows, layer.W.shape[1], dtype=dtype, device=device)
-            grads = Grads(torch.zeros_like(layer.W),
-                          torch.zeros_like(layer.b) if layer.b is not None else None)
+            grads = Grads(torch.zeros_like(layer.W, dtype=master),
+                          torch.zeros_like(layer.b, dtype=master) if layer.b is not None
+                          else None)
 
             def fwd(layer=layer, x=x) -> torch.Tensor:  # noqa: ANN001
                 z = linear(x, layer)
@@ -196,21 +201,33 @@ def action_times(cfg: Any, runner: Any) -> dict[str, float]:
                 linear_backward(d, x, layer, grads, need_input_grad=layer.index > 0)
 
             out[f"F{layer.index}"] = _median_s(fwd, device)
-            out[f"B{layer.index}"] = _median_s(bwd, device)
+            # recompute: the backward redoes the layer's forward first (all but the output's)
+            out[f"B{layer.index}"] = _median_s(bwd, device) + (
+                out[f"F{layer.index}"] if recompute and layer.index != last else 0.0)
         o = torch.randn(rows, q, dtype=dtype, device=device)
         y = labels(rows)
-        out["loss"] = _median_s(lambda: (loss_sum(spec.loss, o, y), loss_grad(spec.loss, o, y, B)),
-                                device)
+        out["loss"] = _median_s(lambda: loss_and_grad(spec, o, y, B, dtype=master), device)
     if layers:
+        from dataclasses import replace
+
         params = [t for l in layers for t in l.tensors()]
-        scratch = [torch.empty_like(p) for p in params]
-        grads = [torch.randn_like(p) for p in params]
+        # the step tail's work on scratch copies (the weights untouched): Σ‖W‖², + λW, the
+        # run's optimizer (its state made by a first call), the bf16 copies rounded anew
+        scratch = [replace(l, W=l.W.clone(), b=None if l.b is None else l.b.clone())
+                   for l in layers]
+        grads = [Grads(torch.randn_like(l.W), None if l.b is None else torch.randn_like(l.b))
+                 for l in layers]
+        opt = build_optimizer(cfg)
+        copies = getattr(runner, "compute", layers)
+        mixed = bool(copy_tensors(layers, copies))
+        targets = [replace(c, W=c.W.clone(), b=None if c.b is None else c.b.clone())
+                   for c in copies] if mixed else scratch
 
         def update() -> None:
-            # the step tail's work: Σ‖W‖², + λW, the SGD update (into scratch, weights untouched)
-            for p, g, s in zip(params, grads, scratch):
+            for p in params:
                 (p * p).sum()
-                torch.add(p, g, alpha=-cfg.train.lr, out=s)
+            opt.step(scratch, grads)
+            refresh_copies(scratch, targets)
 
         out["update"] = _median_s(update, device)
     return {k: max(v, 0.0) for k, v in out.items()}
@@ -314,7 +331,8 @@ MAX_SPLITS = 2000
 def layer_times(cfg: Any) -> list[dict[str, float]]:
     """F, B, I, W seconds of every layer alone at the run's micro-batch size (F of the last
     layer includes the loss), each timed as a one-layer `Stage` on this process's CPU."""
-    from partition.model import init_weights, make_layer
+    from partition.model import compute_copies, init_weights, make_layer
+    from partition.strategies.base import compute_dtype, recomputes
     from partition.strategies.stage import Stage
 
     torch.set_num_threads(1)
@@ -323,7 +341,9 @@ def layer_times(cfg: Any) -> list[dict[str, float]]:
     view = _pipeline_view(cfg)
     out = []
     for l in range(cfg.spec.num_layers):
-        st = Stage(cfg.spec, [make_layer(full, l, dtype=dtype)], index=l)
+        lay = [make_layer(full, l, dtype=dtype)]
+        st = Stage(cfg.spec, lay, index=l, compute=compute_copies(lay, compute_dtype(cfg)),
+                   recompute=recomputes(cfg))
         sub = action_times(view, SimpleNamespace(layers=st.layers, stages={0: st}))
         out.append({k[3:]: v for k, v in sub.items() if k.startswith("s0:")})
     return out
@@ -348,7 +368,8 @@ def resolve_balance(cfg: Any) -> Any:
 
     if cfg.strategy.name != "pipeline" or cfg.strategy.balance != "time":
         return cfg
-    sched = load_schedule(cfg.strategy.schedule, world=cfg.world_size, micro=cfg.train.microbatches)
+    sched = load_schedule(cfg.strategy.schedule, world=cfg.world_size, micro=cfg.train.microbatches,
+                          virtual=cfg.strategy.virtual_stages)
     per_layer = layer_times(cfg)
     L, S = cfg.spec.num_layers, sched.stages
     from partition.costs import CostParams

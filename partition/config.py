@@ -11,17 +11,29 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from partition.model import ACTIVATIONS, LOSSES, MLPSpec
 from partition.plans.fsdp import ZERO_STAGES
 
+if TYPE_CHECKING:
+    from partition.plans.schedule import Schedule
+
 STRATEGIES = ("single", "pipeline", "tensor", "data", "fsdp", "hybrid")
-SCHEDULES = ("gpipe", "1f1b")  # or the path of a compute-only .csv (plans/schedule.py)
+# or the path of a compute-only .csv (plans/schedule.py); the last five in plans/generators.py
+SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "looped_bfs", "zb1p", "zbv", "dualpipev")
 LAYOUTS = ("megatron", "rowwise")
 DEVICES = ("auto", "cpu", "cuda")
 ENGINES = ("explicit", "torch")
 DTYPES = ("float32", "float64")
+RECOMPUTE = ("none", "full")
+# The compute precision of forward and backward; train.dtype stays the master weights' storage.
+PRECISIONS = ("fp32", "bf16", "fp64")
+# The policies that make sense (docs/one-device.md): each storage dtype computes in its own
+# precision, and float32 masters may compute in bfloat16 (mixed precision).
+PRECISION_DTYPES = {"fp32": ("float32",), "bf16": ("float32",), "fp64": ("float64",)}
+OWN_PRECISION = {"float32": "fp32", "float64": "fp64"}
+OPTIMIZERS = ("sgd", "adam", "adamw")
 DATASETS = ("synthetic", "npz", "digits")
 INITS = ("seeded", "file")
 FAULT_KINDS = ("raise", "exit", "hang")
@@ -44,7 +56,11 @@ def _show(value: Any) -> str:
 @dataclass(frozen=True)
 class StrategyConfig:
     name: str = "single"
-    schedule: str = "gpipe"  # pipeline: gpipe | 1f1b | path to a .csv of per-rank actions
+    schedule: str = "gpipe"  # pipeline: one of SCHEDULES | path to a .csv of per-rank actions
+    # pipeline: stages per rank (P·v stages in all). None in the config = the schedule's own
+    # (1; 2 for interleaved_1f1b, looped_bfs, zbv, dualpipev); resolved here for a named
+    # schedule; a .csv says itself which rank holds which stage.
+    virtual_stages: int | None = None
     # pipeline: params (None) | flops | time | layers per stage (plans/stages.py)
     balance: tuple[int, ...] | str | None = None
     layout: str = "megatron"  # tensor: megatron | rowwise
@@ -90,6 +106,11 @@ class TrainConfig:
     dtype: str = "float32"
     warmup_steps: int = 1  # excluded from step-time and steady-state figures
     grad_check: bool = True  # compare step 0's gradients with a float64 autograd reference
+    recompute: str = "none"  # none | full: keep each micro-batch's stage input only, redo z, h
+    precision: str = "fp32"  # fp32 | bf16 | fp64: what forward/backward compute in
+    optimizer: str = "sgd"  # sgd (train.momentum) | adam (λ as L2) | adamw (λ decoupled)
+    betas: tuple[float, float] = (0.9, 0.999)  # adam/adamw: β₁, β₂
+    eps: float = 1e-8  # adam/adamw: ε
 
 
 @dataclass(frozen=True)
@@ -344,9 +365,12 @@ def parse_config(d: dict[str, Any]) -> RunConfig:
     sname = strategy_node if isinstance(strategy_node, str) else _get(d, "strategy.name", "single")
     name = _choice("strategy", sname, STRATEGIES)
     balance_raw = _get(d, "strategy.balance", None) if isinstance(strategy_node, dict) else None
+    schedule = _schedule(_get(d, "strategy.schedule", "gpipe"))
     strategy = StrategyConfig(
         name=name,
-        schedule=_schedule(_get(d, "strategy.schedule", "gpipe")),
+        schedule=schedule,
+        virtual_stages=_virtual(schedule, _get(d, "strategy.virtual_stages", None),
+                                resolve=name in ("pipeline", "hybrid")),
         balance=_balance(balance_raw),
         layout=_choice("strategy.layout", _get(d, "strategy.layout", "megatron"), LAYOUTS),
         zero_stage=_zero_stage(_get(d, "strategy.zero_stage", 3)),
@@ -406,6 +430,7 @@ def parse_config(d: dict[str, Any]) -> RunConfig:
     )
     if train.momentum >= 1:
         raise ConfigError("train.momentum", train.momentum, "must be < 1")
+    train = _one_device_keys(d, train)
 
     world = _int("world_size", _get(d, "world_size", 1), min_value=1)
     fault_kind = _get(d, "fault.kind", None)
@@ -460,6 +485,36 @@ def parse_config(d: dict[str, Any]) -> RunConfig:
     return cfg
 
 
+def _one_device_keys(d: dict[str, Any], train: TrainConfig) -> TrainConfig:
+    """train.recompute, train.precision (null: the dtype's own), train.optimizer and Adam's
+    betas / eps, with the combinations that make no sense refused (docs/one-device.md)."""
+    from dataclasses import replace
+
+    recompute = _choice("train.recompute", _get(d, "train.recompute", "none"), RECOMPUTE)
+    raw = _get(d, "train.precision", None)
+    precision = (OWN_PRECISION[train.dtype] if raw in (None, "null", "auto")
+                 else _choice("train.precision", raw, PRECISIONS))
+    if train.dtype not in PRECISION_DTYPES[precision]:
+        why = ("bf16 mixed precision keeps float32 master weights (train.dtype=float32)"
+               if precision == "bf16" else
+               f"{precision} is train.dtype={PRECISION_DTYPES[precision][0]}'s own precision; "
+               f"train.dtype={train.dtype} computes in {OWN_PRECISION[train.dtype]}")
+        raise ConfigError("train.precision", precision, f"{why}, not train.dtype={train.dtype}")
+    optimizer = _choice("train.optimizer", _get(d, "train.optimizer", "sgd"), OPTIMIZERS)
+    betas_raw = _get(d, "train.betas", [0.9, 0.999])
+    if isinstance(betas_raw, (str, int, float)) or betas_raw is None or len(betas_raw) != 2:
+        raise ConfigError("train.betas", betas_raw, "must be a list of two numbers [β₁,β₂]")
+    betas = tuple(_float("train.betas", b, non_negative=True) for b in betas_raw)
+    if any(b >= 1 for b in betas):
+        raise ConfigError("train.betas", list(betas), "each must be in [0, 1)")
+    eps = _float("train.eps", _get(d, "train.eps", 1e-8), positive=True)
+    if optimizer != "sgd" and train.momentum:
+        raise ConfigError("train.momentum", train.momentum,
+                          f"is SGD's; train.optimizer={optimizer} uses train.betas")
+    return replace(train, recompute=recompute, precision=precision, optimizer=optimizer,
+                   betas=betas, eps=eps)
+
+
 def _balance(v: Any) -> tuple[int, ...] | str | None:
     if v in (None, "params"):
         return None
@@ -499,9 +554,12 @@ def _check_hybrid(cfg: RunConfig) -> None:
         raise ConfigError(key, s.dp if key == "strategy.dp" else cfg.world_size,
                           str(e)) from None
     L, B, M = cfg.spec.num_layers, cfg.train.batch_size, cfg.train.microbatches
-    if mesh.pp > L:
+    v = s.virtual_stages
+    if not s.schedule.endswith(".csv") and mesh.pp * v > L:
         raise ConfigError("strategy.pp", mesh.pp,
-                          f"a pipeline needs at most one stage per layer; model.dims has {L} layers")
+                          f"a pipeline needs at most one stage per layer; {s.schedule} cuts "
+                          f"model.dims' {L} layers into strategy.pp×virtual_stages="
+                          f"{mesh.pp}×{v} stages")
     if B % mesh.dp or (B // mesh.dp) % M:
         raise ConfigError("train.batch_size", B,
                           f"must split into strategy.dp={mesh.dp} equal replicas of "
@@ -514,8 +572,8 @@ def _check_hybrid(cfg: RunConfig) -> None:
         raise ConfigError("strategy.balance", bal, "strategy=hybrid takes params, flops or a "
                                                    "list of layers per stage (time is measured "
                                                    "for strategy=pipeline only)")
-    _check_schedule(cfg, world=mesh.pp)
-    for start, end in plan_stages(cfg.spec, mesh.pp, bal):
+    sched = _check_schedule(cfg, world=mesh.pp)
+    for start, end in plan_stages(cfg.spec, sched.stages, bal):
         widths = split_widths(s.layout, cfg.model.dims[start:end + 1])
         if widths and mesh.tp > min(widths):
             raise ConfigError("strategy.tp", mesh.tp,
@@ -546,14 +604,30 @@ def _schedule(v: Any) -> str:
     return _choice("strategy.schedule", v, SCHEDULES)
 
 
-def _check_schedule(cfg: RunConfig, *, world: int | None = None) -> None:
+def _virtual(schedule: str, v: Any, *, resolve: bool) -> int | None:
+    """strategy.virtual_stages: null or an integer >= 1; for a named pipeline schedule,
+    resolved to its stages per rank (refused where the schedule has a fixed number)."""
+    from partition.plans.generators import virtual_stages
+    from partition.plans.schedule import ScheduleError
+
+    raw = None if v is None or (isinstance(v, str) and v.lower() in ("null", "none")) else (
+        _int("strategy.virtual_stages", v, min_value=1))
+    if not resolve or schedule.endswith(".csv"):
+        return raw
+    try:
+        return virtual_stages(schedule, raw)
+    except ScheduleError as e:
+        raise ConfigError("strategy.virtual_stages", raw, str(e)) from None
+
+
+def _check_schedule(cfg: RunConfig, *, world: int | None = None) -> Schedule:
     """Load and validate the pipeline schedule (complete, ordered, deadlock-free) over
     `world` pipeline ranks (the world size; a hybrid mesh's pp)."""
     from partition.plans.schedule import ScheduleError, load_schedule
 
     try:
         sched = load_schedule(cfg.strategy.schedule, world=world or cfg.world_size,
-                              micro=cfg.train.microbatches)
+                              micro=cfg.train.microbatches, virtual=cfg.strategy.virtual_stages)
     except ScheduleError as e:
         raise ConfigError("strategy.schedule", cfg.strategy.schedule, str(e)) from None
     L = cfg.spec.num_layers
@@ -565,6 +639,7 @@ def _check_schedule(cfg: RunConfig, *, world: int | None = None) -> None:
     if bal is not None and not isinstance(bal, str) and len(bal) != sched.stages:
         raise ConfigError("strategy.balance", list(bal),
                           f"needs one entry per stage ({sched.stages} stages)")
+    return sched
 
 
 def _check_cross(cfg: RunConfig) -> None:
@@ -585,9 +660,17 @@ def _check_cross(cfg: RunConfig) -> None:
             raise ConfigError("fault.step", f.step, f"must be < train.steps={cfg.train.steps}")
     L = cfg.spec.num_layers
     if cfg.strategy.name == "pipeline":
-        if cfg.world_size > L and not cfg.strategy.schedule.endswith(".csv"):
-            raise ConfigError("world_size", cfg.world_size,
-                              f"pipeline needs at most one stage per layer; model.dims has {L} layers")
+        v = cfg.strategy.virtual_stages
+        if not cfg.strategy.schedule.endswith(".csv") and cfg.world_size * v > L:
+            # A named schedule cuts the net into P·v stages of at least one layer each.
+            if v == 1:
+                raise ConfigError("world_size", cfg.world_size,
+                                  f"pipeline needs at most one stage per layer; model.dims has "
+                                  f"{L} layers")
+            raise ConfigError("strategy.virtual_stages", v,
+                              f"{cfg.strategy.schedule} on world_size={cfg.world_size} cuts the "
+                              f"net into {cfg.world_size}×{v}={cfg.world_size * v} stages; "
+                              f"model.dims has {L} layers and every stage needs at least one")
         bal = cfg.strategy.balance
         if bal is not None and not isinstance(bal, str):
             if sum(bal) != L:
@@ -624,6 +707,15 @@ def _check_cross(cfg: RunConfig) -> None:
                           f"before a forward)")
     if cfg.strategy.name == "hybrid":
         _check_hybrid(cfg)
+    if cfg.strategy.name in ("fsdp", "hybrid"):
+        t = cfg.train
+        why = {"fsdp": "its sharded optimizer state takes train.optimizer",
+               "hybrid": "the mesh's plan does not count recomputation's or bf16's crossings"}
+        for key, value, plain in (("train.recompute", t.recompute, "none"),
+                                  ("train.precision", t.precision, OWN_PRECISION[t.dtype])):
+            if value != plain:
+                raise ConfigError(key, value, f"strategy={cfg.strategy.name} runs {key}={plain} "
+                                              f"({why[cfg.strategy.name]})")
     if cfg.engine == "torch":
         _check_torch_engine(cfg)
 
@@ -634,6 +726,8 @@ def _check_cross(cfg: RunConfig) -> None:
 def _strategy_settings(cfg: RunConfig) -> list[tuple[str, Any, Any, tuple[str, ...]]]:
     s, default = cfg.strategy, StrategyConfig()
     return [("strategy.schedule", s.schedule, default.schedule, ("pipeline", "hybrid")),
+            ("strategy.virtual_stages", s.virtual_stages, default.virtual_stages,
+             ("pipeline", "hybrid")),
             ("strategy.balance", s.balance, default.balance, ("pipeline", "hybrid")),
             ("strategy.layout", s.layout, default.layout, ("tensor", "hybrid")),
             ("strategy.dp", s.dp, default.dp, ("hybrid",)),
@@ -666,17 +760,31 @@ def _check_switches(cfg: RunConfig) -> None:
 def _check_torch_engine(cfg: RunConfig) -> None:
     """What PyTorch's own engines (partition/engines) cannot do, refused before any rank starts."""
     P, M = cfg.world_size, cfg.train.microbatches
-    if cfg.strategy.name == "pipeline" and cfg.strategy.schedule.endswith(".csv"):
-        raise ConfigError("strategy.schedule", cfg.strategy.schedule,
-                          "engine=torch runs gpipe and 1f1b; a .csv schedule runs on "
-                          "engine=explicit")
+    sched = cfg.strategy.schedule
+    t = cfg.train
+    for key, value, plain in (("train.recompute", t.recompute, "none"),
+                              ("train.precision", t.precision, OWN_PRECISION[t.dtype]),
+                              ("train.optimizer", t.optimizer, "sgd")):
+        if value != plain:
+            raise ConfigError(key, value, f"engine=torch runs {key}={plain}; this one runs on "
+                                          f"engine=explicit")
     if cfg.strategy.name == "fsdp" and cfg.strategy.zero_stage != 3:
         raise ConfigError("strategy.zero_stage", cfg.strategy.zero_stage,
                           "engine=torch runs FSDP2 (fully_shard), which is zero_stage=3; "
                           "stages 1 and 2 run on engine=explicit")
-    if cfg.strategy.name == "pipeline" and cfg.strategy.schedule == "1f1b" and M < P:
+    if cfg.strategy.name == "pipeline" and sched == "1f1b" and M < P:
         raise ConfigError("train.microbatches", M,
                           f"engine=torch's Schedule1F1B needs >= world_size={P} micro-batches")
+    if cfg.strategy.name == "pipeline" and sched in ("interleaved_1f1b", "zb1p"):
+        # torch orders the micro-batches of its interleaved schedules in max(1, M // P) equal
+        # rounds even with one stage per rank, where the explicit engine needs none.
+        rounds = max(1, M // P)
+        if M % rounds:
+            cls = {"interleaved_1f1b": "ScheduleInterleaved1F1B",
+                   "zb1p": "ScheduleInterleavedZeroBubble"}[sched]
+            raise ConfigError("train.microbatches", M,
+                              f"engine=torch's {cls} runs M in max(1, M // P)={rounds} equal "
+                              f"rounds (world_size={P}); M must be a multiple of {rounds}")
     if cfg.strategy.name == "tensor" and cfg.strategy.layout == "megatron":
         # A column-parallel layer followed by a row-parallel one: DTensor.from_local rebuilds
         # the row layer's input assuming even shards.

@@ -34,7 +34,6 @@ from partition.plans.schedule import (
     Message,
     Schedule,
     eager_sends,
-    gpipe_bubble,
     in_flight,
     load_schedule,
     needs,
@@ -48,9 +47,11 @@ from partition.plans.traffic import Call, metric_call, ring_wire_bytes
 
 ITEMSIZE = {"float32": 4, "float64": 8}
 
-__all__ = ["CostParams", "LocalLayer", "RankCost", "bubble_fraction", "kept_activation_bytes",
-           "predict", "peak_over_limit", "prediction_error", "rank_cost", "rank_costs",
-           "rel_err", "split_evenly", "state_bytes", "width"]
+__all__ = ["CostParams", "LocalLayer", "RankCost", "bubble_fraction", "compute_itemsize",
+           "kept_activation_bytes", "one_device_formula", "optimizer_state_bytes", "predict",
+           "peak_over_limit", "prediction_error", "rank_cost", "rank_costs",
+           "recompute_flops", "recompute_kept_bytes", "rel_err", "split_evenly",
+           "state_bytes", "width"]
 
 
 # ---------------------------------------------------------------- what a rank holds
@@ -73,14 +74,16 @@ class LocalLayer:
 
 
 def _schedule(cfg: RunConfig):  # noqa: ANN202 - plans.schedule.Schedule
+    v = cfg.strategy.virtual_stages
     if cfg.strategy.schedule in NAMED:  # built and validated once: every rank's formulas read it
-        return _named_schedule(cfg.strategy.schedule, cfg.world_size, cfg.train.microbatches)
-    return load_schedule(cfg.strategy.schedule, world=cfg.world_size, micro=cfg.train.microbatches)
+        return _named_schedule(cfg.strategy.schedule, cfg.world_size, cfg.train.microbatches, v)
+    return load_schedule(cfg.strategy.schedule, world=cfg.world_size, micro=cfg.train.microbatches,
+                         virtual=v)
 
 
 @lru_cache(maxsize=16)
-def _named_schedule(name: str, world: int, micro: int):  # noqa: ANN202
-    return load_schedule(name, world=world, micro=micro)
+def _named_schedule(name: str, world: int, micro: int, virtual: int | None):  # noqa: ANN202
+    return load_schedule(name, world=world, micro=micro, virtual=virtual)
 
 
 def stage_layers(cfg: RunConfig, rank: int) -> list[LocalLayer]:
@@ -130,14 +133,6 @@ class CostParams:
         return cls(c.alpha_s, c.beta_Bps, c.collective_alpha_s, c.collective_beta_Bps,
                    c.flops_per_s, "config")
 
-    def message_s(self, op: str, nbytes: int, wire: int, group: int) -> float:
-        """α + n/β: p2p by payload, collectives by ring wire bytes (none alone)."""
-        if op in ("send", "recv"):
-            return self.alpha_s + nbytes / self.beta_Bps
-        if group <= 1:
-            return 0.0
-        return self.collective_alpha_s + wire / self.collective_beta_Bps
-
     def as_dict(self) -> dict[str, Any]:
         return {"alpha_s": self.alpha_s, "beta_Bps": self.beta_Bps,
                 "collective_alpha_s": self.collective_alpha_s,
@@ -155,10 +150,11 @@ def _record(c: Call, world: int) -> CommRecord:
 
 def pipeline_messages(cfg: RunConfig, rank: int) -> list[CommRecord]:
     """The schedule's crossings on `rank` (its lowering: F's output to the next stage's
-    rank, B/I's input gradient to the previous one), each mb·n_k·b bytes, and the metric."""
+    rank, B/I's input gradient to the previous one), each mb·n_k·b bytes (b the compute
+    itemsize: 2 under bf16), and the metric."""
     sched = _schedule(cfg)
     plan = plan_stages(cfg.spec, sched.stages, cfg.strategy.balance)
-    P, item, rows = cfg.world_size, ITEMSIZE[cfg.train.dtype], _rows(cfg, rank)
+    P, item, rows = cfg.world_size, compute_itemsize(cfg), _rows(cfg, rank)
     recv, send = transfers(sched, rank)
     out = []
     for m in send:
@@ -179,7 +175,8 @@ def tensor_messages(cfg: RunConfig, rank: int) -> list[CommRecord]:
     P = cfg.world_size
     calls = tensor_calls(cfg.strategy.layout, cfg.model.dims, world=P, rank=rank,
                          batch=cfg.train.batch_size, micro=cfg.train.microbatches,
-                         itemsize=ITEMSIZE[cfg.train.dtype])
+                         itemsize=compute_itemsize(cfg),
+                         recompute=cfg.train.recompute == "full")
     return [_record(c, P) for c in calls]
 
 
@@ -234,20 +231,6 @@ def messages(cfg: RunConfig, rank: int) -> list[CommRecord]:
     return fn(cfg, rank) if fn else []
 
 
-def with_times(records: list[CommRecord], params: CostParams) -> list[CommRecord]:
-    """The same records with `seconds` from the α + n/β model (a recv waits as long as its send)."""
-    out = []
-    for r in records:
-        n = r.sent if r.op == "send" else r.received if r.op == "recv" else r.collective
-        s = params.message_s(r.op, n, r.wire, r.group_size)
-        out.append(CommRecord(r.step, r.op, r.role, r.phase, r.peer, r.group_size, r.sent,
-                              r.received, r.collective, r.wire, s))
-    return out
-
-
-# ---------------------------------------------------------------- FLOPs, bubble
-
-
 def rank_flops(cfg: RunConfig, rank: int) -> dict[str, int]:
     """Matrix-product FLOPs of one step, 2·m·n·k each: the forward z = W x, the input
     gradient (I) dJ/dx = Wᵀ dJ/dz for every layer but the net's first, the weight
@@ -260,14 +243,21 @@ def rank_flops(cfg: RunConfig, rank: int) -> dict[str, int]:
         one = 2 * rows * l.n_in * l.n_out
         f, w = f + one, w + one
         i += one if l.index > 0 else 0
-    return {"forward": f, "input_grad": i, "weight_grad": w, "total": f + i + w}
+    r = recompute_flops(cfg, rank)  # train.recompute=full: the backward's forward again
+    return {"forward": f, "input_grad": i, "weight_grad": w, "recompute": r,
+            "total": f + i + w + r}
 
 
 def bubble_fraction(cfg: RunConfig) -> float:
-    """Ideal idle share of a pipeline step with equal stages: (P−1)/(M+P−1) (GPipe, 1F1B)."""
+    """Ideal idle share of a pipeline step: the schedule's action lists simulated with equal
+    stages, F = I = W (B = 2F) and free communication, averaged over the ranks —
+    (P−1)/(M+P−1) for GPipe and 1F1B (simulate.ideal_idle)."""
     if cfg.strategy.name != "pipeline":
         return 0.0
-    return gpipe_bubble(cfg.world_size, cfg.train.microbatches)
+    from partition.simulate import ideal_idle
+
+    idle = ideal_idle(_schedule(cfg))
+    return sum(idle) / len(idle)
 
 
 def in_flight_per_stage(cfg: RunConfig, rank: int) -> dict[int, int]:
@@ -322,10 +312,37 @@ def _kept_width(lay: LocalLayer, L: int) -> int:
     return (lay.n_in if lay.index > 0 else 0) + (lay.n_out if lay.index < L - 1 else 0)
 
 
+def _kept_for_weight_grad(cfg: RunConfig, rank: int) -> dict[int, int]:
+    """Per stage, bytes one micro-batch keeps from its I to its W (a deferred weight
+    gradient): every layer's input x (but the data batch) and its dJ/dz, z freed."""
+    item, rows = ITEMSIZE[cfg.train.dtype], _rows(cfg, rank)
+    out: dict[int, int] = {}
+    for lay in stage_layers(cfg, rank):
+        n = (lay.n_in if lay.index > 0 else 0) + lay.n_out
+        out[lay.stage] = out.get(lay.stage, 0) + rows * n * item
+    return out
+
+
 def kept_activation_bytes(cfg: RunConfig, rank: int) -> int:
-    """The kept-activation peak: Σ over stages of micro-batches in flight × what each keeps."""
-    flight = in_flight_per_stage(cfg, rank)
-    return sum(flight.get(s, 1) * n for s, n in _kept_per_microbatch(cfg, rank).items())
+    """The kept-activation peak. A pipeline rank walks its action list: F keeps what a
+    micro-batch keeps for backward, I trades it for what the deferred W needs, W and B free
+    it; the peak of that running sum (with F and B only, and one stage per rank: micro-batches
+    in flight × what each keeps). Elsewhere one micro-batch's worth."""
+    kf = _kept_per_microbatch(cfg, rank)
+    if cfg.strategy.name != "pipeline":
+        return sum(kf.values())
+    return _walk_kept(cfg, rank, kf, _kept_for_weight_grad(cfg, rank))
+
+
+def _walk_kept(cfg: RunConfig, rank: int, kf: dict[int, int], kw: dict[int, int]) -> int:
+    """The most bytes kept at once along the rank's action list: F keeps `kf` of its stage,
+    I trades that for the `kw` its W needs, B and W let go."""
+    live = peak = 0
+    for a in _schedule(cfg).ranks[rank]:
+        live += {"F": kf[a.stage], "B": -kf[a.stage], "I": kw[a.stage] - kf[a.stage],
+                 "W": -kw[a.stage]}[a.kind]
+        peak = max(peak, live)
+    return peak
 
 
 def _batch_rows(cfg: RunConfig, rank: int) -> int:
@@ -447,9 +464,9 @@ def _pipeline_moments(cfg: RunConfig, rank: int) -> dict[str, int]:
 
     Boundary buffers, each one micro-batch of a boundary width (r·n_k·b):
       G         a B's incoming dJ/d(output), held through the stage's backward
-      held      sent buffers still referenced: with eager sends the last one (the wait
-                loop's variable holds it until the next send completes), otherwise every
-                send of the step (waited for at its end)
+      held      sent buffers not yet waited for: none with eager sends (each is waited for
+                and freed right after the next receive is posted), otherwise every send of
+                the step (waited for at its end)
       local     outputs handed to a stage on the same rank, until it takes them
       posted    the receive posted for the next action, as soon as this one is done
     An F's received input is not a term of its own: it is the first layer's kept x.
@@ -506,7 +523,7 @@ def _pipeline_moments(cfg: RunConfig, rank: int) -> dict[str, int]:
         hand_off = max(hand_off, kept() + loss_grads() + sent + sum(held) + sum(local.values())
                        + posted)
         if sent:
-            held = [sent] if eager else [*held, sent]
+            held = [] if eager else [*held, sent]
     return {"backward": backward, "hand-off": hand_off}
 
 
@@ -552,16 +569,188 @@ def independent_estimate(cfg: RunConfig) -> int:
 def formula(cfg: RunConfig, rank: int) -> dict[str, Any]:
     """`predicted.formula.ranks[]`: the closed forms for one rank."""
     if cfg.strategy.name == "fsdp":
-        return fsdp_formula(cfg, rank)
+        out = fsdp_formula(cfg, rank)
+        if cfg.train.optimizer != "sgd":  # Adam's two moments instead of momentum's one
+            extra = optimizer_state_bytes(cfg, rank) - out["optimizer_bytes"]
+            out["optimizer_bytes"] += extra
+            out["peak_bytes"] += extra
+        return out
     comm = summarize(messages(cfg, rank))
-    return {"rank": rank, **state_bytes(cfg, rank),
-            "input_bytes": input_bytes(cfg, rank),
-            "activations_bytes": kept_activation_bytes(cfg, rank),
-            "peak_bytes": formula_peak(cfg, rank),
-            "in_flight": in_flight_per_stage(cfg, rank),
-            "comm": {k: comm[k] for k in ("sent_bytes", "recv_bytes", "collective_bytes",
-                                          "wire_bytes", "messages", "by_role")},
-            "flops": rank_flops(cfg, rank)}
+    out = {"rank": rank, **state_bytes(cfg, rank),
+           "input_bytes": input_bytes(cfg, rank),
+           "activations_bytes": kept_activation_bytes(cfg, rank),
+           "peak_bytes": formula_peak(cfg, rank),
+           "in_flight": in_flight_per_stage(cfg, rank),
+           "comm": {k: comm[k] for k in ("sent_bytes", "recv_bytes", "collective_bytes",
+                                         "wire_bytes", "messages", "by_role")},
+           "flops": rank_flops(cfg, rank)}
+    t = cfg.train
+    if t.recompute != "none" or t.precision == "bf16" or t.optimizer != "sgd":
+        out.update(one_device_formula(cfg, rank))
+    return out
+
+
+# ---------------------------------------------------------------- one device's alternatives
+#
+# Recomputation, mixed precision and the optimizer's state (docs/one-device.md), as closed
+# forms on top of the ones above: each says what changes, the rest is theirs.
+
+
+def compute_itemsize(cfg: RunConfig) -> int:
+    """Bytes per element of what forward and backward make (activations, their gradients,
+    the data batch X): 2 under train.precision=bf16, else the master dtype's."""
+    return 2 if cfg.train.precision == "bf16" else ITEMSIZE[cfg.train.dtype]
+
+
+def recompute_flops(cfg: RunConfig, rank: int) -> int:
+    """Extra FLOPs of train.recompute=full: each micro-batch's backward redoes z = W x of
+    every layer the rank holds but the net's output layer (whose backward needs only its
+    input and dJ/do), 2·rows·n_in·n_out each — the forward's FLOPs less the output layer's."""
+    if cfg.train.recompute != "full":
+        return 0
+    rows = cfg.train.batch_size
+    if cfg.strategy.name == "data":
+        rows = data_rows(rows, cfg.world_size, rank)
+    last = cfg.spec.num_layers - 1
+    return sum(2 * rows * l.n_in * l.n_out for l in stage_layers(cfg, rank) if l.index != last)
+
+
+def optimizer_state_bytes(cfg: RunConfig, rank: int) -> int:
+    """The optimizer's state for the rank's parameters, in the master dtype: SGD with
+    momentum one buffer per parameter, Adam / AdamW two (m and v), plain SGD none."""
+    if cfg.strategy.name == "fsdp":  # the real elements of the rank's pieces
+        _, shards = _fsdp_plan(cfg)
+        p = sum(s.valid(rank) for s in shards) * ITEMSIZE[cfg.train.dtype]
+    else:
+        p = sum(l.params for l in stage_layers(cfg, rank)) * ITEMSIZE[cfg.train.dtype]
+    if cfg.train.optimizer in ("adam", "adamw"):
+        return 2 * p
+    return p if cfg.train.momentum else 0
+
+
+def compute_copy_bytes(cfg: RunConfig, rank: int) -> int:
+    """Mixed precision's bfloat16 copy of the rank's weights (2 bytes a parameter), kept
+    next to the float32 masters and counted with the params."""
+    if cfg.train.precision != "bf16":
+        return 0
+    return 2 * sum(l.params for l in stage_layers(cfg, rank))
+
+
+def recompute_kept_bytes(cfg: RunConfig, rank: int) -> int:
+    """Kept activations under train.recompute=full, walked over the rank's action list as
+    `kept_activation_bytes` walks it: F keeps the stage's input (rows × n_first × compute
+    itemsize; nothing for the stage that reads the data batch), I trades it for what the
+    deferred W needs (the same as without recomputation: the redone x and dJ/dz), W and B
+    free it. With F and B only and one stage per rank: micro-batches in flight × input."""
+    b, c, rows = ITEMSIZE[cfg.train.dtype], compute_itemsize(cfg), _rows(cfg, rank)
+    kf: dict[int, int] = {}
+    for lay in stage_layers(cfg, rank):
+        kf.setdefault(lay.stage, rows * lay.n_in * c if lay.index > 0 else 0)
+    if cfg.strategy.name != "pipeline":
+        return sum(kf.values())
+    kw = {s: n * c // b for s, n in _kept_for_weight_grad(cfg, rank).items()}
+    return _walk_kept(cfg, rank, kf, kw)
+
+
+def one_device_formula(cfg: RunConfig, rank: int) -> dict[str, int]:
+    """state, kept activations and peak under the run's recompute / precision / optimizer,
+    from the plain closed forms: the state with the optimizer's and the bf16 copy's bytes;
+    what forward and backward make at the compute itemsize c instead of b; with recompute,
+    the stage inputs in flight kept, plus one micro-batch's z and h back in its backward."""
+    b, c = ITEMSIZE[cfg.train.dtype], compute_itemsize(cfg)
+    plain_state = state_bytes(cfg, rank)
+    state = {"params_bytes": plain_state["params_bytes"] + compute_copy_bytes(cfg, rank),
+             "grads_bytes": plain_state["grads_bytes"],
+             "optimizer_bytes": optimizer_state_bytes(cfg, rank)}
+    inp, kept = input_bytes(cfg, rank), kept_activation_bytes(cfg, rank)
+    transient = formula_peak(cfg, rank) - sum(plain_state.values()) - inp - kept
+    layers = stage_layers(cfg, rank)
+    rows = data_rows(cfg.train.batch_size, cfg.world_size, rank) \
+        if cfg.strategy.name == "data" else cfg.train.batch_size
+    x = rows * cfg.model.dims[0] * b if layers[0].index == 0 else 0
+    inp = inp - x + x * c // b
+    if cfg.train.recompute == "full":
+        per_mb = _kept_per_microbatch(cfg, rank)
+        mb_rows = _rows(cfg, rank)
+        first: dict[int, LocalLayer] = {}
+        for lay in layers:
+            first.setdefault(lay.stage, lay)
+        # the largest of one micro-batch's redone caches, less its input (already kept)
+        redone = max(n - (mb_rows * first[s].n_in * b if first[s].index > 0 else 0)
+                     for s, n in per_mb.items())
+        kept_now = recompute_kept_bytes(cfg, rank)
+        live = kept_now + redone * c // b
+    else:
+        kept_now = kept * c // b
+        live = kept_now
+    peak = sum(state.values()) + inp + live + transient * c // b
+    if cfg.train.precision == "bf16":
+        peak = max(peak, sum(state.values()) + inp + _mixed_weight_grad_live(cfg, rank))
+    return {**state, "activations_bytes": kept_now, "peak_bytes": peak}
+
+
+def _mixed_weight_grad_live(cfg: RunConfig, rank: int) -> int:
+    """bf16's other candidate for the peak: the backward of a stage's lowest layer makes its
+    weight gradient dJ/dz xᵀ as a bfloat16 temporary (n_out·n_in·2 bytes) before adding it
+    into the float32 buffer, while its x and z, dJ/dh, dJ/dz, the gradient the stage's
+    backward started from, and the other micro-batches in flight are alive (bytes beyond
+    state and the data batch)."""
+    b, c, rows = ITEMSIZE[cfg.train.dtype], compute_itemsize(cfg), _rows(cfg, rank)
+    L = cfg.spec.num_layers
+    flight = in_flight_per_stage(cfg, rank)
+    per_mb = _kept_per_microbatch(cfg, rank)
+    by_stage: dict[int, list[LocalLayer]] = {}
+    for lay in stage_layers(cfg, rank):
+        by_stage.setdefault(lay.stage, []).append(lay)
+    best = 0
+    for s, lays in by_stage.items():
+        low, top = lays[0], lays[-1]
+        one = (rows * low.n_in * c if low.index > 0 else 0) if cfg.train.recompute == "full" \
+            else per_mb[s] * c // b
+        hidden = low.index < L - 1
+        live = ((flight.get(s, 1) - 1) * one
+                + (rows * low.n_in * c if low.index > 0 else 0)  # x, unless the data batch
+                + rows * low.n_out * c * (3 if hidden else 1)  # z, dJ/dh, dJ/dz (or dJ/do)
+                + (rows * top.n_out * c if len(lays) > 1 else 0)  # where the backward began
+                + low.n_out * low.n_in * c)  # the bfloat16 product
+        best = max(best, live)
+    return best
+
+
+# bfloat16 keeps 8 significant bits: round-to-nearest errs by at most 2⁻⁸ relative.
+BF16_UNIT_ROUNDOFF = 2.0**-8
+
+
+def bf16_growth(cfg: RunConfig) -> dict[str, int]:
+    """How many unit roundoffs one bf16 step can add (docs/one-device.md): every matrix
+    product of the forward rounds its weight copy and its output, the data batch is
+    rounded once (2L+1, at most 3L with a rounded φ); the gradient of W¹ also passes back
+    through every layer, each rounding dJ/dz, its product and φ'(z) from a rounded z (6L)."""
+    L = cfg.spec.num_layers
+    return {"forward": 3 * L, "step": 6 * L}
+
+
+def bf16_loss_tolerance(cfg: RunConfig, losses: list[float]) -> float:
+    """|J_bf16 − J_float64| after the steps of `losses` (J per step), to first order:
+    evaluating J at the end errs by ≤ 3L·u·|J_T| (the forward's growth), and each step's
+    gradient by ≤ 6L·u relative, which changes that step's decrease of J by as much, so the
+    path adds ≤ 6L·u·Σ_t |J_t − J_{t+1}|. u = 2⁻⁸; no cancellation assumed."""
+    u, g = BF16_UNIT_ROUNDOFF, bf16_growth(cfg)
+    path = sum(abs(a - b) for a, b in zip(losses, losses[1:]))
+    return u * (g["forward"] * abs(losses[-1]) + g["step"] * path)
+
+
+def precision_check(cfg: RunConfig, losses: list[float]) -> dict[str, Any]:
+    """result.json's `check` under train.precision=bf16: the tolerance on the final J against
+    a float64 run of the same config (from this run's own curve), and what it rests on;
+    the achieved gradient error is `grad_max_rel_err` beside it. Empty otherwise."""
+    if cfg.train.precision != "bf16" or not losses:
+        return {}
+    g = bf16_growth(cfg)
+    return {"precision": "bf16", "unit_roundoff": BF16_UNIT_ROUNDOFF, "growth": g,
+            "grad_rel_err_first_order": g["step"] * BF16_UNIT_ROUNDOFF,
+            "final_loss_tolerance": bf16_loss_tolerance(cfg, losses),
+            "tolerance_reference": "float64, same config (docs/one-device.md)"}
 
 
 _DEVIATION_KEYS = ("peak_bytes", "params_bytes", "grads_bytes", "optimizer_bytes",
@@ -581,8 +770,9 @@ def formula_deviation(cfg: RunConfig) -> list[dict[str, Any]]:
         if d.same_as:
             continue
         f = formula(cfg, d.rank)
-        row: dict[str, Any] = {"rank": d.rank, "count": d.count,
-                               "moment": peak_terms(cfg, d.rank)["moment"]}
+        moment = ("floor (plans/fsdp.py)" if cfg.strategy.name == "fsdp"
+                  else peak_terms(cfg, d.rank)["moment"])
+        row: dict[str, Any] = {"rank": d.rank, "count": d.count, "moment": moment}
         for k in _DEVIATION_KEYS:
             row[k] = (d.memory[k], f[k], rel_err(f[k], d.memory[k]))
         for k in _DEVIATION_COMM:
@@ -609,7 +799,7 @@ class RankCost:
 
     rank: int
     layers: list[LocalLayer]
-    messages: list[CommRecord]  # the closed-form crossings (time model)
+    messages: list[CommRecord]  # the closed-form crossings (plans), next to the dry run's
     comm: dict[str, Any]  # the dry run's ledger summary: exactly what a run records
     memory_record: dict[str, Any]  # the dry run's `ranks[].memory`
     state: dict[str, int]
@@ -651,7 +841,7 @@ def rank_costs(cfg: RunConfig, *, device: str = "cpu") -> list[RankCost]:
             d.rank, layers, messages(cfg, d.rank) if layers else [], d.comm, d.memory,
             {k: d.memory[k] for k in ("params_bytes", "grads_bytes", "optimizer_bytes")},
             rank_flops(cfg, d.rank) if layers else {"total": 0},
-            d.in_flight_max, d.count))
+            d.in_flight_max, d.count, extra={"flops_counted": d.flops}))
     return out
 
 
@@ -686,6 +876,8 @@ def predict(cfg: RunConfig, *, device: str = "cpu", params: CostParams | None = 
                   if sim else {"step_s": None, "compute_s": None, "idle_fraction": None})
         ranks.append({"rank": c.rank, "comm": c.comm, "memory": c.memory(), "timing": timing,
                       "flops": c.flops["total"], "flops_by_kind": c.flops,
+                      # the dry run's count of the runner's own matrix products
+                      "flops_counted": c.extra.get("flops_counted"),
                       "in_flight_max": c.in_flight_max,
                       "layers": [{"index": l.index, "n_in": l.n_in, "n_out": l.n_out}
                                  for l in c.layers]})

@@ -45,13 +45,18 @@ class Dataset:
 
     def batch(
         self, step: int, batch_size: int, *, shuffle: bool, seed: int, dtype: torch.dtype,
-        device: torch.device | str = "cpu",
+        device: torch.device | str = "cpu", y_dtype: torch.dtype | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """X in `dtype`; y as class indices, or targets in `y_dtype` (default `dtype`: mixed
+        precision reads X in bfloat16 and compares with float32 targets)."""
         idx = self.rows(step, batch_size, shuffle=shuffle, seed=seed)
         x = self.X[idx].to(device=device, dtype=dtype)
+        return x, self.targets(idx, device=device, dtype=y_dtype or dtype)
+
+    def targets(self, idx: torch.Tensor, *, device: torch.device | str,
+                dtype: torch.dtype) -> torch.Tensor:
         y = self.y[idx]
-        y = y.to(device=device) if y.dtype == torch.int64 else y.to(device=device, dtype=dtype)
-        return x, y
+        return y.to(device=device) if y.dtype == torch.int64 else y.to(device=device, dtype=dtype)
 
 
 def synthetic(spec: MLPSpec, *, num_examples: int, teacher_hidden: int, seed: int) -> Dataset:

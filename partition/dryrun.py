@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatch_mode_stack
 
 from partition.comm import Comm, Ledger, Transport
 from partition.config import RunConfig
@@ -127,6 +127,26 @@ def meta_dataset(cfg: RunConfig) -> Dataset:
     return MetaDataset(X, y)
 
 
+_MATMULS = {"mm", "addmm", "addmm_"}
+
+
+class FlopCounter(TorchDispatchMode):
+    """Matrix-product FLOPs of the ops run under it, 2·m·n·k per product (mm, addmm and the
+    in-place addmm_ that accumulates a weight gradient, which torch's FlopCounterMode
+    misses): what the closed form `costs.rank_flops` counts, counted from the real runner."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        name = func.overloadpacket.__name__
+        if name in _MATMULS:
+            a, b = (args[0], args[1]) if name == "mm" else (args[1], args[2])
+            self.flops += 2 * a.shape[0] * a.shape[1] * b.shape[1]
+        return func(*args, **(kwargs or {}))
+
+
 @dataclass
 class DryRank:
     """What one dry-run rank reports: `ranks[].comm` and `ranks[].memory` of result.json."""
@@ -137,6 +157,7 @@ class DryRank:
     in_flight_max: int
     count: int = 1  # ranks this one stands for (identical plans)
     same_as: list[int] | None = None
+    flops: int = 0  # matrix-product FLOPs of the measured step, counted (FlopCounter)
 
 
 def signature(cfg: RunConfig, rank: int) -> Any:
@@ -193,10 +214,15 @@ def dry_rank(cfg: RunConfig, rank: int) -> DryRank:
     # The last step is measured, as in a real run: by then the optimizer state exists.
     steps = min(cfg.train.steps, 2)
     mem, in_flight = None, 0
+    counter = FlopCounter()
     for step in range(steps):
         ledger.step = step
         with probe.measure(runner, TRAINING, record=step == steps - 1, enforce=False) as m:
-            out = runner.step(step, want_grads=False)
+            if step == steps - 1:
+                with counter:
+                    out = runner.step(step, want_grads=False)
+            else:
+                out = runner.step(step, want_grads=False)
         ledger.step = None
         mem, in_flight = m, max(in_flight, out.in_flight_max)
     from partition.train import measure_prediction
@@ -204,7 +230,8 @@ def dry_rank(cfg: RunConfig, rank: int) -> DryRank:
     pmem = measure_prediction(probe, runner, steps - 1, alone=comm is None)
     summary = ledger.step_summary(steps - 1)
     summary["seconds"] = 0.0
-    return DryRank(rank, summary, memory_record(mem, pmem, runner.state_bytes()), in_flight)
+    return DryRank(rank, summary, memory_record(mem, pmem, runner.state_bytes()), in_flight,
+                   flops=counter.flops)
 
 
 def dry_run(cfg: RunConfig, *, progress: Callable[[str], None] | None = None) -> list[DryRank]:
@@ -220,7 +247,7 @@ def dry_run(cfg: RunConfig, *, progress: Callable[[str], None] | None = None) ->
                 progress(f"dry run: {len(done)} distinct ranks so far ({r + 1}/{cfg.ranks})")
         base = done[key]
         out.append(DryRank(r, base.comm, base.memory, base.in_flight_max,
-                           same_as=None if base.rank == r else [base.rank]))
+                           same_as=None if base.rank == r else [base.rank], flops=base.flops))
     counts: dict[int, int] = {}
     for d in out:
         src = d.same_as[0] if d.same_as else d.rank

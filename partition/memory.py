@@ -256,11 +256,17 @@ def state_tensors(runner: Any) -> dict[str, list[torch.Tensor]]:
     """Params, grads and optimizer state of a runner, by category.
 
     A runner may say it itself (`memory_state()`); otherwise: params are its layers'
-    tensors, grads its stage's, optimizer state its SGD's momentum buffers.
+    tensors and, under mixed precision, their compute copies (`runner.compute`), grads its
+    stage's, optimizer state its optimizer's `buffers` (momentum; Adam's m and v).
     """
     if hasattr(runner, "memory_state"):
         return runner.memory_state()
     params = [t for layer in runner.layers for t in layer.tensors()]
+    copies = getattr(runner, "compute", None)
+    if copies is not None:
+        from partition.model import copy_tensors
+
+        params += copy_tensors(runner.layers, copies)
     grads = [t for st in stages_of(runner) for g in st.grads for t in g.tensors()]
     opt = list(getattr(getattr(runner, "opt", None), "buffers", []) or [])
     return {"params": params, "grads": grads, "optimizer": opt}

@@ -189,6 +189,20 @@ def loss_grad(name: str, o: torch.Tensor, y: torch.Tensor, batch: int) -> torch.
     raise ValueError(f"unknown loss {name!r}")
 
 
+def loss_and_grad(spec: MLPSpec, o: torch.Tensor, y: torch.Tensor, batch: int, *,
+                  dtype: torch.dtype) -> tuple[float, int | None, torch.Tensor]:
+    """Loss sum over these rows, correct count, and dJ/do for a batch of `batch` rows.
+
+    The loss is computed in `dtype`, the master weights' (bfloat16 logits are promoted
+    first, as autocast does for softmax and losses); dJ/do goes back in o's dtype.
+    """
+    lo = o if o.dtype == dtype else o.to(dtype)
+    total = to_float(loss_sum(spec.loss, lo, y))
+    correct = correct_count(o, y) if spec.loss == "cross_entropy" else None
+    g = loss_grad(spec.loss, lo, y, batch)
+    return total, correct, g if g.dtype == o.dtype else g.to(o.dtype)
+
+
 def correct_count(o: torch.Tensor, y: torch.Tensor) -> int:
     return 0 if o.is_meta else int((o.argmax(dim=1) == y).sum())
 
@@ -224,11 +238,22 @@ def linear(x: torch.Tensor, layer: Layer) -> torch.Tensor:
 
 
 def weight_grad(dz: torch.Tensor, cache_x: torch.Tensor, grads: Grads) -> None:
-    """Accumulate the data term of dJ/dW = dJ/dz xᵀ (and dJ/db): the seed's W half."""
-    # (n_out, B) @ (B, n_in) -> (n_out, n_in)
-    grads.W.addmm_(dz.T, cache_x)
+    """Accumulate the data term of dJ/dW = dJ/dz xᵀ (and dJ/db): the seed's W half.
+
+    Mixed precision (dz, x in bfloat16, grads in the master dtype): the product is made in
+    the compute dtype, as autocast makes it, and accumulated into the master-dtype buffer,
+    so micro-batches add up in float32.
+    """
+    if dz.dtype == grads.W.dtype:
+        # (n_out, B) @ (B, n_in) -> (n_out, n_in)
+        grads.W.addmm_(dz.T, cache_x)
+        if grads.b is not None:
+            grads.b += dz.sum(dim=0)
+        return
+    # (n_out, B) @ (B, n_in) -> (n_out, n_in), in dz's dtype, then added in the grads'
+    grads.W.add_(dz.T @ cache_x)
     if grads.b is not None:
-        grads.b += dz.sum(dim=0)
+        grads.b += dz.sum(dim=0, dtype=grads.b.dtype)
 
 
 def input_grad(dz: torch.Tensor, layer: Layer) -> torch.Tensor:
@@ -246,16 +271,22 @@ def linear_backward(
 
 
 def forward_layers(
-    spec: MLPSpec, layers: list[Layer], x: torch.Tensor, *, keep: bool
+    spec: MLPSpec, layers: list[Layer], x: torch.Tensor, *, keep: bool,
+    skip_output: bool = False,
 ) -> tuple[torch.Tensor, list[Cache]]:
     """Run a contiguous run of layers; the last layer of the net gets no activation.
 
     With keep=False (prediction) nothing is stored: each intermediate is freed as
     soon as the next exists — the seed's point that training costs more memory.
+    skip_output=True (recomputation in a backward): the net's output layer only records
+    its input, since its backward needs x and dJ/do, never o; the output is then that x.
     """
     caches: list[Cache] = []
     last = spec.num_layers - 1
     for layer in layers:
+        if skip_output and layer.index == last:
+            caches.append(Cache(x, None))
+            break
         z = linear(x, layer)
         if layer.index == last:
             if keep:
@@ -349,6 +380,40 @@ def add_decay(layers: list[Layer], grads: list[Grads], weight_decay: float) -> N
             g.W.add_(l.W, alpha=weight_decay)
 
 
+# ---------------------------------------------------------------- mixed precision
+
+
+def compute_copies(layers: list[Layer], dtype: torch.dtype) -> list[Layer]:
+    """The layers forward and backward multiply by: the masters themselves when they are
+    stored in `dtype`, else (mixed precision) a copy of each in `dtype`, which lives as long
+    as the masters and is refreshed after every update (`refresh_copies`)."""
+    if all(l.W.dtype == dtype for l in layers):
+        return layers
+    return [Layer(l.index, l.W.to(dtype), None if l.b is None else l.b.to(dtype), l.rows,
+                  l.cols, l.bias_owner) for l in layers]
+
+
+def refresh_copies(masters: list[Layer], copies: list[Layer]) -> None:
+    """Round the updated master weights into their compute copies (nothing if the same)."""
+    for m, c in zip(masters, copies, strict=True):
+        if c is m:
+            continue
+        for src, dst in zip(m.tensors(), c.tensors(), strict=True):
+            dst.copy_(src)
+
+
+# ---------------------------------------------------------------- optimizers
+#
+# One interface: step(layers, grads) updates the master weights from complete gradients,
+# state_bytes(layers) is the state it keeps for them (exact, before or after it exists),
+# `buffers` are those state tensors (memory.state_tensors seeds them as `optimizer`), and
+# `decoupled` says whether λ is the optimizer's (AdamW) rather than part of dJ/dW.
+
+
+def _flat(layers: list[Layer], grads: list[Grads]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    return ([t for l in layers for t in l.tensors()], [t for g in grads for t in g.tensors()])
+
+
 @dataclass
 class SGD:
     """Plain SGD with optional heavy-ball momentum (buffers count as optimizer state)."""
@@ -356,6 +421,7 @@ class SGD:
     lr: float
     momentum: float = 0.0
     buffers: list[torch.Tensor] = field(default_factory=list)
+    decoupled = False  # λW is in the gradient (finish_step adds it)
 
     def step(self, layers: list[Layer], grads: list[Grads]) -> None:
         params = [t for l in layers for t in l.tensors()]
@@ -376,5 +442,50 @@ class SGD:
         return sum(t.numel() * t.element_size() for l in layers for t in l.tensors())
 
 
+@dataclass
+class Adam:
+    """Adam with bias correction (Kingma & Ba), as torch.optim.Adam computes it; with
+    `decoupled` it is AdamW: W ← W(1 − lr·λ) before the Adam step, on the weights only
+    (biases are not regularised), and λW is then not part of the gradient.
+
+    State: a first moment m and a second moment v per parameter, in the master dtype:
+    2 × the parameters' bytes. `buffers` holds every m, then every v.
+    """
+
+    lr: float
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0  # AdamW's λ (decoupled only; plain Adam's λ is in dJ/dW)
+    decoupled: bool = False
+    buffers: list[torch.Tensor] = field(default_factory=list)
+    steps: int = 0
+
+    def step(self, layers: list[Layer], grads: list[Grads]) -> None:
+        params, gs = _flat(layers, grads)
+        n = len(params)
+        if not self.buffers:
+            self.buffers = [torch.zeros_like(p) for p in params + params]
+        self.steps += 1
+        b1, b2 = self.betas
+        step_size = self.lr / (1 - b1**self.steps)
+        bc2_sqrt = (1 - b2**self.steps) ** 0.5
+        decayed = {id(l.W) for l in layers} if self.decoupled and self.weight_decay else set()
+        for p, g, m, v in zip(params, gs, self.buffers[:n], self.buffers[n:], strict=True):
+            if id(p) in decayed:
+                p.mul_(1 - self.lr * self.weight_decay)
+            m.lerp_(g, 1 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            denom = v.sqrt().div_(bc2_sqrt).add_(self.eps)  # one temporary, not two
+            p.addcdiv_(m, denom, value=-step_size)
+
+    def state_bytes(self, layers: list[Layer]) -> int:
+        return 2 * sum(t.numel() * t.element_size() for l in layers for t in l.tensors())
+
+
 def tensors_bytes(tensors: list[torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def copy_tensors(masters: list[Layer], copies: list[Layer]) -> list[torch.Tensor]:
+    """The tensors of the compute copies that are not the masters themselves."""
+    return [t for m, c in zip(masters, copies, strict=True) if c is not m for t in c.tensors()]

@@ -40,8 +40,9 @@ from partition.report import (
 
 MiB = 1024**2
 COLORS = {"params": "#4C72B0", "grads": "#55A868", "optimizer": "#8172B2", "input": "#CCB974",
-          "activations": "#C44E52", "comm": "#64B5CD", "temporaries": "#B0B0B0"}
-CATEGORY_TEXT = {"comm": "comm buffers", "input": "input batch"}
+          "activations": "#C44E52", "gathered": "#DD8452", "comm": "#64B5CD",
+          "temporaries": "#B0B0B0"}
+CATEGORY_TEXT = {"comm": "comm buffers", "input": "input batch", "gathered": "gathered weights"}
 PRED = {"marker": "|", "color": "black", "ms": 15, "mew": 2, "ls": "none"}
 # Two J curves closer than this everywhere (relative to |J|) are drawn as one.
 SAME_CURVE_RTOL = 1e-5

@@ -42,7 +42,7 @@ MESH_DIMS = ("dp", "pp", "tp")  # a hybrid run's by_dim columns (plans/mesh.py)
 MISSING = "—"
 
 # The memory categories of a breakdown, in the order the figures stack them.
-CATEGORIES = ("params", "grads", "optimizer", "input", "activations", "comm", "temporaries")
+from partition.memory import CATEGORIES  # noqa: E402 - the probe's own list, one definition
 
 # (column, header) of the compact table printed on the terminal (fits 120 columns;
 # results.md and results.csv have every column).
@@ -163,6 +163,15 @@ def result_row(res: dict[str, Any]) -> dict[str, Any]:
         variant = "accum"
     else:
         variant = None
+    # What one device can do instead (train.recompute / precision / optimizer): part of the
+    # variant, so that single-recompute is not read as the plain full batch.
+    dtype = run.get("dtype") or _get(cfg, "train.dtype")
+    recompute = _get(cfg, "train.recompute") or "none"
+    precision = _get(cfg, "train.precision") or {"float64": "fp64"}.get(dtype, "fp32")
+    policy = "+".join(p for p in ("recompute" if recompute == "full" else "",
+                                  "bf16" if precision == "bf16" else "") if p) or None
+    if policy:
+        variant = f"{variant}+{policy}" if variant else policy
     dims = run.get("dims") or _get(cfg, "model.dims") or []
     steps_cfg = _get(cfg, "train.steps")
     loss = list(tr.get("loss") or [])
@@ -199,7 +208,11 @@ def result_row(res: dict[str, Any]) -> dict[str, Any]:
         "variant": variant,
         "dims": "-".join(str(d) for d in dims) or None,
         "hidden": max(dims[1:-1]) if len(dims) > 2 else None,
-        "dtype": run.get("dtype") or _get(cfg, "train.dtype"),
+        "dtype": dtype,
+        "recompute": recompute,
+        "precision": precision,
+        "optimizer": _get(cfg, "train.optimizer") or "sgd",
+        "policy": policy,  # None: no recomputation, the dtype's own precision
         "data": _get(cfg, "data.name"),
         "lr": _get(cfg, "train.lr"),
         "label": None,  # filled in by build_table (it depends on the other rows)
@@ -215,6 +228,8 @@ def result_row(res: dict[str, Any]) -> dict[str, Any]:
         "pred_peak_bytes": _max(ppeaks),
         "mem_err": _worst(list(zip(peaks, ppeaks, strict=False))),
         "infer_peak_bytes": _max(_get(r, "memory.predict_peak_bytes") for r in ranks),
+        "activations_bytes": _max(_get(r, "memory.activations_bytes") for r in ranks),
+        "pred_activations_bytes": _max(_get(p, "memory.activations_bytes") for p in pr),
         "params_bytes": _max(_get(r, "memory.params_bytes") for r in ranks),
         "bytes_per_step": _max(tbytes),
         "pred_bytes_per_step": _max(pbytes),
@@ -237,6 +252,8 @@ def result_row(res: dict[str, Any]) -> dict[str, Any]:
         "examples": num(tr.get("examples_seen")),
         "final_loss": num(tr.get("final_loss", loss[-1] if loss else None)),
         "grad_err": num(_get(res, "check.grad_max_rel_err")),
+        # bf16: the bound on |J − J_float64| after these steps (docs/one-device.md)
+        "loss_tol": num(_get(res, "check.final_loss_tolerance")),
         "loss_curve": [num(x) for x in loss],
         "breakdown": bd,
         "pred_breakdown": pbd,
@@ -269,12 +286,16 @@ def build_table(results: list[dict[str, Any]], *, sort: bool = True) -> pd.DataF
 
 
 def _baseline_id(df: pd.DataFrame, row: pd.Series) -> int | None:
-    """The single-device run this row is compared with: same dims, dtype, data and B;
-    M = 1 and `ok` first, then any `ok` (accumulation gives the same update), then M = 1."""
+    """The single-device run this row is compared with: same dims, dtype, data, optimizer
+    and B; without recomputation or bf16 first; M = 1 and `ok` first, then any `ok`
+    (accumulation gives the same update), then M = 1."""
     same = df[(df["strategy"] == "single") & (df["dims"] == row["dims"])
               & (df["dtype"] == row["dtype"]) & (df["data"] == row["data"])
-              & (df["B"] == row["B"])]
-    for pick in (same[(same["M"] == 1) & (same["status"] == "ok")],
+              & (df["optimizer"] == row["optimizer"]) & (df["B"] == row["B"])]
+    plain = same[same["policy"].isna()]
+    for pick in (plain[(plain["M"] == 1) & (plain["status"] == "ok")],
+                 plain[plain["status"] == "ok"], plain[plain["M"] == 1],
+                 same[(same["M"] == 1) & (same["status"] == "ok")],
                  same[same["status"] == "ok"], same[same["M"] == 1]):
         if len(pick):
             return int(pick["id"].iloc[0])

@@ -130,6 +130,9 @@ def run_info(cfg: RunConfig, *, device: str, backend: str, seconds: float) -> di
         "microbatches": cfg.train.microbatches,
         "dims": list(cfg.model.dims),
         "dtype": cfg.train.dtype,
+        "recompute": cfg.train.recompute,
+        "precision": cfg.train.precision,
+        "optimizer": cfg.train.optimizer,
         "torch": torch.__version__,
         "python": platform.python_version(),
         "host": platform.node(),
@@ -234,6 +237,7 @@ def build_result(cfg: RunConfig, records: list[Any], *, seconds: float,
         "check": {
             "grad_max_rel_err": max(errs) if errs else None,
             "reference": "torch.autograd, float64, step 0, full weights" if errs else None,
+            **costs.precision_check(cfg, losses),
         },
     }
     if cfg.strategy.name == "pipeline" and records:

@@ -171,6 +171,17 @@ def pipeline_ops(s: Schedule, *, compute: Callable[[Action], float],
     return ops
 
 
+UNIT = {"F": 1.0, "I": 1.0, "W": 1.0, "B": 2.0}  # equal F, I, W; B = I then W
+
+
+def ideal_idle(s: Schedule) -> list[float]:
+    """Per rank, the idle fraction of schedule `s` with equal stages, unit F = I = W (B = 2)
+    and free communication: what the papers' bubble formulas describe, for this exact list."""
+    tl = simulate(pipeline_ops(s, compute=lambda a: UNIT[a.kind], transfer=lambda m: 0.0),
+                  s.world)
+    return [tl.idle_fraction(r) for r in range(s.world)]
+
+
 # ---------------------------------------------------------------- every strategy's step
 
 
@@ -202,18 +213,22 @@ def step_ops(cfg, times: list[dict[str, float]], links: Links, *, schedule=None)
     pipeline: the schedule's action lists; data: each micro-batch's F and B, the gradient
     all-reduce, the update; tensor: layer by layer with the plan's collectives in between;
     single: F and B per micro-batch. Every multi-rank step ends with the J all-reduce."""
+    from partition.plans.data import param_count
     from partition.plans.stages import plan_stages
     from partition.plans.tensor import plan_layers, tensor_calls
     from partition.plans.traffic import METRIC_BYTES, ring_wire_bytes
 
     name, P, M = cfg.strategy.name, cfg.ranks, cfg.train.microbatches
+    # activations cross in the compute dtype (bf16: 2 bytes), gradients reduce in the master's
     item, B = ITEM[cfg.train.dtype], cfg.train.batch_size
+    citem = 2 if cfg.train.precision == "bf16" else item
+    recompute = cfg.train.recompute == "full"
     metric = links.collective(ring_wire_bytes("all_reduce", METRIC_BYTES, P), P)
     if name == "pipeline":
         plan = plan_stages(cfg.spec, schedule.stages, cfg.strategy.balance)
 
         def transfer(m: Message) -> float:
-            return links.p2p(B // M * cfg.model.dims[plan[max(m.from_stage, m.to_stage)][0]] * item)
+            return links.p2p(B // M * cfg.model.dims[plan[max(m.from_stage, m.to_stage)][0]] * citem)
 
         return pipeline_ops(schedule, compute=lambda a: times[schedule.stage_rank[a.stage]][
             f"s{a.stage}:{a.kind}"], transfer=transfer, tail=lambda r: times[r]["update"],
@@ -226,14 +241,14 @@ def step_ops(cfg, times: list[dict[str, float]], links: Links, *, schedule=None)
                 ops.append(Op(r, "compute", f"F{m}", t["F"], args={"kind": "F", "mb": m}))
                 ops.append(Op(r, "compute", f"B{m}", t["B"], args={"kind": "B", "mb": m}))
             if name == "data" and P > 1:
-                n = _params(cfg) * item
+                n = param_count(cfg.spec) * item
                 ops.append(Op(r, "comm", "all_reduce weight_grad",
                               links.collective(ring_wire_bytes("all_reduce", n, P), P),
                               sync="weight_grad", args={"role": "weight_grad"}))
         elif name == "tensor":
             shards = plan_layers(cfg.strategy.layout, cfg.model.dims, P, r)
             calls = tensor_calls(cfg.strategy.layout, cfg.model.dims, world=P, rank=r, batch=B,
-                                 micro=M, itemsize=item)[:-1]
+                                 micro=M, itemsize=citem, recompute=recompute)[:-1]
             at = 0
 
             def comm(m: int) -> None:
@@ -250,6 +265,11 @@ def step_ops(cfg, times: list[dict[str, float]], links: Links, *, schedule=None)
                     if P > 1 and (s.kind == "row" or s.kind == "rowwise"):
                         comm(m)
                 ops.append(Op(r, "compute", "loss", t["loss"], args={"kind": "loss", "mb": m}))
+                # recompute: the redone forward's hidden-layer collectives cross again (their
+                # compute is in the calibrated B times)
+                for s in shards if recompute and P > 1 else ():
+                    if s.layer < cfg.spec.num_layers - 1 and s.kind in ("row", "rowwise"):
+                        comm(m)
                 for i in range(len(shards) - 1, -1, -1):
                     s = shards[i]
                     ops.append(Op(r, "compute", f"B{s.layer}", t[f"B{s.layer}"],
@@ -265,8 +285,3 @@ def step_ops(cfg, times: list[dict[str, float]], links: Links, *, schedule=None)
                           args={"role": "metric"}))
     return ops
 
-
-def _params(cfg) -> int:  # noqa: ANN001
-    from partition.plans.data import param_count
-
-    return param_count(cfg.spec)

@@ -8,7 +8,9 @@ those numbers, not written in advance; a case the table lacks is said to be miss
 The cases are recognised from the rows themselves: the partitioned runs (any
 strategy but `single`) at their most common batch size B; the single-device run at
 that B with M = 1 (the full batch) and with M > 1 (gradient accumulation); and the
-single-device runs at a smaller B (the smaller minibatch).
+single-device runs at a smaller B (the smaller minibatch). Single-device runs at B
+with recomputation or bf16 (the table's `policy`) are what one device can do instead:
+each is weighed on its own — does it fit, how long for the same examples, which J.
 """
 
 from __future__ import annotations
@@ -80,7 +82,11 @@ def summarize(df: pd.DataFrame) -> list[str]:
     counts = part_all["B"].value_counts()
     B = int(max(b for b, n in counts.items() if n == counts.max()))
     part = _rows(part_all[part_all["B"] == B])
-    singles = known[known["strategy"] == "single"]
+    singles_all = known[known["strategy"] == "single"]
+    has_policy = singles_all["policy"].notna() if "policy" in singles_all else \
+        pd.Series(False, index=singles_all.index)
+    singles = singles_all[~has_policy]
+    alts = _rows(singles_all[has_policy & (singles_all["B"] == B)])
     full = _rows(singles[(singles["B"] == B) & (singles["M"] == 1)])
     accum = _rows(singles[(singles["B"] == B) & (singles["M"] > 1)])
     small = _rows(singles[singles["B"] < B])
@@ -97,6 +103,9 @@ def summarize(df: pd.DataFrame) -> list[str]:
     head = [f"Partitioning over P devices versus a smaller minibatch: full batch B={B}"
             + (f", {E:,} examples per run" if E else "")
             + (f"; smaller minibatch B={', '.join(str(r['B']) for r in small)}" if small else "")
+            + (f"; optimizer {', '.join(opts)} (its state counts in every device's memory)"
+               if (opts := sorted({str(r['optimizer']) for r in part
+                                   if r.get('optimizer') not in (None, 'sgd')})) else "")
             + "."]
 
     f0 = full[0] if full else None
@@ -216,8 +225,10 @@ def summarize(df: pd.DataFrame) -> list[str]:
             meas, pred = num(r["bubble"]), num(r["pred_bubble"])
             m = "—" if meas is None else f"{meas:.0%}"
             p = "—" if pred is None else f"{pred:.0%}"
+            ideal = "(P−1)/(M+P−1)" if r["variant"] in ("gpipe", "1f1b") else \
+                "with equal stages and free communication"
             items.append(f"{run_label(r)} M={r['M']} spends {m} of a step not computing "
-                         f"(predicted bubble (P−1)/(M+P−1) = {p})")
+                         f"(predicted bubble {ideal} = {p})")
         dis.append("**Bubble**: " + "; ".join(items) + ".")
 
     # ---- loss after the same examples
@@ -256,6 +267,13 @@ def summarize(df: pd.DataFrame) -> list[str]:
     elif part:
         missing.append("loss: no finished partitioned run")
 
+    # ---- what one device can do instead: recomputation, bf16, both
+    jref = num(ref["final_loss"]) if ref is not None else None
+    t_fast = min(timed, key=lambda t: t[1]) if timed else None
+    for a in alts:
+        _weigh_alternative(a, B=B, E=E, limit=limit, best=best, t_fast=t_fast, jp=jp,
+                           jref=jref, adv=adv, dis=dis, missing=missing)
+
     for x in (s0, a0):
         if x is not None and x["status"] != "ok":
             missing.append(f"{run_label(x)} B={x['B']} M={x['M']}: {_status_text(x)}")
@@ -272,6 +290,60 @@ def summarize(df: pd.DataFrame) -> list[str]:
     if missing:
         out += ["", "Missing:"] + [f"- {x}" for x in missing]
     return out
+
+
+def _weigh_alternative(a: pd.Series, *, B: int, E: int | None, limit: float | None,
+                       best: tuple[pd.Series, float] | None,
+                       t_fast: tuple[pd.Series, float] | None,
+                       jp: list[tuple[pd.Series, float]], jref: float | None,
+                       adv: list[str], dis: list[str], missing: list[str]) -> None:
+    """Partitioning against one single-device alternative at the full batch: memory (does it
+    fit under the limit), time for the same examples, J after the same examples."""
+    name = f"one device with {a['policy'].replace('+', ' and ')}"
+    lim = f" under memory_limit={fmt_bytes(limit)}" if limit else ""
+    act = num(a.get("activations_bytes"))
+    act = act if act is not None else num(a.get("pred_activations_bytes"))
+    kept = f", {fmt_bytes(act)} of it kept activations" if act is not None else ""
+    if a["status"] == "oom":
+        where = (f"; {run_label(best[0])} trains it at {fmt_bytes(best[1])} per device"
+                 if best else "")
+        adv.append(f"**vs {name}**: the full batch B={B} still does not fit one device{lim} "
+                   f"(oom, needs {_mem_text(a)}{kept}){where}.")
+        return
+    if a["status"] != "ok":
+        missing.append(f"{name} B={B}: {_status_text(a)}")
+        return
+    mv = _mem(a)[0]
+    if mv is not None:
+        than = (f", {mv / best[1]:.2f}× the best partition's {fmt_bytes(best[1])} per device "
+                f"({run_label(best[0])}, on {best[0]['P']} devices)" if best else "")
+        dis.append(f"**vs {name}**: one device trains the full batch B={B}{lim} at "
+                   f"{_mem_text(a)}{kept}{than}, with no second device.")
+    ta = _time_for(a, E)
+    if ta is not None and t_fast is not None:
+        line = (f"**Time vs {name}**: {E:,} examples take {_ms(ta)} on one device "
+                f"({_ms(num(a['step_s']))} per step) and {_ms(t_fast[1])} on the fastest "
+                f"partition ({run_label(t_fast[0])}).")
+        (adv if t_fast[1] < ta else dis).append(line)
+    ja = num(a["final_loss"])
+    if ja is not None and jp:
+        jr = jref if jref is not None else sum(j for _, j in jp) / len(jp)
+        dj = abs(ja - jr)
+        tol = num(a.get("loss_tol"))
+        if a.get("precision") == "bf16":
+            bound = f", within bf16's bound {tol:.1e}" if tol is not None and dj <= tol else (
+                f", over bf16's bound {tol:.1e}" if tol is not None else "")
+            adv.append(f"**J vs {name}**: J = {ja:.4f} after the same examples, {dj:.1e} from "
+                       f"the partitioned runs' {jr:.4f}{bound} (docs/one-device.md): "
+                       f"partitioning computes the {a['dtype']} update exactly, bf16 rounds it.")
+        elif dj <= SAME_J_RTOL * max(1.0, abs(jr)):
+            # nothing for partitioning to gain here
+            dis.append(f"**J vs {name}**: the same J = {ja:.4f} after the same examples as "
+                       f"the partitioned runs (|ΔJ| = {dj:.1e}): the same update.")
+        else:
+            adv.append(f"**J vs {name}**: J = {ja:.4f} after the same examples, {dj:.1e} from "
+                       f"the partitioned runs' {jr:.4f}, which compute the {a['dtype']} "
+                       f"update exactly (docs/one-device.md bounds bf16's difference).")
 
 
 __all__ = ["summarize"]

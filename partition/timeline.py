@@ -61,7 +61,8 @@ def _schedule(cfg: Any):  # noqa: ANN202
         return None
     from partition.plans.schedule import load_schedule
 
-    return load_schedule(cfg.strategy.schedule, world=cfg.world_size, micro=cfg.train.microbatches)
+    return load_schedule(cfg.strategy.schedule, world=cfg.world_size, micro=cfg.train.microbatches,
+                         virtual=cfg.strategy.virtual_stages)
 
 
 def simulate_step(cfg: Any, times: list[dict[str, float]], links: Links) -> Timeline:

@@ -222,6 +222,9 @@ def _run_rank(cfg: RunConfig, topo: Topology, comm: Comm | None, ledger: Ledger,
             X, y = data.batch(0, t.batch_size, shuffle=cfg.data.shuffle, seed=cfg.seed,
                               dtype=torch.float64)
             _, ref = reference_grads(spec, full, X, y)
+            if not out.grads_have_decay:  # AdamW: compare the data term, λW is the optimizer's
+                ref = {k: v - spec.weight_decay * full[k] if k.startswith("W") else v
+                       for k, v in ref.items()}
             rec.grad_rel_err = grad_rel_err(runner.layers, out.grads, ref)
         if not math.isfinite(out.objective):
             # Every rank sees the same reduced J, so all stop at the same step.

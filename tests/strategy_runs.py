@@ -70,12 +70,13 @@ def run_cases(rank: int, world: int, cfgs: list[RunConfig]) -> list[dict[str, An
         comm = Comm(rank=rank, world_size=world, ledger=ledger)
         with Observer() as obs:
             rec = run_rank(cfg, topo, comm, ledger)
+        pred = predict_at_init(cfg, topo, world)  # None on a pipeline's non-last ranks
         out.append({"shards": rec.shards, "records": list(ledger.records),
                     "observed": [(o.op, o.bytes) for o in obs.ops], "memory": rec.memory,
                     "grad_rel_err": rec.grad_rel_err, "objective": rec.objective,
                     # numpy, not a tensor: torch's queues would share the tensor's memory
                     # with a process that is about to exit
-                    "predict": predict_at_init(cfg, topo, world).double().numpy()})
+                    "predict": None if pred is None else pred.double().numpy()})
     return out
 
 

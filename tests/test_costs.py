@@ -265,12 +265,18 @@ def test_closed_form_peak_within_5pct_on_the_seed(kw):
 
 
 def test_closed_form_peak_within_5pct_on_the_compare_cases():
-    """Every case of conf/experiment/compare.yaml (the headline comparison)."""
+    """Every case of conf/experiment/compare.yaml (the headline comparison) but fsdp, whose
+    closed form is a floor (plans/fsdp.py: it leaves out the batch and the temporaries),
+    checked to be below the dry run."""
     from experiments.compare import plan
 
     _, planned = plan([])
-    assert len(planned) == 11
+    assert len(planned) == 16
     for case, cfg in planned:
+        if cfg.strategy.name == "fsdp":
+            assert all(row["peak_bytes"][1] <= row["peak_bytes"][0]
+                       for row in costs.formula_deviation(cfg)), case.name
+            continue
         for row in costs.formula_deviation(cfg):
             dry, form, _ = row["peak_bytes"]
             assert within_tol(form, dry), (case.name, row)
@@ -286,13 +292,12 @@ def test_seed_peaks_by_hand():
     single, M=4 (the tail: s's W¹⊙W¹ outgrows a quarter batch's backward): state
       13,008,896 + X, y 1,609,728 (still referenced) + W¹⊙W¹ and its sum d·h·b + b =
       6,422,532 + the last micro-batch's dJ/do r·q·b = 5,120 (r = 128) → 21,046,276.
-    pipeline 1F1B, P=2, M=4, r = 128. Stage 0 (W¹) holds min(P−0, M) = 2 micro-batches:
-      params + grads 2·d·h·b = 12,845,056; X 1,605,632; kept z of 2: 2·r·h·b = 2,097,152;
-      at a B: the received dJ/dh (G), the last sent h (still referenced until the next
-      send completes) and dJ/dz, each r·h·b = 1,048,576 → 3,145,728; total 19,693,568.
+    pipeline 1F1B, P=2, M=4, r = 128 (eager sends: each sent buffer is freed once waited
+      for). Stage 0 (W¹): its largest moment is the tail, params + grads 2·d·h·b =
+      12,845,056 and s's W¹⊙W¹ with its sum d·h·b + b = 6,422,532 → 19,267,588 (a B's
+      live set, 2 micro-batches' z, X, dJ/dh received and dJ/dz, is 5,799,936 over state).
       Stage 1 (W²) holds 1: params + grads 2·h·q·b = 163,840; y 4,096; kept x = h:
-      1,048,576; dJ/do r·q·b = 5,120; the previous dJ/dh sent, still held, and the new
-      one, 2·r·h·b = 2,097,152 → 3,318,784.
+      1,048,576; dJ/do r·q·b = 5,120; the dJ/dh being sent r·h·b = 1,048,576 → 2,270,208.
     tensor megatron, P=4 (the batch arriving outgrows the backward): params + grads of a
       quarter, 2(dh+hq)b/4 = 3,252,224; the row indices B·8 = 4,096; X gathered as
       float64 B·d·8 = 3,211,264 next to its float32 copy 1,605,632 → 8,073,216.
@@ -303,7 +308,7 @@ def test_seed_peaks_by_hand():
     """
     cases = [({}, [27_222_016]), ({"train.microbatches": 4}, [21_046_276]),
              ({"strategy": "pipeline", "world_size": 2, "strategy.schedule": "1f1b",
-               "train.microbatches": 4}, [19_693_568, 3_318_784]),
+               "train.microbatches": 4}, [19_267_588, 2_270_208]),
              ({"strategy": "tensor", "world_size": 4}, [8_073_216] * 4),
              ({"strategy": "tensor", "world_size": 2, "strategy.layout": "rowwise"},
               [24_911_872] * 2)]
@@ -346,15 +351,16 @@ def test_kept_activations_scale_with_batch_and_depth():
 
 def test_pipeline_relieves_memory_only_with_microbatches():
     """The seed's W1 is 98.7 % of the parameters, so stage 0 of a P=2 pipeline holds nearly
-    all of them — and with M=1 also the whole batch's activations plus the buffers it
-    sends and receives: its peak is *above* the single device's. Micro-batches fix it."""
+    all of them — and with M=1 also the whole batch's activations and the gradient it
+    receives: its peak is within 1 % of the single device's (27,033,600 against
+    27,222,016 B). Micro-batches fix it."""
     single = costs.rank_costs(seed_cfg())[0].train.peak_bytes
     m1 = max(c.train.peak_bytes for c in costs.rank_costs(seed_cfg(strategy="pipeline",
                                                                    world_size=2)))
     m4 = max(c.train.peak_bytes for c in costs.rank_costs(seed_cfg(
         strategy="pipeline", world_size=2, **{"train.microbatches": 4,
                                               "strategy.schedule": "1f1b"})))
-    assert m1 > single > m4
+    assert abs(m1 - single) < 0.01 * single and single > m4
 
 
 def test_cuda_training_peak_is_not_the_host_staging():
@@ -416,7 +422,7 @@ def test_flops_bubble_and_in_flight():
     # forward (F) and dJ/dW (W) for both layers, dJ/dx (I) only for the second (x needs none)
     fw = 2 * B * d * h + 2 * B * h * q
     assert one.flops == {"forward": fw, "input_grad": 2 * B * h * q, "weight_grad": fw,
-                         "total": 2 * B * d * h * 2 + 2 * B * h * q * 3}
+                         "recompute": 0, "total": 2 * B * d * h * 2 + 2 * B * h * q * 3}
     pipe = costs.rank_costs(seed_cfg(strategy="pipeline", world_size=2))
     for k in one.flops:
         assert sum(c.flops[k] for c in pipe) == one.flops[k]

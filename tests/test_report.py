@@ -437,24 +437,31 @@ def test_compare_cases_see_the_same_examples():
     names = [c.name for c, _ in planned]
     assert out == "outputs/compare"
     assert names == ["01-single-full-batch", "02-single-smaller-minibatch",
-                     "03-single-grad-accumulation", "04-pipeline-gpipe-P2", "05-pipeline-1f1b-P2",
-                     "06-tensor-megatron-P2", "07-tensor-megatron-P4", "08-tensor-rowwise-P2",
-                     "09-tensor-rowwise-P4", "10-data-P2", "11-data-P4", "12-fsdp-P2",
-                     "13-fsdp-P4"]
+                     "03-single-grad-accumulation", "04-single-recompute", "05-single-bf16",
+                     "06-single-recompute-bf16", "07-pipeline-gpipe-P2", "08-pipeline-1f1b-P2",
+                     "09-tensor-megatron-P2", "10-tensor-megatron-P4", "11-tensor-rowwise-P2",
+                     "12-tensor-rowwise-P4", "13-data-P2", "14-data-P4", "15-fsdp-P2",
+                     "16-fsdp-P4"]
     cfgs = {n: rc for (c, rc), n in zip(planned, names, strict=True)}
     assert {rc.train.batch_size * rc.train.steps for rc in cfgs.values()} == {4096}
     assert cfgs["02-single-smaller-minibatch"].train.batch_size == 256
     assert cfgs["03-single-grad-accumulation"].train.microbatches == 4
-    assert cfgs["05-pipeline-1f1b-P2"].strategy.schedule == "1f1b"
-    assert cfgs["09-tensor-rowwise-P4"].strategy.layout == "rowwise"
-    assert cfgs["09-tensor-rowwise-P4"].world_size == 4
-    assert cfgs["09-tensor-rowwise-P4"].train.microbatches == 2
+    assert cfgs["08-pipeline-1f1b-P2"].strategy.schedule == "1f1b"
+    assert cfgs["12-tensor-rowwise-P4"].strategy.layout == "rowwise"
+    assert cfgs["12-tensor-rowwise-P4"].world_size == 4
+    assert cfgs["12-tensor-rowwise-P4"].train.microbatches == 2
+    assert cfgs["04-single-recompute"].train.recompute == "full"
+    assert cfgs["05-single-bf16"].train.precision == "bf16"
+    assert (cfgs["06-single-recompute-bf16"].train.recompute,
+            cfgs["06-single-recompute-bf16"].train.precision) == ("full", "bf16")
     assert all(rc.memory_limit == 34 * MiB for rc in cfgs.values())
-    # The cost model's peaks (= the CPU probe's): only the single full batch is over it.
+    # The cost model's peaks (= the CPU probe's): only the single full batch is over it, with
+    # recomputation or without (one device's backward redoes the whole batch's z and h).
     from partition import costs
 
     peaks = {n: max(c.train.peak_bytes for c in costs.rank_costs(rc)) for n, rc in cfgs.items()}
-    assert [n for n, p in peaks.items() if p > 34 * MiB] == ["01-single-full-batch"]
+    assert [n for n, p in peaks.items() if p > 34 * MiB] == ["01-single-full-batch",
+                                                             "04-single-recompute"]
     assert all(rc.model.dims == (784, 2048, 10) for rc in cfgs.values())
     # Overrides apply to every case; compare.only and compare.world_sizes narrow the list.
     _, few = plan(["compare.world_sizes=[2]", "compare.only=[single-full-batch,data]",

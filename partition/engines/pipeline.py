@@ -1,21 +1,49 @@
-"""`pipeline` on `torch.distributed.pipelining`: PipelineStage + ScheduleGPipe / Schedule1F1B.
+"""`pipeline` on `torch.distributed.pipelining`: a PipelineStage per stage, torch's schedules.
 
-Rank i holds the layers of `plan_stages` (the explicit engine's plan) as an
-nn.Sequential. The stage is given its input and output shapes, so torch runs in
-its STATIC mode and exchanges no shape metadata — only a 4-byte vote each way
-on the first step (role `metadata` here). The loss of a micro-batch is its sum
-divided by the *full* batch size with `scale_grads=False`, so the M micro-batch
-gradients add up to exactly the full-batch mean, as in the explicit engine.
+The stage plan is the explicit engine's: the schedule (plans/schedule.py, plans/generators.py)
+says how many stages there are and which rank holds which (round robin for interleaved,
+V for zbv/dualpipev), `plan_stages` which layers each holds. This rank builds one
+nn.Sequential and one PipelineStage per stage it holds and hands them to torch's own
+schedule class:
 
-Roles: p2p towards rank+1 (or from rank−1) of the boundary activation's shape
-and dtype is `activation` (forward); towards rank−1 is `activation_grad`
-(backward); any other p2p is `metadata`.
+    gpipe, 1f1b         ScheduleGPipe, Schedule1F1B (one stage per rank)
+    interleaved_1f1b    ScheduleInterleaved1F1B
+    looped_bfs          ScheduleLoopedBFS
+    zb1p                ScheduleInterleavedZeroBubble
+    zbv                 ScheduleZBVZeroBubble
+    dualpipev           ScheduleDualPipeV (its OVERLAP_F_B pairs run one after the other)
+    FILE.csv            _PipelineScheduleRuntime reading the same compute-only CSV
+
+torch generates its own order; the runner checks, before the first step, that it is the
+order and layout of the explicit engine's plan (tests/test_generators.py compares the
+two generators everywhere). Each stage is given its input and output shapes, so torch
+runs in its STATIC mode and exchanges no shape metadata — only a 4-byte vote per
+neighbour on the first step (role `metadata` here). The loss of a micro-batch is its sum
+divided by the *full* batch size with `scale_grads=False`, so the M micro-batch gradients
+add up to exactly the full-batch mean, as in the explicit engine.
+
+Roles: with one stage per rank, p2p towards rank+1 (or from rank−1) of the boundary
+activation's shape and dtype is `activation` (forward), towards rank−1
+`activation_grad` (backward). With several, torch's lowered schedule
+(`pipeline_order_with_comms`: SEND_F / RECV_F / SEND_B / RECV_B in the order the runtime
+posts them, one p2p op each) names every p2p op this rank dispatches, in order. Any
+other p2p is `metadata`.
 """
 
 from __future__ import annotations
 
 import torch
-from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+from torch.distributed.pipelining import (
+    PipelineStage,
+    Schedule1F1B,
+    ScheduleDualPipeV,
+    ScheduleGPipe,
+    ScheduleInterleaved1F1B,
+    ScheduleInterleavedZeroBubble,
+    ScheduleLoopedBFS,
+    ScheduleZBVZeroBubble,
+)
+from torch.distributed.pipelining.schedules import _PipelineScheduleRuntime
 
 from partition.comm import Comm
 from partition.config import RunConfig
@@ -30,51 +58,108 @@ from partition.engines.common import (
     make_sgd,
 )
 from partition.engines.observe import SeenOp
+from partition.plans.schedule import Action
 from partition.plans.stages import plan_stages
+from partition.strategies.pipeline import pipeline_schedule
 from partition.topology import Topology
+
+SINGLE = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
+MULTI = {"interleaved_1f1b": ScheduleInterleaved1F1B, "looped_bfs": ScheduleLoopedBFS,
+         "zb1p": ScheduleInterleavedZeroBubble, "zbv": ScheduleZBVZeroBubble,
+         "dualpipev": ScheduleDualPipeV}
+_COMM_ROLE = {"SEND_F": ("send", "activation"), "RECV_F": ("recv", "activation"),
+              "SEND_B": ("send", "activation_grad"), "RECV_B": ("recv", "activation_grad")}
+
+
+def compute_order(pipeline_order: dict[int, list], rank: int) -> tuple[Action, ...]:
+    """torch's `pipeline_order[rank]` as our actions: empty slots dropped, an OVERLAP_F_B
+    written as its sub-actions in order (torch's runtime runs them one after the other)."""
+    out = []
+    for a in pipeline_order[rank]:
+        if a is None:
+            continue
+        for s in a.sub_actions or (a,):
+            out.append(Action(s.stage_index, s.computation_type.value, s.microbatch_index))
+    return tuple(out)
 
 
 class TorchPipelineRunner(TorchRunner):
     def __init__(self, cfg: RunConfig, topo: Topology, comm: Comm, data: Dataset,
                  full: dict[str, torch.Tensor]) -> None:
         super().__init__(cfg, topo, comm, data)
-        P, i = topo.world_size, topo.rank
+        P, rank = topo.world_size, topo.rank
         M = cfg.train.microbatches
-        if cfg.strategy.schedule == "1f1b" and M < P:
+        name = cfg.strategy.schedule
+        if name == "1f1b" and M < P:
             raise ValueError(f"torch's Schedule1F1B needs train.microbatches >= world_size, "
                              f"got {M} < {P}")
-        self.plan = plan_stages(self.spec, P, cfg.strategy.balance)
-        start, end = self.plan[i]
+        plan_sched = pipeline_schedule(cfg)  # the explicit engine's: layout and stage count
+        S = plan_sched.stages
+        self.plan = plan_stages(self.spec, S, cfg.strategy.balance)
+        self.mine = plan_sched.rank_stages(rank)
         dev = topo.device
-        self.linears = [build_linear(full, l, self.spec, dtype=self.dtype, device=dev)
-                        for l in range(start, end)]
-        self.module = layer_stack(self.spec, self.linears, start)
-        self.layers = [as_layer(start + k, lin) for k, lin in enumerate(self.linears)]
-        self.opt = make_sgd(self.linears, cfg)
-        self.first, self.last = topo.is_first, topo.is_last
         mb = self.B // M
-        self.in_shape = (mb, self.spec.dims[start])
-        self.out_shape = (mb, self.spec.dims[end])
-        # requires_grad on the examples is what tells torch which gradients cross back:
-        # the boundary activations' (the first stage's input, the data, needs none).
-        self.stage = PipelineStage(
-            self.module, i, P, dev,
-            input_args=torch.empty(self.in_shape, dtype=self.dtype, device=dev,
-                                   requires_grad=not self.first),
-            output_args=torch.empty(self.out_shape, dtype=self.dtype, device=dev,
-                                    requires_grad=True),
-        )
-        sched = ScheduleGPipe if cfg.strategy.schedule == "gpipe" else Schedule1F1B
-        # Every stage gets the loss: torch decides from it that the schedule has a backward.
-        self.schedule = sched(self.stage, n_microbatches=M, loss_fn=self._loss, scale_grads=False)
+        self.modules, self.stages = [], []
+        self.linears, self.layers = [], []
+        self.shapes: dict[int, tuple[tuple[int, int], tuple[int, int]]] = {}
+        for s in self.mine:
+            start, end = self.plan[s]
+            lins = [build_linear(full, l, self.spec, dtype=self.dtype, device=dev)
+                    for l in range(start, end)]
+            module = layer_stack(self.spec, lins, start)
+            self.shapes[s] = ((mb, self.spec.dims[start]), (mb, self.spec.dims[end]))
+            # requires_grad on the examples tells torch which gradients cross back: the
+            # boundary activations' (the first stage's input, the data, needs none).
+            stage = PipelineStage(
+                module, s, S, dev,
+                input_args=torch.empty(self.shapes[s][0], dtype=self.dtype, device=dev,
+                                       requires_grad=s > 0),
+                output_args=torch.empty(self.shapes[s][1], dtype=self.dtype, device=dev,
+                                        requires_grad=True))
+            module.register_forward_hook(self._count_in_flight)
+            self.modules.append(module)
+            self.stages.append(stage)
+            self.linears += lins
+            self.layers += [as_layer(start + k, lin) for k, lin in enumerate(lins)]
+        self.opt = make_sgd(self.linears, cfg)
+        self.first, self.last = 0 in self.mine, S - 1 in self.mine
+        kw = {"n_microbatches": M, "loss_fn": self._loss, "scale_grads": False}
+        if name in SINGLE:
+            self.stage = self.stages[0]
+            self.schedule = SINGLE[name](self.stage, **kw)
+            self._comm_roles = None
+        else:
+            if name in MULTI:
+                self.schedule = MULTI[name](self.stages, **kw)
+            else:  # a compute-only CSV, lowered by torch's own runtime
+                self.schedule = _PipelineScheduleRuntime(self.stages, **kw)
+                self.schedule._load_csv(name)
+            self._check_same_plan(plan_sched)
+            self._comm_roles = [(_COMM_ROLE[a.computation_type.value], a.stage_index)
+                                for a in self.schedule.pipeline_order_with_comms[rank]
+                                if a.computation_type.value in _COMM_ROLE]
+        self._p2p_seen = 0
         self._loss_sum, self._correct = 0.0, 0
         self._eval: tuple[PipelineStage, ScheduleGPipe] | None = None
-        # Count micro-batches whose activations the stage holds (its forward cache) at once.
-        self.module.register_forward_hook(self._count_in_flight)
+
+    def _check_same_plan(self, plan_sched) -> None:  # noqa: ANN001 - plans.schedule.Schedule
+        """torch's layout and compute order are the explicit engine's (else the two engines
+        would run different schedules under one name)."""
+        layout = self.schedule.stage_index_to_group_rank
+        if tuple(layout[s] for s in range(plan_sched.stages)) != plan_sched.stage_rank:
+            raise ValueError(f"torch lays out {self.cfg.strategy.schedule} as {layout}, the plan "
+                             f"as {plan_sched.stage_rank}")
+        for r in range(plan_sched.world):
+            theirs = compute_order(self.schedule.pipeline_order, r)
+            if theirs != plan_sched.ranks[r]:
+                raise ValueError(f"torch's {self.cfg.strategy.schedule} order on rank {r} is not "
+                                 f"the plan's: {' '.join(map(str, theirs))}")
 
     def _count_in_flight(self, module, args, output) -> None:  # noqa: ANN001
-        # The stage caches this chunk right after the forward; what is cached now is still alive.
-        self.in_flight = max(self.in_flight, len(self.stage.fwd_cache) + 1)
+        # Each stage caches this chunk right after the forward (fwd_cache) and keeps what a
+        # deferred W needs (backward_state) until it runs: what is cached now is alive.
+        held = sum(len(st.fwd_cache) + len(st.backward_state) for st in self.stages)
+        self.in_flight = max(self.in_flight, held + 1)
 
     def _loss(self, o: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """One micro-batch's share of the full-batch mean; also counts its loss sum and hits."""
@@ -85,34 +170,58 @@ class TorchPipelineRunner(TorchRunner):
 
     def _train(self, X: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
         self._loss_sum, self._correct, self.in_flight = 0.0, 0, 0
-        if self.first:
-            self.schedule.step(X, return_outputs=False)
-        elif self.last:
-            self.schedule.step(target=y, return_outputs=False)
-        else:
-            self.schedule.step(return_outputs=False)
+        self._p2p_seen = 0
+        args = (X,) if self.first else ()
+        self.schedule.step(*args, target=y if self.last else None, return_outputs=False)
         # The loss lives on the last stage; the others contribute 0 to the reduction.
         return self._loss_sum, self._correct
 
     def role_of(self, s: SeenOp) -> tuple[str, str]:
+        if s.op not in ("send", "recv") or s.dtype != self.dtype:
+            return "metadata", "forward" if s.op in ("send", "recv") else s.phase
+        if self._comm_roles is None:
+            return self._single_stage_role(s)
+        return self._lowered_role(s)
+
+    def _single_stage_role(self, s: SeenOp) -> tuple[str, str]:
         me = self.topo.rank
-        if s.op in ("send", "recv") and s.dtype == self.dtype:
-            downstream = s.peer == me + 1
-            shape = self.out_shape if downstream else self.in_shape
-            if s.shape == shape:
-                forward = downstream == (s.op == "send")
-                return ("activation", "forward") if forward else ("activation_grad", "backward")
-        return "metadata", "forward" if s.op in ("send", "recv") else s.phase
+        downstream = s.peer == me + 1
+        inp, out = self.shapes[self.mine[0]]
+        if s.shape == (out if downstream else inp):
+            forward = downstream == (s.op == "send")
+            return ("activation", "forward") if forward else ("activation_grad", "backward")
+        return "metadata", "forward"
+
+    def _lowered_role(self, s: SeenOp) -> tuple[str, str]:
+        """The next SEND/RECV of torch's lowered schedule, if this op is it (same op, peer
+        and shape); anything else (the first step's vote) is metadata."""
+        roles = self._comm_roles
+        k = self._p2p_seen % len(roles) if roles else 0
+        if roles:
+            (op, role), stage = roles[k]
+            peer_stage = stage - 1 if (op == "recv") == (role == "activation") else stage + 1
+            inp, out = self.shapes[stage]
+            shape = inp if peer_stage < stage else out
+            peer = self.schedule.stage_index_to_group_rank[peer_stage]
+            if (s.op, s.peer, s.shape) == (op, peer, shape):
+                self._p2p_seen += 1
+                return role, "forward" if role == "activation" else "backward"
+        return "metadata", "forward"
 
     def predict(self, step: int) -> torch.Tensor | None:
-        """Forward only, the whole batch as one micro-batch, through torch's own eval path."""
+        """Forward only, the whole batch as one micro-batch, through torch's own eval path
+        (one stage per rank); with several, stage after stage on torch's modules."""
+        if len(self.stages) > 1:
+            return self._predict_stages(step)
         if self._eval is None:
             P, i, dev = self.topo.world_size, self.topo.rank, self.topo.device
             start, end = self.plan[i]
+
             def example(width: int) -> torch.Tensor:
                 return torch.empty((self.B, width), dtype=self.dtype, device=dev)
 
-            stage = PipelineStage(self.module, i, P, dev, input_args=example(self.spec.dims[start]),
+            stage = PipelineStage(self.modules[0], i, P, dev,
+                                  input_args=example(self.spec.dims[start]),
                                   output_args=example(self.spec.dims[end]))
             self._eval = (stage, ScheduleGPipe(stage, n_microbatches=1))
         _, sched = self._eval
@@ -120,3 +229,27 @@ class TorchPipelineRunner(TorchRunner):
         with torch.no_grad():
             out = sched.eval(X) if self.first else sched.eval()
         return out if self.last else None
+
+    def _predict_stages(self, step: int) -> torch.Tensor | None:
+        """Several stages per rank: the full-batch forward through every stage in order,
+        the activation crossing between ranks with plain send/recv (torch's multi-stage
+        schedules have no eval path for a single micro-batch of the whole batch)."""
+        import torch.distributed as dist
+
+        X, _ = self._batch(step)
+        layout = self.schedule.stage_index_to_group_rank
+        S, me, x = len(self.plan), self.topo.rank, None
+        with torch.no_grad():
+            for s in range(S):
+                holder = layout[s]
+                if holder == me:
+                    if s == 0:
+                        x = X
+                    elif layout[s - 1] != me:
+                        x = torch.empty((self.B, self.spec.dims[self.plan[s][0]]),
+                                        dtype=self.dtype, device=self.topo.device)
+                        dist.recv(x, layout[s - 1])
+                    x = self.modules[self.mine.index(s)](x)
+                    if s + 1 < S and layout[s + 1] != me:
+                        dist.send(x.contiguous(), layout[s + 1])
+        return x if self.last else None

@@ -7,7 +7,7 @@ A schedule is, per rank, an ordered list of compute actions on *global* stage in
     I  input gradient only, ∂J/∂h = Wᵀ ∂J/∂o (what the previous stage waits for)
     W  weight gradient only, ∂J/∂W = ∂J/∂o hᵀ (+ λW once per step; nobody waits for it)
 
-The text form is PyTorch's compute-only CSV (`torch.distributed.pipelining`): a cell is
+The text form is PyTorch's compute-only CSV (its pipelining package): a cell is
 `<stage><F|B|I|W><microbatch>` (`0F1`, `1B0`, `2I3`), one row per rank, empty cells ignored,
 so a schedule written for one engine runs on the other. Which rank holds a stage follows
 from the rows (a stage on two ranks is refused).
@@ -16,6 +16,12 @@ Sends and receives are never written by hand: they are derived from the compute 
 (`needs`, `produces`). F of stage s sends its output to the rank of stage s+1, B or I of
 stage s sends its input gradient to the rank of stage s−1; between stages on one rank the
 tensor is handed over locally and nothing crosses.
+
+Messages between two ranks are matched in the order they are posted (gloo without tags,
+NCCL), so a rank posts its receives from a peer in the order that peer sends
+(`ReceiveOrder`): before the receive an action needs, every earlier message of the same
+peer — the rule of torch's lowering, where the sender places the receiver's RECV. A
+schedule may therefore need its messages in any order (ZB-V and DualPipeV do).
 
 `validate` proves a schedule complete and deadlock-free before any rank starts: it plays
 the action lists with sends that never block (the runtime's sends are non-blocking) and
@@ -30,12 +36,15 @@ from __future__ import annotations
 import csv
 import io
 import re
+from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 
 KINDS = ("F", "B", "I", "W")
-NAMED = ("gpipe", "1f1b")
+# One stage per rank here; the others (several stages per rank, the split backward) in
+# plans/generators.py.
+NAMED = ("gpipe", "1f1b", "interleaved_1f1b", "looped_bfs", "zb1p", "zbv", "dualpipev")
 _CELL = re.compile(r"^(\d+)([FBIW])(\d+)$")
 
 
@@ -136,21 +145,31 @@ def one_stage_per_rank(name: str, world: int, micro: int) -> Schedule:
                     tuple(range(world)), micro)
 
 
-def named_schedule(name: str, *, world: int, micro: int) -> Schedule:
-    return _named(name, world, micro)
+def named_schedule(name: str, *, world: int, micro: int, virtual: int | None = None) -> Schedule:
+    """A named schedule with `virtual` stages per rank (None: the schedule's own number)."""
+    return _named(name, world, micro, virtual)
 
 
 @lru_cache(maxsize=64)
-def _named(name: str, world: int, micro: int) -> Schedule:
+def _named(name: str, world: int, micro: int, virtual: int | None) -> Schedule:
+    from partition.plans import generators  # it builds on this module
+
     if name not in NAMED:
         raise ScheduleError(f"unknown schedule {name!r}; expected one of {NAMED} or a .csv file")
-    return one_stage_per_rank(name, world, micro)
+    generators.virtual_stages(name, virtual)
+    if name in ("gpipe", "1f1b"):
+        return one_stage_per_rank(name, world, micro)
+    return generators.generate(name, world=world, micro=micro, virtual=virtual)
 
 
-def load_schedule(schedule: str, *, world: int, micro: int) -> Schedule:
-    """`gpipe`, `1f1b`, or the path of a compute-only CSV (read here), validated."""
+def load_schedule(schedule: str, *, world: int, micro: int, virtual: int | None = None) -> Schedule:
+    """A named schedule, or the path of a compute-only CSV (read here), validated.
+
+    `virtual` (strategy.virtual_stages) is the stages per rank of a named schedule; a CSV
+    says itself which rank holds which stage, and `virtual`, if given, must agree.
+    """
     if schedule in NAMED:
-        return named_schedule(schedule, world=world, micro=micro)
+        return named_schedule(schedule, world=world, micro=micro, virtual=virtual)
     if not schedule.endswith(".csv"):
         raise ScheduleError(f"unknown schedule {schedule!r}; expected one of {NAMED} or a .csv file")
     try:
@@ -158,7 +177,13 @@ def load_schedule(schedule: str, *, world: int, micro: int) -> Schedule:
             text = f.read()
     except (OSError, UnicodeDecodeError) as e:
         raise ScheduleError(f"cannot read the schedule file: {e.strerror or e}") from None
-    return from_csv(text, name=schedule, world=world, micro=micro)
+    s = from_csv(text, name=schedule, world=world, micro=micro)
+    if virtual is not None:
+        per_rank = sorted({len(s.rank_stages(r)) for r in range(s.world)})
+        if per_rank != [virtual]:
+            raise ScheduleError(f"{schedule} holds {'/'.join(map(str, per_rank))} stages per rank, "
+                                f"not virtual_stages={virtual}")
+    return s
 
 
 def parse_csv(text: str, *, name: str = "csv") -> tuple[list[list[Action]], tuple[int, ...]]:
@@ -287,7 +312,6 @@ def validate(s: Schedule) -> None:
                     miss = "B" if not any(has_iw) else "W" if has_iw[0] else "I"
                     raise ScheduleError(f"rank {r}: stage {st} never runs {st}{miss}{m}")
     _check_deadlock(s)
-    _check_pair_order(s)
 
 
 def _check_deadlock(s: Schedule) -> None:
@@ -339,30 +363,44 @@ def _dep_name(dep: tuple[int, str, int]) -> str:
     return f"{st}{kinds}{m}" if len(kinds) == 1 else f"{st}B{m} (or {st}I{m})"
 
 
-def _check_pair_order(s: Schedule) -> None:
-    """Messages between two ranks are matched in the order they are posted (NCCL has no
-    tags): the receiver must want them in the order the sender sends them."""
-    sent: dict[tuple[int, int], list[Message]] = {}
-    for r in range(s.world):
-        for m in transfers(s, r)[1]:
-            sent.setdefault((r, s.stage_rank[m.to_stage]), []).append(m)
-    for r in range(s.world):
-        got: dict[int, list[Message]] = {}
-        for m in transfers(s, r)[0]:
-            got.setdefault(s.stage_rank[m.from_stage], []).append(m)
-        for src, msgs in got.items():
-            theirs = sent.get((src, r), [])
-            for a, b in zip(msgs, theirs):
-                if a != b:
-                    raise ScheduleError(
-                        f"rank {r} receives {_msg_name(a)} from rank {src} where rank {src} "
-                        f"sends {_msg_name(b)}: messages between two ranks arrive in the order "
-                        f"they are sent")
+def sent_order(s: Schedule, rank: int) -> dict[int, list[Message]]:
+    """Per peer, the messages it sends `rank` in one step, in the order it sends them."""
+    out: dict[int, list[Message]] = {}
+    for q in range(s.world):
+        if q != rank:
+            msgs = [m for m in transfers(s, q)[1] if s.stage_rank[m.to_stage] == rank]
+            if msgs:
+                out[q] = msgs
+    return out
 
 
-def _msg_name(m: Message) -> str:
-    kind = "F" if m.role == "activation" else "B"
-    return f"{m.from_stage}{kind}{m.mb}'s {'output' if kind == 'F' else 'input gradient'}"
+class ReceiveOrder:
+    """When a rank posts which receive, for one step.
+
+    Messages between two ranks are matched in the order they are posted (gloo without
+    tags; NCCL), so the receives from one peer are posted in the order that peer sends:
+    `upto(msg)` is what to post before `msg` can be waited for — every message of the same
+    peer sent before it and not yet posted, then `msg` itself (nothing if it already is).
+    """
+
+    def __init__(self, order: dict[int, list[Message]], stage_rank: Sequence[int]) -> None:
+        self._queues = {q: deque(msgs) for q, msgs in order.items()}
+        self._stage_rank = stage_rank
+        self._posted: set[Message] = set()
+
+    @classmethod
+    def of(cls, s: Schedule, rank: int) -> ReceiveOrder:
+        return cls(sent_order(s, rank), s.stage_rank)
+
+    def upto(self, msg: Message) -> list[Message]:
+        if msg in self._posted:
+            return []
+        queue = self._queues[self._stage_rank[msg.from_stage]]
+        out: list[Message] = []
+        while not out or out[-1] != msg:
+            out.append(queue.popleft())  # validate() ensures msg is in the peer's sends
+        self._posted.update(out)
+        return out
 
 
 # ---------------------------------------------------------------- the runtime's send policy
@@ -373,8 +411,9 @@ def eager_sends(s: Schedule) -> bool:
     next action (a sent buffer is then freed at once, as a blocking send would free it),
     under NCCL's rule that a send completes only once its receive is posted.
 
-    The runtime posts each action's receive just before the action (or, lookahead, right
-    after the previous action's sends); proved here by playing exactly that program.
+    The runtime posts each action's receive (after the same peer's earlier messages,
+    `ReceiveOrder`) just before the action (or, lookahead, right after the previous
+    action's sends); proved here by playing exactly that program.
     """
     programs = [_program(s, r) for r in range(s.world)]
     posted: set[Message] = set()  # receives posted
@@ -404,7 +443,7 @@ def _program(s: Schedule, rank: int) -> list[tuple[str, Message]]:
     """The runtime's communication program for `rank` in eager mode (see runtime.py)."""
     ops: list[tuple[str, Message]] = []
     acts = s.ranks[rank]
-    posted: set[Message] = set()
+    order = ReceiveOrder.of(s, rank)
 
     def remote_need(a: Action) -> Message | None:
         n = needs(a, s.stages)
@@ -413,9 +452,7 @@ def _program(s: Schedule, rank: int) -> list[tuple[str, Message]]:
     for i, a in enumerate(acts):
         n = remote_need(a)
         if n is not None:
-            if n not in posted:
-                ops.append(("post_recv", n))
-                posted.add(n)
+            ops += [("post_recv", m) for m in order.upto(n)]
             ops.append(("wait_recv", n))
         p = produces(a, s.stages)
         out = p if p is not None and s.stage_rank[p.to_stage] != rank else None
@@ -423,9 +460,8 @@ def _program(s: Schedule, rank: int) -> list[tuple[str, Message]]:
             ops.append(("isend", out))
         if i + 1 < len(acts):
             nxt = remote_need(acts[i + 1])
-            if nxt is not None and nxt not in posted:
-                ops.append(("post_recv", nxt))
-                posted.add(nxt)
+            if nxt is not None:
+                ops += [("post_recv", m) for m in order.upto(nxt)]
         if out is not None:
             ops.append(("wait_send", out))
     return ops
@@ -445,6 +481,16 @@ def in_flight(actions: Iterable[Action]) -> dict[int, int]:
             peak[a.stage] = max(peak.get(a.stage, 0), live[a.stage])
         elif a.kind in ("B", "W"):
             live[a.stage] -= 1
+    return peak
+
+
+def held_at_once(actions: Iterable[Action]) -> int:
+    """The most micro-batches a rank holds at once over all its stages, each from its F
+    until its B or W: what the runtime reports as `in_flight_max`."""
+    live = peak = 0
+    for a in actions:
+        live += 1 if a.kind == "F" else -1 if a.kind in ("B", "W") else 0
+        peak = max(peak, live)
     return peak
 
 

@@ -137,10 +137,13 @@ def shard_params(dims: tuple[int, ...] | list[int], shards: list[LayerShard], *,
 
 
 def tensor_calls(layout: str, dims: tuple[int, ...] | list[int], *, world: int, rank: int = 0,
-                 batch: int, micro: int, itemsize: int) -> list[Call]:
+                 batch: int, micro: int, itemsize: int, recompute: bool = False) -> list[Call]:
     """Every collective of one step of `rank`, in order: per micro-batch the forward's,
     then the backward's (top layer first), then the metric. Only what reaches a rank
-    from a reduce-scatter (its own slice) depends on the rank."""
+    from a reduce-scatter (its own slice) depends on the rank.
+
+    recompute: each backward first redoes the forward of every layer but the net's last,
+    so the forward's collectives of hidden layers cross again (phase `backward`)."""
     check_world(layout, dims, world)
     _check_rank(world, rank)
     P, L, b = world, len(dims) - 1, itemsize
@@ -154,6 +157,9 @@ def tensor_calls(layout: str, dims: tuple[int, ...] | list[int], *, world: int, 
         pairs = L // 2
         one += [call("partial_output", "forward", "all_reduce", mb * dims[2 * k + 2] * b)
                 for k in range(pairs)]
+        if recompute:  # a pair's row layer is hidden unless it is the net's last layer
+            one += [call("partial_output", "backward", "all_reduce", mb * dims[2 * k + 2] * b)
+                    for k in range(pairs) if 2 * k + 1 < L - 1]
         one += [call("input_grad", "backward", "all_reduce", mb * dims[2 * k] * b)
                 for k in range(pairs - 1, 0, -1)]
     elif P > 1:
@@ -161,6 +167,9 @@ def tensor_calls(layout: str, dims: tuple[int, ...] | list[int], *, world: int, 
         for l in range(1, L + 1):
             n = mb * -(-dims[l] // P) * b
             one.append(call("gather", "forward", "all_gather", n, (P - 1) * n))
+        for l in range(1, L if recompute else 1):
+            n = mb * -(-dims[l] // P) * b
+            one.append(call("gather", "backward", "all_gather", n, (P - 1) * n))
         for l in range(L - 1, 0, -1):
             lo, hi = split_evenly(dims[l], P)[rank]
             one.append(call("input_grad", "backward", "reduce_scatter", mb * dims[l] * b,

@@ -23,9 +23,17 @@ import torch
 from partition.comm import Comm
 from partition.config import RunConfig
 from partition.data import Dataset
-from partition.model import SGD, Grads, Layer, make_layer
+from partition.model import Grads, Layer, compute_copies, make_layer
 from partition.plans.data import row_share
-from partition.strategies.base import StepOut, finish_step, state_bytes
+from partition.strategies.base import (
+    StepOut,
+    build_optimizer,
+    compute_dtype,
+    finish_step,
+    master_dtype,
+    recomputes,
+    state_bytes,
+)
 from partition.strategies.stage import Stage
 from partition.topology import Topology
 from partition.trace import maybe_span
@@ -51,16 +59,20 @@ class DataRunner:
                  full: dict[str, torch.Tensor]) -> None:
         self.cfg, self.topo, self.comm, self.data = cfg, topo, comm, data
         self.spec = cfg.spec
-        self.dtype = getattr(torch, cfg.train.dtype)
+        self.dtype, self.cdtype = master_dtype(cfg), compute_dtype(cfg)
         self.P, self.rank = topo.world_size, topo.rank
         self.rows = row_share(cfg.train.batch_size, self.P, self.rank)
         self.layers: list[Layer] = [make_layer(full, l, dtype=self.dtype, device=topo.device)
                                     for l in range(self.spec.num_layers)]
         # Every rank holds the same weights: one copy goes to weights.npz.
         self.saved_layers = self.layers if self.rank == 0 else []
-        self.stage = Stage(self.spec, self.layers)
+        self.compute = compute_copies(self.layers, self.cdtype)
+        self.stage = Stage(self.spec, self.layers, compute=self.compute,
+                           recompute=recomputes(cfg))
+        # The gradients stay in the master dtype under mixed precision: they are reduced in
+        # float32, whatever the forward and backward computed in.
         self.flat, self.stage.grads = flat_grads(self.layers)
-        self.opt = SGD(cfg.train.lr, cfg.train.momentum)
+        self.opt = build_optimizer(cfg)
         self.tracer = None  # a trace.Tracer, set by the train loop
 
     def _my_rows(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,10 +80,8 @@ class DataRunner:
         idx = self.data.rows(step, t.batch_size, shuffle=self.cfg.data.shuffle,
                              seed=self.cfg.seed)[slice(*self.rows)]
         dev = self.topo.device
-        X = self.data.X[idx].to(device=dev, dtype=self.dtype)
-        y = self.data.y[idx]
-        y = y.to(dev) if y.dtype == torch.int64 else y.to(device=dev, dtype=self.dtype)
-        return X, y
+        X = self.data.X[idx].to(device=dev, dtype=self.cdtype)
+        return X, self.data.targets(idx, device=dev, dtype=self.dtype)
 
     def step(self, step: int, *, want_grads: bool) -> StepOut:
         B, M = self.cfg.train.batch_size, self.cfg.train.microbatches
@@ -97,7 +107,7 @@ class DataRunner:
                            loss_sum=loss_total, correct=correct, batch=B, want_grads=want_grads,
                            cross_entropy=self.spec.loss == "cross_entropy",
                            in_flight_max=st.in_flight_max, device=self.topo.device,
-                           tracer=self.tracer)
+                           compute=self.compute, tracer=self.tracer)
 
     def predict(self, step: int, *, exchange: bool = True) -> torch.Tensor:
         """A prediction forward of this rank's rows (nothing kept, nothing crosses, so
@@ -107,4 +117,4 @@ class DataRunner:
 
     def state_bytes(self) -> dict[str, int]:
         # The gradients are views into the one flat buffer: grads_bytes = params_bytes.
-        return state_bytes(self.layers, self.opt.state_bytes(self.layers))
+        return state_bytes(self.layers, self.opt.state_bytes(self.layers), self.compute)

@@ -35,7 +35,6 @@ from partition.comm import Comm
 from partition.config import RunConfig
 from partition.data import Dataset
 from partition.model import (
-    SGD,
     Cache,
     Grads,
     Layer,
@@ -52,7 +51,7 @@ from partition.model import (
 )
 from partition.plans.fsdp import FlatShard, shard_plan
 from partition.plans.split import split_evenly
-from partition.strategies.base import StepOut, reduce_metric, sq_norm
+from partition.strategies.base import StepOut, build_optimizer, reduce_metric, sq_norm
 from partition.strategies.data import flat_grads
 from partition.topology import Topology
 from partition.trace import maybe_span
@@ -144,7 +143,7 @@ class FsdpRunner:
             v, wv = s.valid(r), s.weight_valid(r)
             self.opt_layers.append(Layer(s.index, p[:wv], p[wv:v] if v > wv else None))
             self.opt_grads.append(Grads(g[:wv], g[wv:v] if v > wv else None))
-        self.opt = SGD(cfg.train.lr, cfg.train.momentum)
+        self.opt = build_optimizer(cfg)  # its state is the pieces' too: 1/P of it
         self.layers = [l for s, p in zip(self.plan, self.pieces, strict=True)
                        for l in piece_layers(s, r, p)]
         self.saved_layers = self.layers  # the pieces of all ranks cover every weight once
@@ -273,7 +272,8 @@ class FsdpRunner:
         updated pieces back into every rank's full parameters. Returns (‖W piece‖², grads)."""
         if self.zero_stage == 1 and self.P > 1:
             self.comm.all_reduce(self.flat_grad, role="weight_grad", phase="update")
-        add_decay(self.opt_layers, self.opt_grads, self.spec.weight_decay)
+        if not self.opt.decoupled:  # AdamW applies λ itself
+            add_decay(self.opt_layers, self.opt_grads, self.spec.weight_decay)
         grads = None
         if want_grads:
             grads = [g.clone() for s, p in zip(self.plan, self.grad_pieces, strict=True)
@@ -316,7 +316,7 @@ class FsdpRunner:
         return StepOut(
             objective=L + 0.5 * self.spec.weight_decay * sq_all, data_loss=L,
             correct=int(correct_all) if self.spec.loss == "cross_entropy" else None,
-            grads=grads, in_flight_max=1,
+            grads=grads, grads_have_decay=not self.opt.decoupled, in_flight_max=1,
         )
 
     def predict(self, step: int, *, exchange: bool = True) -> torch.Tensor:
@@ -347,7 +347,7 @@ class FsdpRunner:
             return sum(t.numel() * t.element_size() for t in ts)
 
         st = self.memory_state()
-        opt = (sum(s.valid(self.rank) for s in self.plan) * self.pieces[0].element_size()
-               if self.opt.momentum else 0)  # SGD makes its buffers at the first update
+        # the optimizer makes its buffers at the first update: counted from the pieces
+        opt = self.opt.state_bytes(self.opt_layers)
         return {"params_bytes": total(st["params"]), "grads_bytes": total(st["grads"]),
                 "optimizer_bytes": opt}

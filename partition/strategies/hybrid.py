@@ -45,9 +45,12 @@ class TensorStage(TensorShards, Stage):
     `TensorShards`' forward and backward."""
 
     def __init__(self, spec, plan, full, *, index: int, comm: Comm, dtype: torch.dtype,  # noqa: ANN001
-                 device: torch.device) -> None:
+                 cdtype: torch.dtype, device: torch.device) -> None:
+        # train.recompute and mixed precision are refused for hybrid meshes (config.py):
+        # the mesh's plan (plans/mesh.py) does not count their crossings.
         TensorShards.__init__(self, spec, plan, full, comm=comm, world=comm.world_size,
-                              rank=comm.rank, dtype=dtype, device=device)
+                              rank=comm.rank, dtype=dtype, cdtype=cdtype, recompute=False,
+                              device=device)
         self.index = index
         self.kept, self.deferred, self.in_flight_max = {}, {}, 0
 
@@ -100,7 +103,8 @@ class HybridRunner(PipelineRunner):
         # J over every rank: the world's group, recorded as dimension `world`.
         self.world = comm.sub(dim="world", members=tuple(range(self.mesh.world)), group=None)
         M = cfg.train.microbatches
-        schedule = load_schedule(cfg.strategy.schedule, world=self.mesh.pp, micro=M)
+        schedule = load_schedule(cfg.strategy.schedule, world=self.mesh.pp, micro=M,
+                                 virtual=cfg.strategy.virtual_stages)
         pp_topo = Topology(self.coords.pp, self.mesh.pp, topo.local_rank, topo.device,
                            topo.backend if self.mesh.pp > 1 else "none")
         super().__init__(cfg, pp_topo, self.comms["pp"], data, full, schedule=schedule,
@@ -122,7 +126,7 @@ class HybridRunner(PipelineRunner):
         plan = stage_shards(self.cfg.strategy.layout, self.spec.dims, start, end,
                             tp=self.mesh.tp, rank=self.coords.tp)
         return TensorStage(self.spec, plan, full, index=s, comm=self.comms["tp"],
-                           dtype=self.dtype, device=self.topo.device)
+                           dtype=self.dtype, cdtype=self.cdtype, device=self.topo.device)
 
     @property
     def tracer(self):  # noqa: ANN201
@@ -152,4 +156,4 @@ class HybridRunner(PipelineRunner):
                            batch=self.cfg.train.batch_size, want_grads=want_grads,
                            cross_entropy=self.spec.loss == "cross_entropy",
                            in_flight_max=self._in_flight_max, device=self.topo.device,
-                           tracer=self.tracer)
+                           compute=self.compute, tracer=self.tracer)

@@ -12,8 +12,16 @@ import torch
 
 from partition.config import RunConfig
 from partition.data import Dataset
-from partition.model import SGD, Layer, make_layer
-from partition.strategies.base import StepOut, finish_step, state_bytes
+from partition.model import Layer, compute_copies, make_layer
+from partition.strategies.base import (
+    StepOut,
+    build_optimizer,
+    compute_dtype,
+    finish_step,
+    master_dtype,
+    recomputes,
+    state_bytes,
+)
 from partition.strategies.stage import Stage
 from partition.topology import Topology
 from partition.trace import maybe_span
@@ -24,17 +32,20 @@ class SingleRunner:
                  full: dict[str, torch.Tensor]) -> None:
         self.cfg, self.topo, self.data = cfg, topo, data
         self.spec = cfg.spec
-        self.dtype = getattr(torch, cfg.train.dtype)
+        self.dtype, self.cdtype = master_dtype(cfg), compute_dtype(cfg)
         self.layers: list[Layer] = [make_layer(full, l, dtype=self.dtype, device=topo.device)
                                     for l in range(self.spec.num_layers)]
-        self.stage = Stage(self.spec, self.layers)
-        self.opt = SGD(cfg.train.lr, cfg.train.momentum)
+        self.compute = compute_copies(self.layers, self.cdtype)
+        self.stage = Stage(self.spec, self.layers, compute=self.compute,
+                           recompute=recomputes(cfg))
+        self.opt = build_optimizer(cfg)
         self.tracer = None  # a trace.Tracer, set by the train loop
 
     def _batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         t = self.cfg.train
         return self.data.batch(step, t.batch_size, shuffle=self.cfg.data.shuffle,
-                               seed=self.cfg.seed, dtype=self.dtype, device=self.topo.device)
+                               seed=self.cfg.seed, dtype=self.cdtype, device=self.topo.device,
+                               y_dtype=self.dtype)
 
     def step(self, step: int, *, want_grads: bool) -> StepOut:
         B, M = self.cfg.train.batch_size, self.cfg.train.microbatches
@@ -57,11 +68,11 @@ class SingleRunner:
                            correct=correct_total, batch=B, want_grads=want_grads,
                            cross_entropy=self.spec.loss == "cross_entropy",
                            in_flight_max=st.in_flight_max, device=self.topo.device,
-                           tracer=self.tracer)
+                           compute=self.compute, tracer=self.tracer)
 
     def predict(self, step: int, *, exchange: bool = True) -> torch.Tensor:
         X, _ = self._batch(step)
         return self.stage.predict(X)
 
     def state_bytes(self) -> dict[str, int]:
-        return state_bytes(self.layers, self.opt.state_bytes(self.layers))
+        return state_bytes(self.layers, self.opt.state_bytes(self.layers), self.compute)

@@ -5,6 +5,15 @@ stage or several (interleaved and V-shaped layouts). What a forward keeps is sto
 micro-batch, not in a queue, so a schedule may run the backwards in any order it likes;
 `backward` is the full backward (B), `backward_input` and `backward_weight` its two
 halves (I, then W) for schedules that defer the weight gradient.
+
+Two one-device policies live here, so every strategy built on stages has them:
+- recompute (train.recompute=full): a forward keeps only the micro-batch's input to the
+  stage's first layer; its B or I first redoes z and h of every layer from it (the same
+  products in the same order, so the same bits) and then runs the ordinary backward. What
+  is kept between F and B is the inputs; the redone z, h of one micro-batch are temporaries
+  of its backward (and, for a deferred W, kept with dJ/dz until the W).
+- mixed precision: `layers` are the master weights (the gradients match them, the
+  optimizer updates them), `compute` the copies forward and backward multiply by.
 """
 
 from __future__ import annotations
@@ -20,20 +29,20 @@ from partition.model import (
     backward_input,
     backward_layers,
     backward_weight,
-    correct_count,
     forward_layers,
-    loss_grad,
-    loss_sum,
-    to_float,
+    loss_and_grad,
     zero_grads,
 )
 
 
 class Stage:
-    def __init__(self, spec: MLPSpec, layers: list[Layer], *, index: int = 0) -> None:
+    def __init__(self, spec: MLPSpec, layers: list[Layer], *, index: int = 0,
+                 compute: list[Layer] | None = None, recompute: bool = False) -> None:
         self.spec = spec
         self.index = index  # global stage index (pipeline); 0 for a lone stage
-        self.layers = layers
+        self.layers = layers  # the master weights
+        self.compute = layers if compute is None else compute  # what the products use
+        self.recompute = recompute
         self.grads: list[Grads] = zero_grads(layers)
         self.kept: dict[int, list[Cache]] = {}  # micro-batch -> caches, from F until B or I
         self.deferred: dict[int, list[WeightPart]] = {}  # micro-batch -> W's inputs, I until W
@@ -65,7 +74,9 @@ class Stage:
         return not self.kept and not self.deferred
 
     def forward(self, x: torch.Tensor, mb: int = 0) -> torch.Tensor:
-        out, caches = forward_layers(self.spec, self.layers, x, keep=True)
+        out, caches = forward_layers(self.spec, self.compute, x, keep=not self.recompute)
+        if self.recompute:
+            caches = [Cache(x, None)]  # the input only: z and h are redone in the backward
         self.kept[mb] = caches
         self.in_flight_max = max(self.in_flight_max, self.in_flight)
         if self.probe is not None:
@@ -73,27 +84,34 @@ class Stage:
         return out
 
     def loss(self, o: torch.Tensor, y: torch.Tensor, batch: int) -> tuple[float, int | None, torch.Tensor]:
-        """Loss sum over these rows, correct count, and dJ/do for a batch of `batch` rows."""
+        """Loss sum over these rows, correct count, and dJ/do for a batch of `batch` rows
+        (in the master dtype; dJ/do in o's)."""
         if self.probe is not None:
             self.probe.inputs(y)
-        total = to_float(loss_sum(self.spec.loss, o, y))
-        correct = correct_count(o, y) if self.spec.loss == "cross_entropy" else None
-        g = loss_grad(self.spec.loss, o, y, batch)
-        return total, correct, g
+        return loss_and_grad(self.spec, o, y, batch, dtype=self.layers[0].W.dtype)
+
+    def _caches(self, mb: int) -> list[Cache]:
+        """What micro-batch mb's backward needs: kept, or (recompute) redone from its input."""
+        kept = self.kept.pop(mb)
+        if not self.recompute:
+            return kept
+        _, caches = forward_layers(self.spec, self.compute, kept[0].x, keep=True,
+                                   skip_output=True)
+        return caches
 
     def backward(self, g: torch.Tensor, mb: int = 0, *, need_input_grad: bool) -> torch.Tensor | None:
         """B: dJ/dW of every layer and (if asked) dJ/d(input), freeing as it goes."""
-        caches = self.kept.pop(mb)
-        return backward_layers(self.spec, self.layers, caches, self.grads, g,
+        return backward_layers(self.spec, self.compute, self._caches(mb), self.grads, g,
                                need_input_grad=need_input_grad)
 
     def backward_input(self, g: torch.Tensor, mb: int, *, need_input_grad: bool) -> torch.Tensor | None:
         """I: dJ/d(input) now; what the weight gradient needs is kept for `backward_weight`."""
-        dx, parts = backward_input(self.spec, self.layers, self.kept.pop(mb), g,
+        dx, parts = backward_input(self.spec, self.compute, self._caches(mb), g,
                                    need_input_grad=need_input_grad)
         self.deferred[mb] = parts
         if self.probe is not None:
-            self.probe.tag("activations", [p.dz for p in parts])
+            # dJ/dz, and x where recomputation made it anew, live on until the W
+            self.probe.tag("activations", [t for p in parts for t in (p.dz, p.x)])
         return dx
 
     def backward_weight(self, mb: int) -> None:
@@ -105,5 +123,5 @@ class Stage:
         a whole stage has nothing to exchange)."""
         if self.probe is not None and self.holds_input:
             self.probe.inputs(x)
-        out, _ = forward_layers(self.spec, self.layers, x, keep=False)
+        out, _ = forward_layers(self.spec, self.compute, x, keep=False)
         return out

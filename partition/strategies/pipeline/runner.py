@@ -8,7 +8,10 @@ that stage is on another rank, locally otherwise. Activations are kept per (stag
 micro-batch) in each `Stage`, so backwards may come in any order.
 
 Sends never block: each is posted, and the receive the next action needs is posted right
-after it, so two neighbours exchanging (1F1B's steady state) can never both wait. When
+after it, so two neighbours exchanging (1F1B's steady state) can never both wait.
+Receives from one peer are posted in the order that peer sends (`ReceiveOrder`: a
+message needed before an earlier one of the same peer is posted after it), since
+messages between two ranks are matched in posting order. When
 the plan proves it safe under NCCL's rule that a send completes only once its receive
 is posted (`eager_sends`: true for GPipe and 1F1B), each send is then waited for at once
 and its buffer freed as a blocking send would; otherwise sends are waited for at the end
@@ -22,10 +25,28 @@ import torch
 from partition.comm import Comm, Pending
 from partition.config import RunConfig
 from partition.data import Dataset
-from partition.model import SGD, Layer, make_layer
-from partition.plans.schedule import Action, Message, Schedule, eager_sends, load_schedule, needs, produces
+from partition.model import Layer, compute_copies, make_layer
+from partition.plans.schedule import (
+    Action,
+    Message,
+    ReceiveOrder,
+    Schedule,
+    eager_sends,
+    load_schedule,
+    needs,
+    produces,
+    sent_order,
+)
 from partition.plans.stages import plan_stages
-from partition.strategies.base import StepOut, finish_step, state_bytes
+from partition.strategies.base import (
+    StepOut,
+    build_optimizer,
+    compute_dtype,
+    finish_step,
+    master_dtype,
+    recomputes,
+    state_bytes,
+)
 from partition.strategies.stage import Stage
 from partition.topology import Topology
 from partition.trace import maybe_span
@@ -35,7 +56,8 @@ _PHASE = {"activation": "forward", "activation_grad": "backward"}
 
 def pipeline_schedule(cfg: RunConfig) -> Schedule:
     """The validated schedule a config names (a CSV path is read here)."""
-    return load_schedule(cfg.strategy.schedule, world=cfg.world_size, micro=cfg.train.microbatches)
+    return load_schedule(cfg.strategy.schedule, world=cfg.world_size, micro=cfg.train.microbatches,
+                         virtual=cfg.strategy.virtual_stages)
 
 
 class PipelineRunner:
@@ -47,7 +69,9 @@ class PipelineRunner:
         mesh's data-parallel replica), all of them by default."""
         self.cfg, self.topo, self.comm, self.data = cfg, topo, comm, data
         self.spec = cfg.spec
-        self.dtype = getattr(torch, cfg.train.dtype)
+        # Masters in train.dtype; activations and their gradients (what crosses between stages)
+        # in the compute dtype: bf16 halves those bytes.
+        self.dtype, self.cdtype = master_dtype(cfg), compute_dtype(cfg)
         self.schedule = schedule or pipeline_schedule(cfg)
         self.plan = plan_stages(self.spec, self.schedule.stages, cfg.strategy.balance)
         self.stages: dict[int, Stage] = {}
@@ -55,12 +79,14 @@ class PipelineRunner:
             start, end = self.plan[s]
             self.stages[s] = self._make_stage(s, start, end, full)
         self.layers: list[Layer] = [l for st in self.stages.values() for l in st.layers]
-        self.opt = SGD(cfg.train.lr, cfg.train.momentum)
+        self.compute: list[Layer] = [l for st in self.stages.values() for l in st.compute]
+        self.opt = build_optimizer(cfg)
         self.micro = cfg.train.microbatches
         self.rows = rows or (0, cfg.train.batch_size)
         self.mb_rows = (self.rows[1] - self.rows[0]) // self.micro
         self.actions: tuple[Action, ...] = self.schedule.ranks[topo.rank]
         self.eager = eager_sends(self.schedule)
+        self._sent_order = sent_order(self.schedule, topo.rank)
         self.first = 0 in self.stages
         self.last = self.schedule.stages - 1 in self.stages
         self.tracer = None  # a trace.Tracer, set by the train loop
@@ -69,7 +95,8 @@ class PipelineRunner:
         """Stage `s`, layers [start, end): whole layers here (a hybrid mesh shards them)."""
         layers = [make_layer(full, l, dtype=self.dtype, device=self.topo.device)
                   for l in range(start, end)]
-        return Stage(self.spec, layers, index=s)
+        return Stage(self.spec, layers, index=s, compute=compute_copies(layers, self.cdtype),
+                     recompute=recomputes(self.cfg))
 
     def memory_stages(self) -> list[Stage]:
         """For memory.py: the stages that keep activations and hold the grads."""
@@ -85,10 +112,12 @@ class PipelineRunner:
         boundary = self.plan[msg.to_stage][0] if msg.role == "activation" else self.plan[msg.from_stage][0]
         return (self.mb_rows, self.spec.dims[boundary])
 
-    def _post(self, msg: Message) -> Pending:
-        return self.comm.post_recv(self._shape(msg), self.dtype,
-                                   self.schedule.stage_rank[msg.from_stage], role=msg.role,
-                                   phase=_PHASE[msg.role])
+    def _post(self, msg: Message) -> None:
+        """Post the receive of `msg`, after the same peer's earlier messages not yet posted."""
+        for m in self._order.upto(msg):
+            self._posted[m] = self.comm.post_recv(self._shape(m), self.cdtype,
+                                                  self.schedule.stage_rank[m.from_stage],
+                                                  role=m.role, phase=_PHASE[m.role])
 
     def _input(self, a: Action) -> torch.Tensor | None:
         """What action `a` works on: the data, a local hand-over, a received tensor or dJ/do."""
@@ -100,8 +129,8 @@ class PipelineRunner:
             return self._X[a.mb] if a.kind == "F" else self._dloss.pop(a.mb)
         if not self._remote(msg):
             return self._local.pop(msg)
-        pending = self._posted.pop(msg, None) or self._post(msg)
-        return self.comm.wait_recv(pending)
+        self._post(msg)
+        return self.comm.wait_recv(self._posted.pop(msg))
 
     # ------------------------------------------------------------ one action
 
@@ -128,6 +157,7 @@ class PipelineRunner:
         S = self.schedule.stages
         self._local: dict[Message, torch.Tensor] = {}
         self._posted: dict[Message, Pending] = {}
+        self._order = ReceiveOrder(self._sent_order, self.schedule.stage_rank)
         sends: list[Pending] = []
         for i, a in enumerate(self.actions):
             x = self._input(a)
@@ -145,16 +175,15 @@ class PipelineRunner:
             del out
             if i + 1 < len(self.actions):
                 nxt = needs(self.actions[i + 1], S)
-                if self._remote(nxt) and nxt not in self._posted:
-                    self._posted[nxt] = self._post(nxt)
-            if self.eager:
-                for p in sends:
-                    self.comm.wait_send(p)
-                sends.clear()
+                if self._remote(nxt):
+                    self._post(nxt)
+            if self.eager:  # popped, so no name keeps the sent buffer alive after its wait
+                while sends:
+                    self.comm.wait_send(sends.pop(0))
             self._in_flight_max = max(self._in_flight_max,
                                       sum(st.in_flight for st in self.stages.values()))
-        for p in sends:
-            self.comm.wait_send(p)
+        while sends:
+            self.comm.wait_send(sends.pop(0))
         assert not self._local and not self._posted and not self._dloss
         assert all(st.idle() for st in self.stages.values())
 
@@ -169,11 +198,9 @@ class PipelineRunner:
         idx = self.data.rows(step, t.batch_size, shuffle=self.cfg.data.shuffle,
                              seed=self.cfg.seed)[slice(*self.rows)]
         dev = self.topo.device
-        self._X = self.data.X[idx].to(device=dev, dtype=self.dtype).chunk(self.micro) if self.first else None
+        self._X = self.data.X[idx].to(device=dev, dtype=self.cdtype).chunk(self.micro) if self.first else None
         if self.last:
-            y = self.data.y[idx]
-            y = y.to(dev) if y.dtype == torch.int64 else y.to(device=dev, dtype=self.dtype)
-            self._y = y.chunk(self.micro)
+            self._y = self.data.targets(idx, device=dev, dtype=self.dtype).chunk(self.micro)
         else:
             self._y = None
 
@@ -195,7 +222,7 @@ class PipelineRunner:
                            batch=self.cfg.train.batch_size, want_grads=want_grads,
                            cross_entropy=self.spec.loss == "cross_entropy",
                            in_flight_max=self._in_flight_max, device=self.topo.device,
-                           tracer=self.tracer)
+                           compute=self.compute, tracer=self.tracer)
 
     def predict(self, step: int, *, exchange: bool = True) -> torch.Tensor | None:
         """A prediction forward through the pipeline (no micro-batching, nothing kept).
@@ -212,14 +239,14 @@ class PipelineRunner:
             if s == 0:
                 idx = self.data.rows(step, self.cfg.train.batch_size, shuffle=self.cfg.data.shuffle,
                                      seed=self.cfg.seed)[slice(*self.rows)]
-                x = self.data.X[idx].to(device=self.topo.device, dtype=self.dtype)
+                x = self.data.X[idx].to(device=self.topo.device, dtype=self.cdtype)
             elif s - 1 in self.stages and out is not None:
                 x = out  # the previous stage is on this rank: handed over
             elif exchange:
-                x = self.comm.recv((B, width), self.dtype, self.schedule.stage_rank[s - 1],
+                x = self.comm.recv((B, width), self.cdtype, self.schedule.stage_rank[s - 1],
                                    role="activation", phase="forward")
             else:
-                x = torch.zeros((B, width), dtype=self.dtype, device=self.topo.device)
+                x = torch.zeros((B, width), dtype=self.cdtype, device=self.topo.device)
             out = st.predict(x, exchange=exchange)
             del x
             if s + 1 < S and s + 1 not in self.stages:
@@ -232,4 +259,4 @@ class PipelineRunner:
         return out if self.last else None
 
     def state_bytes(self) -> dict[str, int]:
-        return state_bytes(self.layers, self.opt.state_bytes(self.layers))
+        return state_bytes(self.layers, self.opt.state_bytes(self.layers), self.compute)

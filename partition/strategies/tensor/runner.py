@@ -5,6 +5,12 @@ its shards of every layer, and meets the others only in the collectives the layo
 needs (see plan.py for what crosses and why). With M micro-batches each one runs
 forward then backward before the next (gradient accumulation), so every crossing
 happens once per micro-batch and the update is the full batch's.
+
+With train.recompute=full a micro-batch keeps only its input; its backward first redoes
+the forward of every layer but the net's last (whose backward needs only its input and
+dJ/do), collectives included: a hidden row-parallel layer's all-reduce, a hidden rowwise
+layer's all-gather cross again, recorded in phase `backward`. Under mixed precision the
+activation collectives (partial outputs, gathers, input gradients) carry bfloat16.
 """
 
 from __future__ import annotations
@@ -15,25 +21,30 @@ from partition.comm import Comm
 from partition.config import RunConfig
 from partition.data import Dataset
 from partition.model import (
-    SGD,
     Cache,
     Layer,
+    WeightPart,
     activation_backward,
     activation_forward,
-    correct_count,
-    linear,
-    WeightPart,
+    compute_copies,
     input_grad,
+    linear,
     linear_backward,
-    loss_grad,
-    loss_sum,
+    loss_and_grad,
     make_layer,
-    to_float,
     zero_grads,
 )
 from partition.plans.split import split_evenly
 from partition.plans.tensor import LayerShard, plan_layers
-from partition.strategies.base import StepOut, finish_step, state_bytes
+from partition.strategies.base import (
+    StepOut,
+    build_optimizer,
+    compute_dtype,
+    finish_step,
+    master_dtype,
+    recomputes,
+    state_bytes,
+)
 from partition.topology import Topology
 from partition.trace import maybe_span
 
@@ -44,14 +55,17 @@ class TensorShards:
     of these over every layer; a hybrid pipeline stage is one over its own layers.
 
     `plan`: this rank's LayerShards (global layer indices, in order); `comm` is the
-    group's (world size P, this rank's index in it). Subclasses own the step.
+    group's (world size P, this rank's index in it); `dtype` the masters', `cdtype` what
+    the products use (mixed precision); `recompute`: a backward first redoes its forward
+    from the kept input. Subclasses own the step.
     """
 
     def __init__(self, spec, plan: list[LayerShard], full: dict[str, torch.Tensor], *,  # noqa: ANN001
                  comm: Comm | None, world: int, rank: int, dtype: torch.dtype,
-                 device: torch.device) -> None:
+                 cdtype: torch.dtype, recompute: bool, device: torch.device) -> None:
         self.spec, self.plan, self.comm = spec, plan, comm
         self.P, self.rank = world, rank
+        self.recompute = recompute
         self.layers: list[Layer] = [
             make_layer(full, s.layer, dtype=dtype, device=device, rows=s.rows,
                        cols=s.cols, bias_owner=s.bias_owner)
@@ -59,6 +73,7 @@ class TensorShards:
         ]
         # Replicas are returned (and counted in s) by one rank only.
         self.saved_layers = [l for l, s in zip(self.layers, self.plan, strict=True) if s.primary]
+        self.compute = compute_copies(self.layers, cdtype)
         self.grads = zero_grads(self.layers)
         # rowwise: every rank's row range of every layer's output (all-gather shapes,
         # reduce-scatter chunks).
@@ -78,13 +93,13 @@ class TensorShards:
         return self.comm.all_reduce(t.contiguous(), role=role, phase=phase)
 
     def _gather(self, t: torch.Tensor, splits: list[tuple[int, int]], *,
-                exchange: bool = True) -> torch.Tensor:
+                exchange: bool = True, phase: str = "forward") -> torch.Tensor:
         """Whole activation from every rank's column slice: (B, n_r) -> (B, n)."""
         if self.P == 1:
             return t
         shapes = [(t.shape[0], hi - lo) for lo, hi in splits]
         if exchange:
-            return torch.cat(self.comm.all_gather(t, shapes, role="gather", phase="forward"),
+            return torch.cat(self.comm.all_gather(t, shapes, role="gather", phase=phase),
                              dim=1)
         return torch.cat(self._gather_alone(t, shapes), dim=1)
 
@@ -110,28 +125,36 @@ class TensorShards:
 
     # ------------------------------------------------------------ one micro-batch
 
-    def _forward(self, x: torch.Tensor, *, keep: bool,
-                 exchange: bool = True) -> tuple[torch.Tensor, list[Cache]]:
+    def _forward(self, x: torch.Tensor, *, keep: bool, exchange: bool = True,
+                 redo: bool = False) -> tuple[torch.Tensor, list[Cache]]:
         """x: the whole (mb, d) input on every rank -> the whole (mb, q) output on every rank.
 
-        exchange=False (prediction only): nothing crosses; see `predict`."""
+        exchange=False (prediction only): nothing crosses; see `predict`.
+        redo=True (recomputation inside a backward): the caches of every layer, the net's
+        last only recording its input; its crossings are in phase `backward`, and what it
+        makes is a temporary of the backward, not kept activations."""
         last = self.spec.num_layers - 1
+        phase = "backward" if redo else "forward"
         caches: list[Cache] = []
-        for layer, sh, splits in zip(self.layers, self.plan, self.splits, strict=True):
+        for layer, sh, splits in zip(self.compute, self.plan, self.splits, strict=True):
+            if redo and layer.index == last:
+                caches.append(Cache(x, None))
+                break
             # column: (mb, n_in) -> (mb, |R_r|); row: (mb, |R_r|) -> (mb, n_out) partial;
             # replicated: (mb, n_in) -> (mb, n_out); rowwise: (mb, n_in) -> (mb, |R_r|)
             name = f"F{layer.index}"
             with maybe_span(self.tracer, name, kind="F", layer=layer.index):
                 z = linear(x, layer)
             if sh.kind == "row":
-                z = self._all_reduce(z, role="partial_output", phase="forward",
+                z = self._all_reduce(z, role="partial_output", phase=phase,
                                      exchange=exchange)
             with maybe_span(self.tracer, name, kind="F", layer=layer.index):
                 if keep:
                     caches.append(Cache(x, None if layer.index == last else z))
                 h = z if layer.index == last else activation_forward(self.spec.activation, z)
-            x = self._gather(h, splits, exchange=exchange) if sh.kind == "rowwise" else h
-        if keep and self.probe is not None:
+            x = (self._gather(h, splits, exchange=exchange, phase=phase)
+                 if sh.kind == "rowwise" else h)
+        if keep and not redo and self.probe is not None:
             self.probe.kept(caches, holds_input=self.layers[0].index == 0)
         return x, caches
 
@@ -143,10 +166,12 @@ class TensorShards:
         (dJ/dz, x) instead of accumulating dJ/dW now (the I of an I/W split; the W is
         `backward_weight`) — the same products either way."""
         last = self.spec.num_layers - 1
-        parts: list[WeightPart | None] = [None] * len(self.layers)
+        if self.recompute:  # only the micro-batch's input was kept: redo z and h
+            _, caches = self._forward(caches[0].x, keep=True, redo=True)
+        parts: list[WeightPart | None] = [None] * len(self.compute)
         dx = None
-        for i in range(len(self.layers) - 1, -1, -1):
-            layer, sh, cache = self.layers[i], self.plan[i], caches[i]
+        for i in range(len(self.compute) - 1, -1, -1):
+            layer, sh, cache = self.compute[i], self.plan[i], caches[i]
             want_dx = i > 0 or need_input_grad
             with maybe_span(self.tracer, f"B{layer.index}", kind="B", layer=layer.index):
                 if layer.index == last:
@@ -184,11 +209,12 @@ class TensorRunner(TensorShards):
     def __init__(self, cfg: RunConfig, topo: Topology, comm: Comm, data: Dataset,
                  full: dict[str, torch.Tensor]) -> None:
         self.cfg, self.topo, self.data = cfg, topo, data
-        self.dtype = getattr(torch, cfg.train.dtype)
+        self.dtype, self.cdtype = master_dtype(cfg), compute_dtype(cfg)
         plan = plan_layers(cfg.strategy.layout, cfg.spec.dims, topo.world_size, topo.rank)
         super().__init__(cfg.spec, plan, full, comm=comm, world=topo.world_size,
-                         rank=topo.rank, dtype=self.dtype, device=topo.device)
-        self.opt = SGD(cfg.train.lr, cfg.train.momentum)
+                         rank=topo.rank, dtype=self.dtype, cdtype=self.cdtype,
+                         recompute=recomputes(cfg), device=topo.device)
+        self.opt = build_optimizer(cfg)
 
     def memory_stages(self) -> list[TensorRunner]:
         """For memory.py: the objects that hold the grads and take `probe` (here, self)."""
@@ -203,17 +229,19 @@ class TensorRunner(TensorShards):
             for x in g.tensors():
                 x.zero_()
         X, y = self.data.batch(step, B, shuffle=self.cfg.data.shuffle, seed=self.cfg.seed,
-                               dtype=self.dtype, device=self.topo.device)
+                               dtype=self.cdtype, device=self.topo.device, y_dtype=self.dtype)
         if self.probe is not None:
             self.probe.inputs(X, y)
         loss_total, correct = 0.0, 0
         ce = self.spec.loss == "cross_entropy"
         for xm, ym in zip(X.chunk(M), y.chunk(M), strict=True):
-            o, caches = self._forward(xm, keep=True)
+            o, caches = self._forward(xm, keep=not self.recompute)
+            if self.recompute:
+                caches = [Cache(xm, None)]  # the input only (it is the data batch: `input`)
             with maybe_span(self.tracer, "loss", kind="loss"):
-                loss_total += to_float(loss_sum(self.spec.loss, o, ym))
-                correct += correct_count(o, ym) if ce else 0
-                g = loss_grad(self.spec.loss, o, ym, B)
+                ls, c, g = loss_and_grad(self.spec, o, ym, B, dtype=self.dtype)
+                loss_total += ls
+                correct += c or 0
                 del o
             self._backward(caches, g)
         del X, y
@@ -224,7 +252,7 @@ class TensorRunner(TensorShards):
                            opt=self.opt, weight_decay=self.spec.weight_decay, comm=self.comm,
                            loss_sum=loss_total if mine else 0.0, correct=correct if mine else 0,
                            batch=B, want_grads=want_grads, cross_entropy=ce, in_flight_max=1,
-                           device=self.topo.device, tracer=self.tracer)
+                           device=self.topo.device, compute=self.compute, tracer=self.tracer)
 
     def predict(self, step: int, *, exchange: bool = True) -> torch.Tensor:
         """A prediction forward (nothing kept); the whole output is on every rank.
@@ -234,11 +262,11 @@ class TensorRunner(TensorShards):
         the output is then not the net's (partial sums, zero slices), only its memory is.
         """
         X, _ = self.data.batch(step, self.cfg.train.batch_size, shuffle=self.cfg.data.shuffle,
-                               seed=self.cfg.seed, dtype=self.dtype, device=self.topo.device)
+                               seed=self.cfg.seed, dtype=self.cdtype, device=self.topo.device)
         if self.probe is not None:
             self.probe.inputs(X)
         out, _ = self._forward(X, keep=False, exchange=exchange)
         return out
 
     def state_bytes(self) -> dict[str, int]:
-        return state_bytes(self.layers, self.opt.state_bytes(self.layers))
+        return state_bytes(self.layers, self.opt.state_bytes(self.layers), self.compute)

@@ -1,0 +1,64 @@
+"""experiments.predict: no rank started, every strategy up to 1024 ranks, checked by hand."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from experiments.predict import main
+
+
+def _predict(tmp_path, *overrides: str) -> dict:
+    assert main([*overrides, f"hydra.run.dir={tmp_path}"]) == 0
+    with open(tmp_path / "prediction.json") as f:
+        return json.load(f)
+
+
+def test_data_parallel_at_1024_ranks_is_the_ring_formula(tmp_path, capsys):
+    """Seed [784, 256, 10] float32: N = (784·256 + 256·10)·4 = 813,056 bytes of gradient in one
+    all-reduce, 2(P−1)/P·N on the wire; plus the metric's 24 B, 2(P−1)/P·24 → 46 at P=1024."""
+    P, N = 1024, (784 * 256 + 256 * 10) * 4
+    pred = _predict(tmp_path, "strategy=data", f"world_size={P}", "train.batch_size=4096",
+                    "train.dtype=float32")
+    assert pred["world_size"] == P and len(pred["ranks"]) == P
+    for r in (0, 1, 513, 1023):
+        comm = pred["ranks"][r]["comm"]
+        assert comm["by_role"]["weight_grad"] == {"bytes": N, "messages": 1}
+        assert comm["wire_bytes"] == 2 * (P - 1) * N // P + 2 * (P - 1) * 24 // P
+        assert pred["ranks"][r]["memory"]["params_bytes"] == N
+    out = capsys.readouterr().out
+    assert "1-1023 (x1023)" in out and "no rank started" in out
+
+
+@pytest.mark.parametrize("overrides,params", [
+    # Megatron, h = 65536 over 1024 ranks: 64 hidden units each, W¹ rows and W² columns
+    (("strategy=tensor", "world_size=1024", "model.dims=[784,65536,10]",
+      "train.dtype=float32"), [(784 * 64 + 64 * 10) * 4] * 1024),
+    # 65 layers on 64 stages (float32): the first stage two layers, the others one
+    (("strategy=pipeline", "world_size=64", f"model.dims=[64,{','.join(['32'] * 64)},10]",
+      "train.microbatches=4", "strategy.schedule=1f1b", "train.dtype=float32"), None),
+])
+def test_large_meshes_are_predicted(tmp_path, overrides, params):
+    pred = _predict(tmp_path, *overrides)
+    got = [r["memory"]["params_bytes"] for r in pred["ranks"]]
+    if params is None:  # the stage plan's split, by parameter count
+        from partition.plans.stages import layer_params
+
+        dims = [64] + [32] * 64 + [10]
+        from partition.plans.stages import plan_stages
+        from types import SimpleNamespace
+
+        plan = plan_stages(SimpleNamespace(dims=tuple(dims), bias=False), 64)
+        params = [sum(layer_params(dims, l, bias=False) for l in range(a, b)) * 4
+                  for a, b in plan]
+    assert got == params and pred["source"] == "dry run"
+
+
+def test_a_refused_plan_is_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["strategy=pipeline", "world_size=3", f"hydra.run.dir={tmp_path}"])
+    assert e.value.code == 2
+    err = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
+    assert len(err) == 1 and err[0].startswith("error: world_size=3")
+    assert not (tmp_path / "prediction.json").exists()
