@@ -12,6 +12,8 @@
   and |ΔJ| against the single-device baseline on a log axis.
 - `memory_vs_batch.png` only when the runs have more than one B, `bytes_vs_width.png`
   only when they have more than one hidden width.
+- `timelines.png` (and `timelines-2.png`, … past eight cases): each pipeline case's traced
+  step, measured above simulated, read back from its run folder (`timeline.load_case`).
 
 Measured values are bars or filled markers; the cost model's predictions are black
 ticks, so the two stay distinguishable where they are equal. A figure with nothing
