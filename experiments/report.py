@@ -4,9 +4,10 @@
     python -m experiments.report outputs/compare --out /tmp/report --no-plots
 
 Writes results.csv, results.md and the figures (summary.png, memory_per_rank.png,
-loss.png, and memory_vs_batch.png / bytes_vs_width.png when the runs vary B or the
-width) into --out (default: the one folder given, or the folder the given ones have in
-common) and prints the table (120 columns) and the generated summary.
+loss.png, memory_vs_batch.png / bytes_vs_width.png when the runs vary B or the width, and
+timelines.png: each pipeline run's step, measured above simulated) into --out (default:
+the one folder given, or the folder the given ones have in common) and prints the table
+(120 columns) and the generated summary.
 """
 
 from __future__ import annotations

@@ -273,11 +273,16 @@ def profile_times(path: str, cfg: Any) -> list[dict[str, float]]:
     import json
 
     with open(path, encoding="utf-8") as f:
-        res = json.load(f)
+        return result_times(json.load(f), cfg, where=path)
+
+
+def result_times(res: dict[str, Any], cfg: Any, *, where: str) -> list[dict[str, float]]:
+    """Each rank's `action_times` in a loaded result.json, one per rank of `cfg`."""
     ranks = sorted(res.get("ranks") or [], key=lambda r: r["rank"])
     times = [r.get("action_times") for r in ranks]
     if len(times) != cfg.ranks or not all(times):
-        raise ValueError(f"{path} holds action times for {len(times)} ranks, not {cfg.ranks}")
+        raise ValueError(f"{where} holds action times for {sum(1 for t in times if t)} ranks, "
+                         f"not {cfg.ranks}")
     return times
 
 

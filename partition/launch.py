@@ -381,8 +381,7 @@ def write_timeline(cfg: RunConfig, run_dir: str, records: list[RankRecord]) -> N
     sim = timeline.simulated_block(cfg, times, cost_params(cfg, records)) if all(times) else None
     what = cfg.strategy.name + (f" {cfg.strategy.schedule}" if cfg.strategy.name == "pipeline" else "")
     title = (f"{what}, P={cfg.ranks}, B={cfg.train.batch_size}, M={cfg.train.microbatches}: "
-             f"step {step} measured {meas[0]['step_s'] * 1e3:.1f} ms"
-             + (f", simulated {sim['step_time_s'] * 1e3:.1f} ms" if sim else ""))
+             + timeline.step_text(step, meas[0]["step_s"], sim["step_time_s"] if sim else None))
     try:
         timeline.draw(os.path.join(run_dir, timeline.TIMELINE_FILE), spans,
                       sim["timeline"] if sim else None, title=title)

@@ -12,6 +12,8 @@
   and |ΔJ| against the single-device baseline on a log axis.
 - `memory_vs_batch.png` only when the runs have more than one B, `bytes_vs_width.png`
   only when they have more than one hidden width.
+- `timelines.png` (and `timelines-2.png`, … past eight cases): each pipeline case's traced
+  step, measured above simulated, read back from its run folder (`timeline.load_case`).
 
 Measured values are bars or filled markers; the cost model's predictions are black
 ticks, so the two stay distinguishable where they are equal. A figure with nothing
@@ -670,6 +672,77 @@ def bytes_by_dim_figure(df: pd.DataFrame, path: str) -> str | None:
     return path
 
 
+# ---------------------------------------------------------------- pipeline timelines
+
+TIMELINES_PER_PAGE = 8  # cases per timelines*.png: a page stays readable on a screen
+TIMELINE_PAGES_MAX = 6  # past this, each run's own timeline.png is the place to look
+
+
+def timeline_files(n: int, per_page: int = TIMELINES_PER_PAGE) -> list[str]:
+    """The files n cases' timelines go into: timelines.png, timelines-2.png, …"""
+    pages = min(math.ceil(n / per_page), TIMELINE_PAGES_MAX)
+    return ["timelines.png" if i == 0 else f"timelines-{i + 1}.png" for i in range(pages)]
+
+
+def _timeline_title(r: pd.Series) -> str:
+    label = r["label"] or run_label(r)
+    if "M=" not in label and r["M"]:
+        label += f" M={r['M']}"  # the micro-batches shape a pipeline's timeline: always said
+    return f"{label} ({os.path.basename(str(r['path']))})"
+
+
+def timeline_cases(df: pd.DataFrame) -> tuple[list[tuple[pd.Series, Any]], list[str]]:
+    """The pipeline cases (strategy=pipeline, or a run whose trace has pipeline actions)
+    with their timelines (`timeline.CaseTimeline`), and a note for each pipeline case that
+    has none to draw."""
+    from partition.timeline import TRACE_FILE, load_case
+
+    cases, notes = [], []
+    for r in _rows(df):
+        pipeline = r["strategy"] == "pipeline"
+        folder = r["path"] if isinstance(r["path"], str) else None
+        if folder is None or not (pipeline or os.path.exists(os.path.join(folder, TRACE_FILE))):
+            if pipeline:
+                notes.append(f"no timeline for {r['label'] or run_label(r)}: no run folder")
+            continue
+        case = load_case(folder)
+        if isinstance(case, str):
+            if pipeline:
+                status = f" (status {r['status']})" if r["status"] != "ok" else ""
+                notes.append(f"no timeline for {_timeline_title(r)}: {case}{status}")
+        elif pipeline or case.pipeline:
+            cases.append((r, case))
+    return cases, notes
+
+
+def timelines_figures(df: pd.DataFrame, out: str) -> Plots:
+    """timelines.png (and timelines-2.png, … past TIMELINES_PER_PAGE cases): each pipeline
+    case's traced step, measured above simulated; `timelines` lists each case's own
+    timeline.png."""
+    from partition.timeline import TIMELINE_FILE, draw_cases
+
+    cases, notes = timeline_cases(df)
+    res = Plots(notes=notes)
+    if not cases:
+        res.notes.insert(0, "timelines.png not drawn: " + (
+            "no pipeline case" if not notes else "no pipeline case has a timeline to draw"))
+        return res
+    files = timeline_files(len(cases))
+    shown = cases[:len(files) * TIMELINES_PER_PAGE]
+    if len(shown) < len(cases):
+        res.notes.append(f"timelines: {len(cases) - len(shown)} more pipeline cases not drawn "
+                         f"(the first {len(shown)} are; each run folder has its own "
+                         f"{TIMELINE_FILE})")
+    for i, name in enumerate(files):
+        page = shown[i * TIMELINES_PER_PAGE:(i + 1) * TIMELINES_PER_PAGE]
+        path = os.path.join(out, name)
+        draw_cases(path, [(_timeline_title(r), c) for r, c in page])
+        res.written.append(path)
+    res.timelines = [(_timeline_title(r), own) for r, _ in shown
+                     for own in [os.path.join(r["path"], TIMELINE_FILE)] if os.path.exists(own)]
+    return res
+
+
 # ---------------------------------------------------------------- all of them
 
 
@@ -696,8 +769,13 @@ def write_plots(df: pd.DataFrame, out: str) -> Plots:
             res.written.append(path)
         else:
             res.notes.append(f"{name} not drawn: {why}")
+    tl = timelines_figures(df, out)
+    res.written += tl.written
+    res.notes += tl.notes
+    res.timelines = tl.timelines
     return res
 
 
-__all__ = ["bytes_by_dim_figure", "bytes_vs_width_figure", "common_examples", "loss_figure", "memory_per_rank_figure",
-           "memory_vs_batch_figure", "over_cores", "summary_figure", "write_plots"]
+__all__ = ["bytes_by_dim_figure", "bytes_vs_width_figure", "common_examples", "loss_figure",
+           "memory_per_rank_figure", "memory_vs_batch_figure", "over_cores", "summary_figure",
+           "timeline_cases", "timeline_files", "timelines_figures", "write_plots"]

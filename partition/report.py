@@ -572,12 +572,14 @@ def write_report(df: pd.DataFrame, out: str, *, plots: bool = True,
     csv_path = os.path.join(out, "results.csv")
     df.drop(columns=[c for c in NESTED if c in df.columns]).to_csv(csv_path, index=False)
     pl = write_plots(df, out) if plots else Plots()
-    summary = summarize(df)
+    drawn = [os.path.basename(p) for p in pl.written]
+    summary = summarize(df, timelines="timelines.png" if "timelines.png" in drawn else None)
     lines = legend(df)
     md = [f"# {title}", ""]
     md += [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in pl.written[:1]]
     md += ["", to_markdown(_mark_crowded(display(df, FULL), df, "time")), "", *lines, ""]
     md += [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in pl.written[1:]]
+    md += timeline_links(pl.timelines, out)
     md += [f"- {n}" for n in pl.notes]
     md += ["", "## Summary", "", *summary, ""]
     md_path = os.path.join(out, "results.md")
@@ -591,10 +593,21 @@ def write_report(df: pd.DataFrame, out: str, *, plots: bool = True,
                   files=[csv_path, md_path, *pl.written], notes=pl.notes, legend=lines)
 
 
+def timeline_links(timelines: list[tuple[str, str]], out: str) -> list[str]:
+    """results.md's links to each drawn case's own timeline.png, relative to the report."""
+    if not timelines:
+        return []
+    return ["", "Each pipeline case's own timeline.png (measured above, simulated below):", "",
+            *[f"- [{case}]({os.path.relpath(png, out).replace(' ', '%20')})"
+              for case, png in timelines], ""]
+
+
 @dataclass
 class Plots:
     written: list[str] = dataclasses.field(default_factory=list)
     notes: list[str] = dataclasses.field(default_factory=list)
+    # (case, its run folder's timeline.png) for each case timelines.png draws
+    timelines: list[tuple[str, str]] = dataclasses.field(default_factory=list)
 
 
 def write_plots(df: pd.DataFrame, out: str) -> Plots:

@@ -70,8 +70,9 @@ def _rows(df: pd.DataFrame) -> list[pd.Series]:
     return [r for _, r in df.iterrows()]
 
 
-def summarize(df: pd.DataFrame) -> list[str]:
-    """Markdown lines: the setting, then advantages, disadvantages and what is missing."""
+def summarize(df: pd.DataFrame, *, timelines: str | None = None) -> list[str]:
+    """Markdown lines: the setting, then advantages, disadvantages and what is missing;
+    `timelines`, the figure of the pipeline cases' steps, is named where the bubble is."""
     if not len(df):
         return ["No results: nothing to summarise."]
     known = df[df["strategy"].notna() & df["B"].notna()]  # a row without these says nothing
@@ -229,7 +230,8 @@ def summarize(df: pd.DataFrame) -> list[str]:
                 "with equal stages and free communication"
             items.append(f"{run_label(r)} M={r['M']} spends {m} of a step not computing "
                          f"(predicted bubble {ideal} = {p})")
-        dis.append("**Bubble**: " + "; ".join(items) + ".")
+        seen = f" ({timelines}: each of these steps, measured above simulated)" if timelines else ""
+        dis.append("**Bubble**: " + "; ".join(items) + seen + ".")
 
     # ---- loss after the same examples
     ref = next((x for x in (f0, a0) if x is not None and x["status"] == "ok"

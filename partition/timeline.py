@@ -11,20 +11,25 @@ per-action durations `calibrate.action_times` measured at start-up) this module 
                 and communication (the rest)
 
 and writes `trace.json` (Chrome trace events) and `timeline.png` (measured above,
-simulated below, one row per rank, on one time axis).
+simulated below, one row per rank, on one time axis). A report reads a run's timeline back
+from its folder (`load_case`: the spans from trace.json, the simulation replayed from
+result.json) and draws several runs' in one figure (`draw_cases`: timelines.png).
 """
 
 from __future__ import annotations
 
 import os
 import statistics
+from dataclasses import dataclass
 from typing import Any
 
 from partition.simulate import Links, Timeline, simulate, step_ops
-from partition.trace import chrome_trace, compute_seconds
+from partition.trace import chrome_trace, compute_seconds, read_trace, step_spans
 
 TRACE_FILE = "trace.json"
 TIMELINE_FILE = "timeline.png"
+
+PerRank = list[tuple[int, list[dict[str, Any]]]]  # (rank, its spans), rank order
 
 
 def _last_traced(spans: list[dict[str, Any]]) -> int | None:
@@ -34,19 +39,25 @@ def _last_traced(spans: list[dict[str, Any]]) -> int | None:
 
 def measured(records: list[Any]) -> list[dict[str, Any]] | None:
     """Per rank (rank order) the traced step's step time, compute and idle fraction."""
+    return measured_spans([(r.rank, r.spans) for r in records])
+
+
+def measured_spans(per_rank: PerRank) -> list[dict[str, Any]] | None:
+    """`measured` from (rank, spans) pairs: the records' own, or a trace.json's (read_trace)."""
     # Only the explicit engine's runners record compute spans (torch's engines: none yet).
-    if not records or not all(any(s["name"] != "step" and s["tid"] == "compute" for s in r.spans)
-                              for r in records):
+    if not per_rank or not all(any(s["name"] != "step" and s["tid"] == "compute" for s in spans)
+                               for _, spans in per_rank):
         return None
-    step = min(_last_traced(r.spans) for r in records)
+    # The last step every rank traced (trace.steps=all keeps several).
+    step = min(_last_traced(spans) for _, spans in per_rank)
     out = []
-    for r in records:
-        spans = [s for s in r.spans if s["step"] == step]
+    for rank, all_spans in per_rank:
+        spans = step_spans(all_spans, step)
         total = next(s for s in spans if s["name"] == "step")
         T = total["t1"] - total["t0"]
         comp = compute_seconds(spans)
         wait = sum(s["t1"] - s["t0"] for s in spans if s["tid"] == "comm" and s["args"].get("waiting"))
-        out.append({"rank": r.rank, "step": step, "step_s": T, "compute_s": comp, "wait_s": wait,
+        out.append({"rank": rank, "step": step, "step_s": T, "compute_s": comp, "wait_s": wait,
                     "idle_fraction": 1.0 - comp / T if T > 0 else 0.0})
     return out
 
@@ -111,13 +122,16 @@ def stage_imbalance(rows: list[dict[str, Any]]) -> float | None:
     return max(comp) / statistics.mean(comp) if comp and statistics.mean(comp) > 0 else None
 
 
-def timeline_spans(tl: Timeline) -> list[tuple[int, list[dict[str, Any]]]]:
-    """A simulated timeline in the measured spans' form (for drawing)."""
+def timeline_spans(tl: Timeline) -> PerRank:
+    """A simulated timeline in the measured spans' form (for drawing), with a `step` span
+    per rank from 0: every rank starts the simulated step at 0, and the drawing puts each
+    rank's step start at its left edge."""
     out = []
     for r in range(tl.world):
-        out.append((r, [{"name": s.label, "tid": s.kind, "t0": s.start, "t1": s.end,
-                         "args": {**s.args, "waiting": s.kind == "comm"}}
-                        for s in tl.rank_spans(r)]))
+        step = {"name": "step", "tid": "compute", "t0": 0.0, "t1": tl.step_time, "args": {}}
+        out.append((r, [step] + [{"name": s.label, "tid": s.kind, "t0": s.start, "t1": s.end,
+                                  "args": {**s.args, "waiting": s.kind == "comm"}}
+                                 for s in tl.rank_spans(r)]))
     return out
 
 
@@ -138,61 +152,224 @@ def write_trace(run_dir: str, records: list[Any]) -> str | None:
 
 _COLOURS = {"F": "#4c72b0", "B": "#55a868", "I": "#dd8452", "W": "#8172b2", "update": "#999999",
             "loss": "#c44e52"}
+WAIT = "wait"  # a Box's kind for a wait in communication (drawn hatched)
+# A micro-batch label needs about this share of the time axis per character to be read.
+LABEL_SHARE_PER_CHAR = 0.006
+EDGE_SHARE = 0.004  # boxes narrower than this share of the time axis are drawn without an edge
 
 
-def draw(path: str, measured_spans: list[tuple[int, list[dict[str, Any]]]],
-         simulated: Timeline | None, *, title: str) -> None:
-    """Paper-style chart: one row per rank, compute boxes coloured by kind and labelled with
-    the micro-batch, communication waits hatched, idle left blank; measured on top,
-    simulated below, on the same time axis (each from its own step start)."""
+@dataclass(frozen=True)
+class Box:
+    """One box of a timeline panel, in ms from its rank's step start."""
+
+    rank: int
+    x0: float
+    width: float
+    kind: str  # F, B, I, W, update, loss (compute), or WAIT
+    mb: int | None = None
+
+
+def boxes(per_rank: PerRank) -> list[Box]:
+    """What a panel draws: each compute span, and each wait in communication (a comm span
+    that is not a wait is the call's own work, too short to see), from each rank's step
+    start (its `step` span; without one, its first span)."""
+    out = []
+    for rank, spans in per_rank:
+        steps = [s for s in spans if s["name"] == "step"]
+        origin = steps[0]["t0"] if steps else min((s["t0"] for s in spans), default=0.0)
+        for s in spans:
+            x0, w = (s["t0"] - origin) * 1e3, (s["t1"] - s["t0"]) * 1e3
+            if s["name"] == "step" or w <= 0 or (s["tid"] == "comm" and not s["args"].get("waiting")):
+                continue
+            if s["tid"] == "comm":
+                out.append(Box(rank, x0, w, WAIT))
+            else:
+                mb = s["args"].get("mb")
+                out.append(Box(rank, x0, w, s["args"].get("kind", ""),
+                               mb if isinstance(mb, int) and mb >= 0 else None))
+    return out
+
+
+def legend_handles() -> list[Any]:
+    from matplotlib.patches import Patch
+
+    handles = [Patch(facecolor=c, label=k) for k, c in _COLOURS.items()]
+    handles.append(Patch(facecolor="white", edgecolor="#444444", hatch="////",
+                         label="waiting in communication"))
+    return handles
+
+
+def _draw_boxes(ax: Any, bs: list[Box], *, ranks: int, horizon: float) -> None:
+    for b in bs:
+        y = ranks - 1 - b.rank  # rank 0 on top, as in the papers' charts
+        if b.kind == WAIT:
+            ax.broken_barh([(b.x0, b.width)], (y - 0.3, 0.6), facecolors="white",
+                           edgecolors="#444444", hatch="////", linewidth=0.5)
+            continue
+        colour = _COLOURS.get(b.kind, "#cccccc")
+        # The white edge that parts neighbouring boxes would hide a box narrower than it.
+        edge = "white" if b.width >= EDGE_SHARE * horizon else colour
+        ax.broken_barh([(b.x0, b.width)], (y - 0.4, 0.8), facecolors=colour, edgecolors=edge,
+                       linewidth=0.5)
+        # A label on a box too narrow for it would run into its neighbours' and read as noise.
+        if b.mb is not None and b.width >= (len(str(b.mb)) + 1) * LABEL_SHARE_PER_CHAR * horizon:
+            ax.text(b.x0 + b.width / 2, y, str(b.mb), ha="center", va="center", fontsize=7,
+                    color="white", clip_on=True)
+
+
+def draw_panels(axes: list[Any], panels: list[tuple[str, PerRank | str]]) -> None:
+    """One case's panels (measured, simulated), one row per rank, onto axes that share the
+    time axis: compute boxes coloured by kind and labelled with the micro-batch,
+    communication waits hatched, idle left blank. A panel given as a string has nothing to
+    draw and says why."""
+    drawn = [(label, boxes(p) if not isinstance(p, str) else p) for label, p in panels]
+    ranks = 1 + max((r for _, p in panels if not isinstance(p, str) for r, _ in p), default=0)
+    horizon = max((b.x0 + b.width for _, bs in drawn if not isinstance(bs, str) for b in bs),
+                  default=0.0)
+    for ax, (label, bs) in zip(axes, drawn, strict=True):
+        if isinstance(bs, str):
+            ax.text(0.5, 0.5, bs, ha="center", va="center", fontsize=8, color="#666666",
+                    transform=ax.transAxes)
+        else:
+            _draw_boxes(ax, bs, ranks=ranks, horizon=horizon)
+        ax.set_yticks(range(ranks))
+        ax.set_yticklabels([f"rank {ranks - 1 - i}" for i in range(ranks)], fontsize=8)
+        ax.set_ylabel(label, fontsize=8)
+        ax.set_ylim(-0.6, ranks - 0.4)
+        ax.tick_params(axis="x", labelsize=8)
+    axes[-1].set_xlim(0, horizon * 1.02 if horizon > 0 else 1)
+    axes[-1].set_xlabel("time in the step (ms)", fontsize=8)
+
+
+def draw(path: str, measured_spans: PerRank, simulated: Timeline | None, *, title: str) -> None:
+    """A run's timeline.png: measured on top, simulated below, on the same time axis (each
+    from its own step start)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.patches import Patch
 
-    panels = [("measured", measured_spans)]
+    panels: list[tuple[str, PerRank | str]] = [("measured", measured_spans)]
     if simulated is not None:
         panels.append(("simulated", timeline_spans(simulated)))
     P = len(measured_spans)
     fig, axes = plt.subplots(len(panels), 1, figsize=(11, 0.9 + 0.55 * P * len(panels) + 0.6),
                              sharex=True, squeeze=False)
-    horizon = 0.0
-    for ax, (label, per_rank) in zip(axes[:, 0], panels):
-        for rank, spans in per_rank:
-            steps = [s for s in spans if s["name"] == "step"]
-            origin = steps[0]["t0"] if steps else min((s["t0"] for s in spans), default=0.0)
-            for s in spans:
-                if s["name"] == "step":
-                    continue
-                x0, w = (s["t0"] - origin) * 1e3, (s["t1"] - s["t0"]) * 1e3
-                horizon = max(horizon, x0 + w)
-                y = P - 1 - rank
-                if s["tid"] == "comm":
-                    if not s["args"].get("waiting") or w <= 0:
-                        continue
-                    ax.broken_barh([(x0, w)], (y - 0.3, 0.6), facecolors="white",
-                                   edgecolors="#444444", hatch="////", linewidth=0.5)
-                    continue
-                kind = s["args"].get("kind", "")
-                ax.broken_barh([(x0, w)], (y - 0.4, 0.8), facecolors=_COLOURS.get(kind, "#cccccc"),
-                               edgecolors="white", linewidth=0.5)
-                mb = s["args"].get("mb")
-                if mb is not None and mb >= 0 and w > 0:
-                    ax.text(x0 + w / 2, y, str(mb), ha="center", va="center", fontsize=7,
-                            color="white", clip_on=True)
-        ax.set_yticks(range(P))
-        ax.set_yticklabels([f"rank {P - 1 - i}" for i in range(P)])
-        ax.set_ylabel(label)
-        ax.set_ylim(-0.6, P - 0.4)
-    axes[-1, 0].set_xlim(0, horizon * 1.02 if horizon > 0 else 1)
-    axes[-1, 0].set_xlabel("time in the step (ms)")
-    handles = [Patch(facecolor=c, label=k) for k, c in _COLOURS.items()]
-    handles.append(Patch(facecolor="white", edgecolor="#444444", hatch="////",
-                         label="waiting in communication"))
+    draw_panels(list(axes[:, 0]), panels)
+    handles = legend_handles()
     axes[0, 0].legend(handles=handles, ncol=len(handles), fontsize=7, loc="lower left",
                       bbox_to_anchor=(0, 1.02), frameon=False)
     fig.suptitle(title, fontsize=9, y=0.995)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+# ---------------------------------------------------------------- a run's timeline, read back
+
+
+def step_text(step: int, measured_s: float, simulated_s: float | None) -> str:
+    """What a timeline's title says of its step: its number, measured and simulated time."""
+    return (f"step {step} measured {measured_s * 1e3:.1f} ms"
+            + (f", simulated {simulated_s * 1e3:.1f} ms" if simulated_s is not None else ""))
+
+
+@dataclass(frozen=True)
+class CaseTimeline:
+    """One run's traced step as its folder keeps it: the measured spans (trace.json) and the
+    simulated ones (replayed from result.json), ready for `draw_panels`."""
+
+    measured: PerRank
+    simulated: PerRank | str  # or why there is no simulation
+    step: int
+    step_s: float  # rank 0's measured step
+    simulated_step_s: float | None
+    pipeline: bool  # whether any rank ran pipeline actions (F/B/I/W on a stage)
+
+    @property
+    def text(self) -> str:
+        return step_text(self.step, self.step_s, self.simulated_step_s)
+
+
+def simulated_from_result(res: dict[str, Any]) -> Timeline:
+    """A run's simulated step again, from what its result.json keeps: the config, each rank's
+    `action_times` and the α, β of its prediction. The simulator is pure, so this is the
+    timeline the run itself drew; ValueError says why it cannot be replayed."""
+    from dataclasses import fields
+
+    from partition.calibrate import result_times
+    from partition.config import ConfigError, parse_config
+    from partition.costs import CostParams
+
+    try:
+        cfg = parse_config(res.get("config") or {})
+    except ConfigError as e:
+        raise ValueError(f"its config does not parse ({e})") from e
+    times = result_times(res, cfg, where="result.json")
+    p = (res.get("predicted") or {}).get("cost_params") or {}
+    params = CostParams(**{f.name: p[f.name] for f in fields(CostParams) if f.name in p}) \
+        if p else CostParams.from_config(cfg)
+    try:
+        return simulate_step(cfg, times, links_of(params))
+    except (KeyError, OSError) as e:  # an action the times do not cover; a schedule file gone
+        raise ValueError(f"its plan does not replay ({type(e).__name__}: {e})") from e
+
+
+def load_case(run_dir: str) -> CaseTimeline | str:
+    """A run folder's timeline (trace.json, result.json), or why it has none to draw."""
+    import json
+
+    from partition.results import RESULT_FILE  # results reads this module: import it late
+
+    path = os.path.join(run_dir, TRACE_FILE)
+    if not os.path.exists(path):
+        return f"no {TRACE_FILE} in its folder"
+    try:
+        with open(path, encoding="utf-8") as f:
+            per_rank = read_trace(json.load(f))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"its {TRACE_FILE} does not read ({type(e).__name__}: {e})"
+    meas = measured_spans(per_rank)
+    if meas is None:
+        return f"its {TRACE_FILE} has no compute spans on every rank"
+    step = meas[0]["step"]
+    spans = [(r, step_spans(ss, step)) for r, ss in per_rank]
+    pipeline = any("stage" in s["args"] for _, ss in spans for s in ss if s["tid"] == "compute")
+    try:
+        with open(os.path.join(run_dir, RESULT_FILE), encoding="utf-8") as f:
+            tl = simulated_from_result(json.load(f))
+        simulated: PerRank | str = timeline_spans(tl)
+    except (OSError, ValueError) as e:
+        tl, simulated = None, f"not simulated: {e}"
+    return CaseTimeline(spans, simulated, step, meas[0]["step_s"],
+                        tl.step_time if tl is not None else None, pipeline)
+
+
+def case_height(ranks: int) -> float:
+    """Inches one case takes in `draw_cases`: its title, two panels of `ranks` rows, the axis."""
+    return 0.75 + 2 * (0.25 + 0.32 * ranks)
+
+
+def draw_cases(path: str, cases: list[tuple[str, CaseTimeline]]) -> int:
+    """Several runs' timelines in one figure (the report's timelines.png): per case a pair of
+    panels, measured above simulated, on the case's own time axis, titled; one legend on
+    top. Returns the number of panels drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    heights = [case_height(len(c.measured)) for _, c in cases]
+    fig = plt.figure(figsize=(11, 0.5 + sum(heights)), layout="constrained")
+    subs = fig.subfigures(len(cases), 1, height_ratios=heights, squeeze=False)[:, 0]
+    for sub, (title, case) in zip(subs, cases, strict=True):
+        axes = sub.subplots(2, 1, sharex=True)
+        draw_panels(list(axes), [("measured", case.measured), ("simulated", case.simulated)])
+        sub.suptitle(f"{title}: {case.text}", fontsize=9, x=0.01, ha="left")
+    handles = legend_handles()
+    fig.legend(handles=handles, ncol=len(handles), fontsize=7, loc="outside upper left",
+               frameon=False)
+    n = len(fig.axes)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return n

@@ -104,6 +104,22 @@ def chrome_trace(per_rank: list[tuple[int, list[dict[str, Any]]]], *,
                                              "offset_s": 0.0}}}
 
 
+def read_trace(trace: dict[str, Any]) -> list[tuple[int, list[dict[str, Any]]]]:
+    """`chrome_trace`'s input back from its output: per rank (rank order) the spans, times
+    in seconds from the trace's origin (what a report reads from a run folder's trace.json)."""
+    names = {v: k for k, v in TIDS.items()}
+    per_rank: dict[int, list[dict[str, Any]]] = {}
+    for e in trace.get("traceEvents") or []:
+        if e.get("ph") != "X":
+            continue
+        args = dict(e.get("args") or {})
+        t0 = e["ts"] / 1e6
+        per_rank.setdefault(int(e["pid"]), []).append(
+            {"name": e["name"], "tid": names.get(e.get("tid"), e.get("cat")), "t0": t0,
+             "t1": t0 + e["dur"] / 1e6, "step": args.pop("step", None), "args": args})
+    return sorted(per_rank.items())
+
+
 def step_spans(spans: list[dict[str, Any]], step: int) -> list[dict[str, Any]]:
     return [s for s in spans if s["step"] == step]
 

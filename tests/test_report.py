@@ -176,10 +176,14 @@ def test_report_files_and_generated_summary(tmp_path):
     names = [os.path.basename(f) for f in rep.files]
     assert names == ["results.csv", "results.md", "summary.png", "memory_per_rank.png",
                      "loss.png"]
-    # One B per case and one width: the figures against B and width would show nothing.
+    # One B per case and one width: the figures against B and width would show nothing;
+    # hand-made results have no trace.json, so no pipeline case has a timeline to draw.
     assert rep.notes == [
         "memory_vs_batch.png not drawn: no case was measured at two or more batch sizes",
-        "bytes_vs_width.png not drawn: one hidden width"]
+        "bytes_vs_width.png not drawn: one hidden width",
+        "timelines.png not drawn: no pipeline case has a timeline to draw",
+        "no timeline for pipeline gpipe P=2 M=4 (04-pipeline-gpipe-P2): no trace.json in its folder",
+        "no timeline for pipeline 1f1b P=2 M=4 (05-pipeline-1f1b-P2): no trace.json in its folder"]
     text = "\n".join(rep.summary)
     adv = text.split("Advantages of partitioning:")[1].split("Disadvantages")[0]
     dis = text.split("Disadvantages of partitioning:")[1].split("Missing:")[0]
@@ -255,7 +259,7 @@ def test_missing_fields_do_not_break_the_report(tmp_path):
 
     empty = build_table([{"status": "failed"}])
     rep2 = write_report(empty, str(tmp_path / "e"))
-    assert len(rep2.notes) == 5  # every figure skipped, each with its reason
+    assert len(rep2.notes) == 6  # every figure skipped, each with its reason
     assert rep2.summary == ["No partitioned run in these results: nothing to compare with a "
                             "smaller minibatch."]
 
@@ -424,7 +428,7 @@ def test_sweep_figures_only_with_two_batch_sizes_or_widths(tmp_path):
     assert [os.path.basename(p) for p in res.written] == [
         "summary.png", "memory_per_rank.png", "loss.png", "memory_vs_batch.png",
         "bytes_vs_width.png"]
-    assert res.notes == []
+    assert res.notes == ["timelines.png not drawn: no pipeline case"]
 
 
 # ---------------------------------------------------------------- the compare experiment
