@@ -334,7 +334,10 @@ def load_case(run_dir: str) -> CaseTimeline | str:
         return f"its {TRACE_FILE} has no compute spans on every rank"
     step = meas[0]["step"]
     spans = [(r, step_spans(ss, step)) for r, ss in per_rank]
-    pipeline = any("stage" in s["args"] for _, ss in spans for s in ss if s["tid"] == "compute")
+    # A pipeline: actions of two stages or more (a hybrid mesh with pp=1 runs the pipeline
+    # runtime over one stage, which is no pipeline to draw).
+    pipeline = len({s["args"]["stage"] for _, ss in spans for s in ss
+                    if s["tid"] == "compute" and "stage" in s["args"]}) > 1
     try:
         with open(os.path.join(run_dir, RESULT_FILE), encoding="utf-8") as f:
             tl = simulated_from_result(json.load(f))
