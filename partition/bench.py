@@ -18,6 +18,7 @@ rank sends or hands to collectives per step (the J reduction apart), as everywhe
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
 import gc
@@ -26,6 +27,7 @@ import platform
 import statistics
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,7 +40,8 @@ from partition.data import load_dataset
 from partition.results import atomic_write
 from partition.strategies import build_runner
 from partition.topology import Topology, destroy, from_env, init_process_group, rank_threads
-from partition.train import RankRecord, run_rank
+from partition.trace import Tracer
+from partition.train import RankRecord, attach_tracer, run_rank
 from partition.weights import initial_weights
 
 ENGINES = ("explicit", "torch")
@@ -90,38 +93,49 @@ def _not_implemented(e: Exception) -> bool:
 
 
 def timed_run(cfg: RunConfig, topo: Topology, comm: Comm, data: Any,
-              full: dict[str, torch.Tensor]) -> tuple[list[float], list[float]]:
+              full: dict[str, torch.Tensor], *,
+              tracer: Tracer | None = None) -> tuple[list[float], list[float]]:
     """Wall and CPU seconds per step on this rank: run_rank's loop and clock, instruments off.
 
     CPU time (this process, all its threads — gloo's included) does not count time spent
     waiting, so it shows each engine's own work even when other jobs share the cores.
+    With `tracer`, the runner and `comm` record spans through it as in run_rank (the
+    trace's cost, `partition.bench_timeline`); without, nothing records them.
     """
     runner = build_runner(cfg, topo, comm, data, full)
     if hasattr(runner, "observe"):
         runner.observe = False  # torch engines: no dispatch-mode observer while timing
+    attach_tracer(runner, comm, tracer)  # None: no spans (and no stale tracer on `comm`)
     wall, cpu = [], []
     for step in range(cfg.train.steps):
         comm.ledger.step = step
         if topo.device.type == "cuda":
             torch.cuda.synchronize(topo.device)
+        if tracer is not None:
+            tracer.begin(step)
         c0, t0 = time.process_time(), time.perf_counter()
         runner.step(step, want_grads=False)
         if topo.device.type == "cuda":
             torch.cuda.synchronize(topo.device)
-        wall.append(time.perf_counter() - t0)
+        t1 = time.perf_counter()
+        wall.append(t1 - t0)
         cpu.append(time.process_time() - c0)
+        if tracer is not None:
+            tracer.add("step", "compute", t0, t1)
+            tracer.step = None
         comm.ledger.step = None
     comm.ledger.records.clear()
+    comm.tracer = None
     return wall, cpu
 
 
-def _fresh_comm(topo: Topology) -> tuple[Comm, Ledger]:
+def fresh_comm(topo: Topology) -> tuple[Comm, Ledger]:
     ledger = Ledger()
     return Comm(rank=topo.rank, world_size=topo.world_size, ledger=ledger,
                 device=topo.device), ledger
 
 
-def _say(topo: Topology, line: str) -> None:
+def say(topo: Topology, line: str) -> None:
     if topo.rank == 0:
         print(f"[bench] {line}", flush=True)
 
@@ -139,13 +153,13 @@ def _bench_case(cfgs: dict[str, RunConfig], topo: Topology, *, pairs: int,
                 warmup_pairs: int, label: str, where: str) -> dict[str, Any]:
     cfg0 = cfgs["explicit"]
     t_start = time.monotonic()
-    _say(topo, f"{where}{label}: measuring bytes and memory (one run per engine)")
+    say(topo, f"{where}{label}: measuring bytes and memory (one run per engine)")
     data = load_dataset(cfg0.data, cfg0.spec, seed=cfg0.seed)
     full = initial_weights(cfg0.spec, init=cfg0.model.init, init_path=cfg0.model.init_path,
                            seed=cfg0.seed)
     measured: dict[str, RankRecord] = {}
     for e in ENGINES:
-        comm, ledger = _fresh_comm(topo)
+        comm, ledger = fresh_comm(topo)
         try:
             measured[e] = run_rank(cfgs[e], topo, comm, ledger, data=data)
         except Exception as exc:  # every rank raises the same, before any crossing
@@ -154,11 +168,11 @@ def _bench_case(cfgs: dict[str, RunConfig], topo: Topology, *, pairs: int,
             raise
     times: dict[str, list[list[float]]] = {e: [] for e in ENGINES}
     cpu: dict[str, list[list[float]]] = {e: [] for e in ENGINES}
-    comm, _ = _fresh_comm(topo)
+    comm, _ = fresh_comm(topo)
     for i in range(warmup_pairs + pairs):
         what = (f"warm-up pair {i + 1}/{warmup_pairs}" if i < warmup_pairs
                 else f"timed pair {i - warmup_pairs + 1}/{pairs}")
-        _say(topo, f"{where}{label}: {what} (explicit, torch) | "
+        say(topo, f"{where}{label}: {what} (explicit, torch) | "
                    f"{time.monotonic() - t_start:.0f} s in this case")
         for e in ENGINES:
             gc.collect()
@@ -169,19 +183,25 @@ def _bench_case(cfgs: dict[str, RunConfig], topo: Topology, *, pairs: int,
     return {"measured": measured, "times": times, "cpu": cpu}
 
 
+@contextlib.contextmanager
+def rank_world(base: dict[str, Any]) -> Iterator[Topology]:
+    """This spawned rank's topology, inside the process group for the whole benchmark."""
+    topo = from_env(base.get("device", "cpu"))
+    init_process_group(topo, timeout_s=float(base.get("timeout_s", 60)))
+    try:
+        yield topo
+    finally:
+        destroy()
+
+
 def bench_rank(base: dict[str, Any], cases: list[Case], pairs: int,
                warmup_pairs: int) -> dict[str, Any]:
     """Entry point of a spawned rank."""
-    device = base.get("device", "cpu")
-    topo = from_env(device)
-    init_process_group(topo, timeout_s=float(base.get("timeout_s", 60)))
-    try:
+    with rank_world(base) as topo:
         return {c.label: bench_case(case_configs(base, c), topo, pairs=pairs,
                                     warmup_pairs=warmup_pairs, label=c.label,
                                     where=f"case {i + 1}/{len(cases)} ")
                 for i, c in enumerate(cases)}
-    finally:
-        destroy()
 
 
 # ---------------------------------------------------------------- summarising
@@ -203,14 +223,15 @@ class Row:
 
     @property
     def ratio(self) -> tuple[float, float, float] | None:
-        return _spread(self.ratios)
+        return spread(self.ratios)
 
     @property
     def cpu_ratio(self) -> tuple[float, float, float] | None:
-        return _spread(self.cpu_ratios)
+        return spread(self.cpu_ratios)
 
 
-def _spread(xs: list[float]) -> tuple[float, float, float] | None:
+def spread(xs: list[float]) -> tuple[float, float, float] | None:
+    """Median, min and max of xs (None for none)."""
     return (statistics.median(xs), min(xs), max(xs)) if xs else None
 
 
@@ -258,15 +279,19 @@ def summarize_case(label: str, by_rank: list[dict[str, Any]], *, warmup_steps: i
 # ---------------------------------------------------------------- the whole benchmark
 
 
-def spawn_bench(base: dict[str, Any], cases: list[Case], *, pairs: int,
-                warmup_pairs: int) -> list[dict[str, Any]]:
-    """Start world_size ranks once (the same loopback launcher as every run); results by rank."""
+def spawn(entry: Callable[..., Any], args: tuple[Any, ...], *, nprocs: int) -> list[Any]:
+    """Start nprocs ranks of entry(*args) once (the same loopback launcher as every run);
+    their return values by rank."""
     from partition.launch import launch_local
 
     with tempfile.TemporaryDirectory(prefix="partition-bench-") as logs:
-        return launch_local(bench_rank, (base, cases, pairs, warmup_pairs),
-                            nprocs=int(base["world_size"]), log_dir=logs, timeout_s=60,
+        return launch_local(entry, args, nprocs=nprocs, log_dir=logs, timeout_s=60,
                             redirect=False)
+
+
+def spawn_bench(base: dict[str, Any], cases: list[Case], *, pairs: int,
+                warmup_pairs: int) -> list[dict[str, Any]]:
+    return spawn(bench_rank, (base, cases, pairs, warmup_pairs), nprocs=int(base["world_size"]))
 
 
 def run_bench(base: dict[str, Any], cases: list[Case] | None = None, *, pairs: int = 10,
@@ -300,10 +325,19 @@ def machine() -> dict[str, Any]:
                     break
     except OSError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "os": platform.platform(),
+    return {"cpu": cpu, "cores": os.cpu_count(), "cores_usable": usable_cores(),
+            "os": platform.platform(),
             "python": platform.python_version(), "torch": torch.__version__,
             "host": platform.node(),
             "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its affinity where the system says): ranks beyond
+    them share cores."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 # ---------------------------------------------------------------- the table
@@ -374,25 +408,19 @@ def markdown(rows: list[Row], info: dict[str, Any], base: dict[str, Any], cases:
                      f"moved {extra['explicit']:,} B (explicit) and {extra['torch']:,} B (torch) "
                      f"per step per device; J agreed between the engines: {r.losses_agree}.")
     return "\n".join([
-        "# Benchmarks: the explicit engine against PyTorch's own",
+        f"## {ENGINES_TITLE}",
         "",
-        f"`{command}` — {info['date']}",
-        "",
-        f"Machine: {info['cpu']}, {info['cores']} cores, {info['os']}; Python {info['python']}, "
-        f"torch {info['torch']}. Load average before / after: "
-        f"{', '.join(f'{x:.1f}' for x in info['load_before'])} / "
-        f"{', '.join(f'{x:.1f}' for x in info['load_after'])} "
-        "(other work shared the cores: absolute times are noisy, the ratios of alternated runs "
-        "less so).",
+        *header_lines(info, command, note="(other work shared the cores: absolute times are "
+                                           "noisy, the ratios of alternated runs less so)."),
         "",
         f"Settings: {settings_line(base, cases)}. {info['pairs']} timed pairs (A B A B …) after "
         f"{info['warmup_pairs']} warm-up pair(s); {threads_text(base)}.",
         "",
-        f"## {TABLE_TITLE}",
+        f"### {TABLE_TITLE}",
         "",
         table(rows),
         "",
-        f"## {CPU_TITLE}",
+        f"### {CPU_TITLE}",
         "",
         "CPU time of the same timing runs (both ranks' processes, all their threads; time spent "
         "waiting does not count), which shows each engine's own work even on a busy machine:",
@@ -414,5 +442,62 @@ def markdown(rows: list[Row], info: dict[str, Any], base: dict[str, Any], cases:
     ])
 
 
-def write_markdown(path: str, text: str) -> None:
-    atomic_write(path, lambda fh: fh.write(text.encode()))
+def header_lines(info: dict[str, Any], command: str, *, note: str) -> list[str]:
+    """A section's command and date, then the machine and its load, and `note`: what the
+    load means for the section's numbers."""
+    return [
+        f"`{command}` — {info['date']}",
+        "",
+        f"Machine: {info['cpu']}, {info['cores']} cores, {info['os']}; Python {info['python']}, "
+        f"torch {info['torch']}. Load average before / after: "
+        f"{', '.join(f'{x:.1f}' for x in info['load_before'])} / "
+        f"{', '.join(f'{x:.1f}' for x in info['load_after'])} {note}",
+    ]
+
+
+# ---------------------------------------------------------------- docs/benchmarks.md
+
+DOC_HEAD = ("# Benchmarks\n\nEach section below is written by `python -m experiments.bench "
+            "--suite <name> --write` (`engines`, `timeline`, or `all` for both), which rewrites "
+            "its own section and keeps the others; each says its command, date, machine and "
+            "load.")
+ENGINES_TITLE = "The explicit engine against PyTorch's own"
+SECTIONS = ("engines", "timeline")  # the file's sections, in this order; each suite writes one
+
+
+def _marks(name: str) -> tuple[str, str]:
+    return f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
+
+
+def replace_section(doc: str, name: str, text: str) -> str:
+    """`doc` with section `name` (between its two comment marks) replaced by `text`; a
+    section the file lacks goes after those that come before it in SECTIONS (so that a
+    rewritten suite keeps every other suite's section as it was)."""
+    if name not in SECTIONS:
+        raise ValueError(f"unknown benchmark section {name!r}: one of {', '.join(SECTIONS)}")
+    begin, end = _marks(name)
+    block = f"{begin}\n{text.strip()}\n{end}"
+    if not doc.strip():
+        return f"{DOC_HEAD}\n\n{block}\n"
+    i, j = doc.find(begin), doc.find(end)
+    if i >= 0 and j > i:
+        return doc[:i] + block + doc[j + len(end):]
+    if i >= 0 or j >= 0:
+        raise ValueError(f"section {name!r} has only one of its marks {begin} {end}")
+    # Before the first later section present, else at the end.
+    later = [doc.find(_marks(n)[0]) for n in SECTIONS[SECTIONS.index(name) + 1:]]
+    at = min((k for k in later if k >= 0), default=-1)
+    if at < 0:
+        return doc.rstrip("\n") + "\n\n" + block + "\n"
+    return doc[:at] + block + "\n\n" + doc[at:]
+
+
+def write_markdown(path: str, text: str, *, section: str = "engines") -> None:
+    """Rewrite one section of the Markdown file at `path` (created if missing), atomically."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            doc = fh.read()
+    except FileNotFoundError:
+        doc = ""
+    out = replace_section(doc, section, text)
+    atomic_write(path, lambda fh: fh.write(out.encode()))
