@@ -53,7 +53,6 @@ from partition.bench import (
     spread,
     threads_text,
     timed_run,
-    usable_cores,
     with_overrides,
 )
 from partition.config import ConfigError, RunConfig, TraceConfig, parse_config
