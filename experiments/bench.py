@@ -156,6 +156,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.runs < MIN_RUNS:
         fail(f"--runs={args.runs}: must be >= {MIN_RUNS} (the targets are on the median over "
              f"at least {MIN_RUNS} runs)")
+    if args.suite != "engines" and args.steps - args.warmup_steps < 2:
+        fail(f"--steps={args.steps} with --warmup-steps={args.warmup_steps}: the timeline suite "
+             "needs at least two steady steps (the trace's cost compares a traced one with an "
+             "untraced one)")
     command = ("python -m experiments.bench " + shlex.join(argv)).strip()
     suites = ("engines", "timeline") if args.suite == "all" else (args.suite,)
     sections = {}

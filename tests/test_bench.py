@@ -93,6 +93,12 @@ def test_options_say_their_limits_and_nothing_is_written_by_default(capsys):
     assert e.value.code == 2
     assert capsys.readouterr().err == ("error: --runs=2: must be >= 3 (the targets are on the "
                                        "median over at least 3 runs)\n")
+    with pytest.raises(SystemExit) as e:
+        main(["--suite", "all", "--steps", "3", "--warmup-steps", "2"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == (
+        "error: --steps=3 with --warmup-steps=2: the timeline suite needs at least two steady "
+        "steps (the trace's cost compares a traced one with an untraced one)\n")
 
 
 def test_markdown_tables_have_titles():
