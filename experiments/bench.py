@@ -139,6 +139,7 @@ def timeline(args: argparse.Namespace, command: str) -> str:
                         (tl.TRACE_TITLE, tl.trace_table(bench.trace)),
                         (tl.PREDICT_TITLE, tl.predict_table(bench.predict))):
         print(f"\n{title}\n\n{text}", flush=True)
+    print(f"\n{tl.summary(bench)}", flush=True)
     return tl.markdown(bench, info, base, cases, command)
 
 

@@ -592,6 +592,23 @@ def predict_table(rows: list[PredictRow]) -> str:
     return "\n".join(lines)
 
 
+def summary(bench: TimelineBench) -> str:
+    """How many rows meet their target, table by table."""
+    sim = [r for r in bench.sim if not r.skip]
+    ranks = [(r, k) for r in sim for k in range(r.ranks)]
+    trace = [r for r in bench.trace if not r.skip]
+    step_ok = sum(within(r.step_error, STEP_TARGET) for r in sim)
+    idle_ok = sum(within(r.idle_error(k), IDLE_TARGET) for r, k in ranks)
+    trace_ok = sum(statistics.median(r.alternate) < TRACE_TARGET for r in trace)
+    predict_ok = sum(r.ok for r in bench.predict)
+    skipped = len(bench.sim) - len(sim)
+    return (f"Targets met: step time within 15 % in {step_ok} of {len(sim)} cases; idle "
+            f"fraction within 0.05 in {idle_ok} of {len(ranks)} ranks; a traced step under "
+            f"2 % in {trace_ok} of {len(trace)} cases; experiments.predict in time in "
+            f"{predict_ok} of {len(bench.predict)} cases"
+            + (f" ({skipped} case{'s' if skipped > 1 else ''} skipped)." if skipped else "."))
+
+
 def markdown(bench: TimelineBench, info: dict[str, Any], base: dict[str, Any],
              cases: list[Case], command: str) -> str:
     cores = int(info.get("cores_usable") or info["cores"])
@@ -604,6 +621,7 @@ def markdown(bench: TimelineBench, info: dict[str, Any], base: dict[str, Any],
                  "hidden layer repeated, one layer per stage (the dims in their label)."
                  if deepened else "")
     calibrated = (base.get("cost") or {}).get("calibrate")
+    links = "measured at start-up too" if calibrated else "the config's"
     return "\n".join([
         f"## {TIMELINE_TITLE}",
         "",
@@ -614,13 +632,16 @@ def markdown(bench: TimelineBench, info: dict[str, Any], base: dict[str, Any],
         f"cost.calibrate={str(bool(calibrated)).lower()}; {threads_text(base)}.{deep_note}",
         "",
         *warn,
+        summary(bench),
+        "",
         f"### {STEP_TITLE}",
         "",
-        f"{info['runs']} runs per case, each as `experiments.run` trains (`train.run_rank`, the "
-        "memory probe and the ledger on) and made into its result.json: measured is "
+        f"{info['runs']} runs per case through the same `train.run_rank` as `experiments.run` "
+        "(the memory probe and the ledger on; the ranks started once for the suite), each made "
+        "into its result.json by `results.build_result`: measured is "
         "`train.step_time_s.median` (per step the slowest rank, the median after warm-up), "
         "simulated `predicted.step_time_s` (the simulator on that run's calibration: its "
-        "actions timed at start-up, α and β measured), each the median over the runs; the error "
+        f"actions timed at start-up, α and β {links}), each the median over the runs; the error "
         "is the medians' (what the target is held to), beside it the range of the runs' own "
         "errors.",
         "",

@@ -391,6 +391,35 @@ def test_timeline_markdown_has_its_sections_and_warns_when_ranks_share_cores():
     assert "B=1024" in text and "cost.calibrate=true" in text and "⚠" not in text
     assert "| data | 2 | 10.00 | 10.00 | **+0.0 %** | [+0.0 %, +0.0 %] | ✓ |" in text
     assert "DESIGN" not in text and "issue" not in text
+    assert ("Targets met: step time within 15 % in 1 of 1 cases; idle fraction within 0.05 in "
+            "2 of 2 ranks; a traced step under 2 % in 1 of 1 cases; experiments.predict in time "
+            "in 0 of 0 cases.") in text
+    assert "α and β measured at start-up too" in text
     crowded = markdown(bench, {**info, "cores_usable": 1}, base, cases, "c")
     assert ("⚠ P=2 ranks on 1 cores: ranks share cores, so measured times include waiting for "
             "a core that the simulator does not model; the targets hold for P ≤ cores.") in crowded
+
+
+def test_the_summary_counts_the_rows_that_meet_their_targets():
+    from partition.bench_timeline import (
+        PREDICT_CASES,
+        PredictRow,
+        SimRow,
+        TimelineBench,
+        TraceRow,
+        summary,
+    )
+
+    good = SimRow("data", 2, [_figs(0.01, 0.0105, [0.2, 0.3], [0.2, 0.5])] * 3)
+    bad = SimRow("tensor", 2, [_figs(0.01, 0.02, [0.2, 0.2], [0.2, 0.2])] * 3)
+    steps = {v: [0.01] for v in ("none", "off", "last", "all", "alternate")}
+    bench = TimelineBench(
+        [good, bad, SimRow("pipeline zbv", 2, skip="why")],
+        [TraceRow("data", steps, [0.01, 0.03, 0.0]), TraceRow("tensor", steps, [0.03]),
+         TraceRow("pipeline zbv", skip="why")],
+        [PredictRow(PREDICT_CASES[0], walls=[1.0, 1.0, 1.0]),
+         PredictRow(PREDICT_CASES[-1], failed="stopped after 120 s")])
+    assert summary(bench) == (
+        "Targets met: step time within 15 % in 1 of 2 cases; idle fraction within 0.05 in 3 of "
+        "4 ranks; a traced step under 2 % in 1 of 2 cases; experiments.predict in time in 1 of 2 "
+        "cases (1 case skipped).")
