@@ -41,7 +41,6 @@ from typing import Any
 from partition.bench import (
     Case,
     _not_implemented,
-    case_configs,
     fresh_comm,
     header_lines,
     machine,
@@ -79,6 +78,8 @@ TIMELINE_CASES = (
     Case("tensor", {"strategy.name": "tensor"}),
     Case("data", {"strategy.name": "data"}),
     Case("fsdp", {"strategy.name": "fsdp"}),
+    # pipeline stages over the mesh runtime (at P=4 a dp=2 × pp=2 mesh)
+    Case("hybrid pp=2", {"strategy.name": "hybrid", "strategy.pp": 2, "train.microbatches": 4}),
 )
 
 # The trace settings timed against each other, in the order each round runs them.
@@ -127,7 +128,7 @@ def timeline_configs(base: dict[str, Any],
     for c in cases:
         c = fit_net(base, c)
         try:
-            cfg = case_configs(base, c)["explicit"]
+            cfg = parse_config(with_overrides(base, {**c.overrides, "engine": "explicit"}))
         except ConfigError as e:
             out.append((c, None, str(e)))
             continue

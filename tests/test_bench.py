@@ -304,7 +304,8 @@ def test_nets_too_shallow_for_a_schedule_are_deepened_and_say_so():
     # Every named schedule is a case, and each strategy with more than one rank.
     assert [c.label for c in TIMELINE_CASES] == [
         "pipeline gpipe", "pipeline 1f1b", "pipeline interleaved_1f1b", "pipeline looped_bfs",
-        "pipeline zb1p", "pipeline zbv", "pipeline dualpipev", "tensor", "data", "fsdp"]
+        "pipeline zb1p", "pipeline zbv", "pipeline dualpipev", "tensor", "data", "fsdp",
+        "hybrid pp=2"]
     from partition.config import SCHEDULES, STRATEGIES
 
     assert {c.label.split()[1] for c in TIMELINE_CASES if c.label.startswith("pipeline")} == \
