@@ -366,7 +366,11 @@ def _dep_name(dep: tuple[int, str, int]) -> str:
 def sent_order(s: Schedule, rank: int) -> dict[int, list[Message]]:
     """Per peer, the messages it sends `rank` in one step, in the order it sends them."""
     out: dict[int, list[Message]] = {}
-    for q in range(s.world):
+    # only the ranks holding a stage next to one of rank's can send it anything (and a
+    # dry run asks this for each of up to 1024 ranks)
+    mine = s.rank_stages(rank)
+    near = {s.stage_rank[t] for st in mine for t in (st - 1, st + 1) if 0 <= t < s.stages}
+    for q in sorted(near):
         if q != rank:
             msgs = [m for m in transfers(s, q)[1] if s.stage_rank[m.to_stage] == rank]
             if msgs:
@@ -406,6 +410,7 @@ class ReceiveOrder:
 # ---------------------------------------------------------------- the runtime's send policy
 
 
+@lru_cache(maxsize=16)  # every rank's runner asks, and a dry run builds up to 1024 of them
 def eager_sends(s: Schedule) -> bool:
     """True when every send may be waited for right after the rank posts the receive of its
     next action (a sent buffer is then freed at once, as a blocking send would free it),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from functools import cache
 from typing import Protocol
 
 
@@ -72,23 +71,29 @@ def compositions(n: int, parts: int) -> list[tuple[int, ...]]:
 
 
 def _min_max_split(sizes: tuple[float, ...], parts: int) -> list[int]:
-    """Layers per part minimising the largest part's total (exact, by dynamic programming)."""
+    """Layers per part minimising the largest part's total (exact, by dynamic programming).
 
-    @cache
-    def best(i: int, k: int) -> tuple[int, tuple[int, ...]]:
-        # Split sizes[i:] into k non-empty parts: (largest part, counts).
-        n = len(sizes) - i
-        if k == 1:
-            return sum(sizes[i:]), (n,)
-        out: tuple[int, tuple[int, ...]] | None = None
-        head = 0
-        for c in range(1, n - k + 2):
-            head += sizes[i + c - 1]
-            rest, counts = best(i + c, k - 1)
-            cand = (max(head, rest), (c,) + counts)
-            if out is None or cand[0] < out[0]:
-                out = cand
-        assert out is not None
-        return out
-
-    return list(best(0, parts)[1])
+    Bottom up over the number of parts left (no recursion: a 1024-stage pipeline is 1024
+    levels deep); among equal optima the first part takes the fewest layers."""
+    n = len(sizes)
+    # k = 1: what is left goes in one part
+    best: list[float] = [sum(sizes[i:]) for i in range(n + 1)]
+    first: list[list[int]] = []  # first[j][i]: the first part's layers, sizes[i:] in parts-j parts
+    for k in range(2, parts + 1):
+        cur, take = [0.0] * (n + 1), [0] * (n + 1)
+        # the first parts - k parts took at least one layer each; k parts need k layers
+        for i in range(parts - k, n - k + 1):
+            head, out, c_best = 0, None, 0
+            for c in range(1, n - i - k + 2):
+                head += sizes[i + c - 1]
+                cand = max(head, best[i + c])
+                if out is None or cand < out:
+                    out, c_best = cand, c
+            cur[i], take[i] = out, c_best
+        best = cur
+        first.append(take)
+    counts, i = [], 0
+    for take in reversed(first):
+        counts.append(take[i])
+        i += take[i]
+    return counts + [n - i]
