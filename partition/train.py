@@ -187,6 +187,11 @@ def _run_rank(cfg: RunConfig, topo: Topology, comm: Comm | None, ledger: Ledger,
     probe = MemoryProbe(topo.device, rank=topo.rank, limit=cfg.memory_limit,
                         enabled=cfg.memory_probe, expected=_expected_peaks(cfg, topo))
     mems: list[Measurement | None] = []
+    if (cfg.trace.profiler or hasattr(runner, "profiled_spans")) and tracer.steps != set():
+        # torch.profiler's first start in a process takes seconds (Kineto's set-up): pay it
+        # here, not between two steps, where the other ranks would wait through it.
+        with torch_profiler(topo):
+            pass
     for step in range(t.steps):
         if on_step is not None:
             on_step(step)
