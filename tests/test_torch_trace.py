@@ -12,7 +12,8 @@ from conftest import make_config
 
 from partition.engines.profiled import CLOCK, MARK, SeenComm, profiler_clock, step_spans
 from partition.launch import run
-from partition.plans.schedule import named_schedule
+from partition.plans.schedule import Action
+from partition.strategies.pipeline import pipeline_schedule
 
 M = 3
 ROUND = 5e-10  # trace.json rounds times to 1e-3 µs
@@ -111,7 +112,7 @@ def _run(folder: str, **over):  # noqa: ANN003, ANN202
     assert res["status"] == "ok", res["error"]
     with open(os.path.join(folder, "trace.json")) as f:
         trace = json.load(f)
-    return res, trace
+    return cfg, res, trace
 
 
 def _traced(trace: dict, res: dict, rank: int) -> list[dict]:
@@ -162,57 +163,79 @@ def _check_comm(trace: dict, res: dict, rank: int, roles: set[str]) -> None:
         assert sum(recv) == r["comm"]["recv_bytes"]
 
 
-@pytest.fixture(scope="module", params=["gpipe", "1f1b"])
+# dualpipev: torch's runtime, whose OVERLAP_F_B ranges each hold two of our actions
+PIPELINES = {"gpipe": {}, "1f1b": {},
+             "dualpipev": {"model.dims": [32, 24, 24, 24, 6], "train.microbatches": 4}}
+
+
+@pytest.fixture(scope="module", params=list(PIPELINES))
 def pipeline_run(request, tmp_path_factory):
-    folder = str(tmp_path_factory.mktemp(f"torch-{request.param}"))
+    schedule = request.param
+    folder = str(tmp_path_factory.mktemp(f"torch-{schedule}"))
+    over = {"strategy.schedule": schedule, "train.microbatches": M, **PIPELINES[schedule]}
     # trace.profiler: the one profiler of the traced step is also exported as torch's trace
-    res, trace = _run(folder, strategy="pipeline", trace={"profiler": True},
-                      **{"strategy.schedule": request.param, "train.microbatches": M})
-    return request.param, res, trace, folder
+    cfg, res, trace = _run(folder, strategy="pipeline", trace={"profiler": True}, **over)
+    return schedule, pipeline_schedule(cfg), res, trace, folder  # the explicit engine's plan
+
+
+def _torch_range_fits(schedule: str, a: Action, got: str | None) -> bool:
+    """torch's own range around action `a`: GPipe's `Forward i` / `Backward i`; none in 1F1B;
+    the runtime's `PP:<action>`, or the OVERLAP_F_B pair holding it."""
+    if schedule == "gpipe":
+        return got == {"F": "Forward", "B": "Backward"}[a.kind] + f" {a.mb}"
+    if schedule == "1f1b":
+        return got is None
+    return got == f"PP:{a}" or (got is not None and got.endswith("OVERLAP_F_B") and str(a) in got)
 
 
 def test_every_action_once_as_the_explicit_engine_names_it(pipeline_run):
-    schedule, res, trace, folder = pipeline_run
-    plan = named_schedule(schedule, world=2, micro=M)  # what the explicit engine runs
+    schedule, plan, res, trace, folder = pipeline_run
     assert res["ranks"][0]["timing"]["traced_step"] == 2  # the last quiet steady step
+    last = plan.stages - 1
+    micro = res["config"]["train"]["microbatches"]
     for r in range(2):
         compute = _check_spans(trace, res, r)
         actions = [e for e in compute if e["args"]["kind"] in "FBIW"]
         assert [e["name"] for e in actions] == [str(a) for a in plan.ranks[r]]
         assert [(e["args"]["stage"], e["args"]["kind"], e["args"]["mb"]) for e in actions] == [
             (a.stage, a.kind, a.mb) for a in plan.ranks[r]]
-        # torch's own range around each: GPipe's "Forward i" / "Backward i"; 1F1B has none
-        want = [{"F": "Forward", "B": "Backward"}[a.kind] + f" {a.mb}" if schedule == "gpipe"
-                else None for a in plan.ranks[r]]
-        assert [e["args"]["torch_range"] for e in actions] == want
+        assert all(_torch_range_fits(schedule, a, e["args"]["torch_range"])
+                   for a, e in zip(plan.ranks[r], actions))
         # the last stage's loss right after each of its forwards; one update at the end
+        holds_last = plan.stage_rank[last] == r
         others = [e["name"] for e in compute if e["args"]["kind"] not in "FBIW"]
-        expect = [f"loss{m}" for m in range(M)] if r == 1 else []
-        assert others == expect + ["update"]
-        if r == 1:
-            names = [e["name"] for e in compute]
-            assert all(names[names.index(f"1F{m}") + 1] == f"loss{m}" for m in range(M))
+        assert others == [f"loss{m}" for m in range(micro) if holds_last] + ["update"]
+        names = [e["name"] for e in compute]
+        assert all(names[names.index(f"{last}F{m}") + 1] == f"loss{m}"
+                   for m in range(micro) if holds_last)
         _check_comm(trace, res, r, {"activation", "activation_grad"})
+    if schedule == "dualpipev":  # each action of a pair got its own span
+        ranges = [e["args"].get("torch_range") for e in _traced(trace, res, 0) if e["tid"] == 0]
+        assert any(x and x.endswith("OVERLAP_F_B") for x in ranges)
     clock = trace["otherData"]["clock"]["per_rank"]
     assert all(0 <= clock[str(r)]["profiler"]["uncertainty_s"] < 1e-3 for r in range(2))
     assert os.path.getsize(os.path.join(folder, "timeline.png")) > 10_000
 
 
 def test_torch_profiler_trace_holds_both_engines_ranges(pipeline_run):
-    schedule, res, trace, folder = pipeline_run
-    plan = named_schedule(schedule, world=2, micro=M)
+    schedule, plan, res, trace, folder = pipeline_run
+    micro = res["config"]["train"]["microbatches"]
     for r in range(2):
         with open(os.path.join(folder, f"profiler_rank{r}.json")) as f:
             names = {e.get("name") for e in json.load(f)["traceEvents"]}
         assert {MARK + str(a) for a in plan.ranks[r]} <= names
-        torch_own = {n for n in names if n and (n.startswith(("Forward ", "Backward ", "PP:")))}
-        assert torch_own == ({f"{k} {m}" for k in ("Forward", "Backward") for m in range(M)}
-                             if schedule == "gpipe" else set())
+        torch_own = {n for n in names if n and n.startswith(("Forward ", "Backward ", "PP:"))}
+        if schedule == "gpipe":
+            assert torch_own == {f"{k} {m}" for k in ("Forward", "Backward") for m in range(micro)}
+        elif schedule == "1f1b":
+            assert torch_own == set()
+        else:
+            assert {f"PP:{a}" for a in plan.ranks[r]} & torch_own
 
 
 @pytest.mark.parametrize("strategy", ["fsdp"])
 def test_sharded_torch_engine_has_forward_backward_update(tmp_path, strategy):
-    res, trace = _run(str(tmp_path), strategy=strategy)
+    _, res, trace = _run(str(tmp_path), strategy=strategy)
     for r in range(2):
         compute = _check_spans(trace, res, r)
         # one forward and one backward, cut where the collectives inside them ran
