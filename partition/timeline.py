@@ -34,7 +34,7 @@ def _last_traced(spans: list[dict[str, Any]]) -> int | None:
 
 def measured(records: list[Any]) -> list[dict[str, Any]] | None:
     """Per rank (rank order) the traced step's step time, compute and idle fraction."""
-    # Only the explicit engine's runners record compute spans (torch's engines: none yet).
+    # Every rank needs compute spans (the torch engines' come from the profiler, engines/profiled.py).
     if not records or not all(any(s["name"] != "step" and s["tid"] == "compute" for s in r.spans)
                               for r in records):
         return None
