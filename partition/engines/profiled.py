@@ -211,11 +211,11 @@ def _waits(events: Sequence[Any], mine: list[Any], calls: list[Any], infos: list
     # the thread is busy at x when an op of its own (not a comm call) runs then, innermost
     leaves = [e for e in mine if not e.cpu_children and not _is_comm(e)]
     ends = [e.time_range.end for e in mine]
-    posted = [False] * len(calls)
+    poster = _posters(done, calls, infos)
     out: list[Span] = []
     for g in done:
         gs, ge = g.time_range.start, g.time_range.end
-        k = _poster(g, calls, infos, posted)
+        k = poster.get(id(g))
         info = infos[k] if k is not None else None
         if any(e.time_range.start < ge < e.time_range.end for e in leaves):
             continue  # the thread was computing when it completed: nobody waited
@@ -229,18 +229,19 @@ def _waits(events: Sequence[Any], mine: list[Any], calls: list[Any], infos: list
     return out
 
 
-def _poster(g: Any, calls: list[Any], infos: list[SeenComm | None],
-            posted: list[bool]) -> int | None:
-    """The call that posted gloo op `g`: the latest one not yet paired, of its kind, that
-    started before it (p2p match by op; gloo runs reduce-scatter as an all-reduce)."""
-    kind = _kind(g.name.split(":", 1)[1])
-    for k in range(len(calls) - 1, -1, -1):
-        c = calls[k]
-        op = infos[k].op if infos[k] else op_of(c.name)
-        if not posted[k] and _kind(op) == kind and c.time_range.start <= g.time_range.start:
-            posted[k] = True
-            return k
-    return None
+def _posters(done: list[Any], calls: list[Any], infos: list[SeenComm | None]) -> dict[int, int]:
+    """Which call posted each gloo op: a process group runs its ops of one kind in the order
+    they were posted, so the k-th op of a kind to start is the k-th call of that kind (gloo
+    runs a reduce-scatter as an all-reduce, so collectives are one kind)."""
+    by_kind: dict[str, list[int]] = {}
+    for k, c in enumerate(calls):
+        by_kind.setdefault(_kind(infos[k].op if infos[k] else op_of(c.name)), []).append(k)
+    out: dict[int, int] = {}
+    for kind, ks in by_kind.items():
+        ops = sorted((g for g in done if _kind(g.name.split(":", 1)[1]) == kind),
+                     key=lambda g: g.time_range.start)
+        out.update({id(g): k for g, k in zip(ops, ks)})
+    return out
 
 
 def _compute(mine: list[Any], marks: list[tuple[str, dict[str, Any]]], t: Callable[[float], float],
