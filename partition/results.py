@@ -192,13 +192,16 @@ def build_result(cfg: RunConfig, records: list[Any], *, seconds: float,
     # Idle fraction per rank = 1 − compute inside the step / step time, from the traced
     # step's spans; MFU = the rank's FLOP/s in its compute ÷ its calibrated matmul rate.
     meas = measured(records)
-    for x, m, pr, r in zip(ranks, meas or [], predicted.get("ranks") or [], records):
+    # Without a prediction (one the cost model cannot make) the measured keys stay; MFU goes.
+    preds = predicted.get("ranks") or [{}] * len(ranks)
+    for x, m, pr, r in zip(ranks, meas or [], preds, records):
         peak = (r.action_times or {}).get("peak_flops_per_s")
+        flops = pr.get("flops")
         x["timing"].update(idle_fraction=m["idle_fraction"], traced_step=m["step"],
                            traced_step_s=m["step_s"],
                            traced_compute_s=m["compute_s"], traced_wait_s=m["wait_s"],
-                           mfu=pr["flops"] / m["compute_s"] / peak
-                           if peak and m["compute_s"] > 0 else None)
+                           mfu=flops / m["compute_s"] / peak
+                           if flops and peak and m["compute_s"] > 0 else None)
     measured_bubble = statistics.mean(m["idle_fraction"] for m in meas) if meas else None
     step_med = statistics.median(steady(step_times)) if step_times else None
     errs = [r.grad_rel_err for r in records if r.grad_rel_err is not None]

@@ -44,7 +44,7 @@ def measured(records: list[Any]) -> list[dict[str, Any]] | None:
 
 def measured_spans(per_rank: PerRank) -> list[dict[str, Any]] | None:
     """`measured` from (rank, spans) pairs: the records' own, or a trace.json's (read_trace)."""
-    # Only the explicit engine's runners record compute spans (torch's engines: none yet).
+    # Every rank needs compute spans (the torch engines' come from the profiler, engines/profiled.py).
     if not per_rank or not all(any(s["name"] != "step" and s["tid"] == "compute" for s in spans)
                                for _, spans in per_rank):
         return None

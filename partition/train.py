@@ -151,11 +151,12 @@ def run_rank(cfg: RunConfig, topo: Topology, comm: Comm | None, ledger: Ledger, 
     computes with `threads_per_rank` intra-op threads (1 on CPU by default), `single` too.
     """
     with rank_threads(cfg.threads_per_rank, topo.device):
-        return _run_rank(cfg, topo, comm, ledger, data=data, on_step=on_step)
+        return _run_rank(cfg, topo, comm, ledger, data=data, on_step=on_step, run_dir=run_dir)
 
 
 def _run_rank(cfg: RunConfig, topo: Topology, comm: Comm | None, ledger: Ledger, *,
-              data: Dataset | None, on_step: Callable[[int], None] | None) -> RankRecord:
+              data: Dataset | None, on_step: Callable[[int], None] | None,
+              run_dir: str | None) -> RankRecord:
     spec = cfg.spec
     data = data if data is not None else load_dataset(cfg.data, spec, seed=cfg.seed)
     full = initial_weights(spec, init=cfg.model.init, init_path=cfg.model.init_path, seed=cfg.seed)
@@ -174,6 +175,7 @@ def _run_rank(cfg: RunConfig, topo: Topology, comm: Comm | None, ledger: Ledger,
     # The simulator's durations: each of this rank's actions timed at the run's shapes.
     rec.action_times = action_times(cfg, runner) if cfg.engine == "explicit" else None
     from partition.calibrate import clock_offset
+    from partition.engines.profiled import clock_reads
 
     local = int(os.environ.get("LOCAL_WORLD_SIZE", topo.world_size))
     rec.clock = clock_offset(comm, same_host=local == topo.world_size)
@@ -185,6 +187,11 @@ def _run_rank(cfg: RunConfig, topo: Topology, comm: Comm | None, ledger: Ledger,
     probe = MemoryProbe(topo.device, rank=topo.rank, limit=cfg.memory_limit,
                         enabled=cfg.memory_probe, expected=_expected_peaks(cfg, topo))
     mems: list[Measurement | None] = []
+    if (cfg.trace.profiler or hasattr(runner, "profiled_spans")) and tracer.steps != set():
+        # torch.profiler's first start in a process takes seconds (Kineto's set-up): pay it
+        # here, not between two steps, where the other ranks would wait through it.
+        with torch_profiler(topo):
+            pass
     for step in range(t.steps):
         if on_step is not None:
             on_step(step)
@@ -193,18 +200,29 @@ def _run_rank(cfg: RunConfig, topo: Topology, comm: Comm | None, ledger: Ledger,
         if topo.device.type == "cuda":
             torch.cuda.synchronize(topo.device)
         tracer.begin(step)
-        profiling = cfg.trace.profiler and run_dir is not None and tracer.on
-        prof = torch_profiler(topo) if profiling else contextlib.nullcontext()
-        t0 = time.perf_counter()
-        with prof, probe.measure(runner, TRAINING, record=step in recorded) as mem:
-            out = runner.step(step, want_grads=check and step == 0)
-        if topo.device.type == "cuda":
-            torch.cuda.synchronize(topo.device)
-        t1 = time.perf_counter()
+        exporting = cfg.trace.profiler and run_dir is not None and tracer.on
+        # engine=torch: the traced step's spans come from torch.profiler (engines/profiled.py).
+        from_profiler = tracer.on and hasattr(runner, "profiled_spans")
+        profiling = exporting or from_profiler
+        # The profiler starts before the step's clock and stops after it: its own start-up
+        # is no part of the step time.
+        with torch_profiler(topo) if profiling else contextlib.nullcontext() as prof:
+            reads = clock_reads() if from_profiler else []
+            t0 = time.perf_counter()
+            with probe.measure(runner, TRAINING, record=step in recorded) as mem:
+                out = runner.step(step, want_grads=check and step == 0)
+            if topo.device.type == "cuda":
+                torch.cuda.synchronize(topo.device)
+            t1 = time.perf_counter()
+        if from_profiler:
+            spans, clock = runner.profiled_spans(prof.events(), reads)
+            for name, tid, a, b, args in spans:
+                tracer.add(name, tid, a, b, **args)
+            rec.clock = {**(rec.clock or {}), "profiler": clock}
         tracer.add("step", "compute", t0, t1)
         step_compute = tracer.compute_s
         tracer.step = None
-        if profiling:
+        if exporting:
             prof.export_chrome_trace(os.path.join(run_dir, f"profiler_rank{topo.rank}.json"))
         dt = t1 - t0
         ledger.step = None

@@ -22,6 +22,7 @@ from partition.comm import Comm
 from partition.config import RunConfig
 from partition.data import Dataset
 from partition.engines.observe import SeenOp, StepObserver, to_records
+from partition.engines.profiled import Marks, SeenComm, Span, profiler_clock, step_spans
 from partition.model import Grads, Layer, MLPSpec, weight_names
 from partition.strategies.base import StepOut, reduce_metric, state_bytes
 from partition.topology import Topology
@@ -111,6 +112,11 @@ class TorchRunner:
         self.linears: list[nn.Linear] = []
         self.opt: torch.optim.SGD | None = None
         self.in_flight = 0
+        self.tracer = None  # a trace.Tracer, set by the train loop
+        # The ranges around this rank's compute on a traced step (profiled.py): the traced
+        # step runs under torch.profiler (train.py) and `profiled_spans` reads them back.
+        self.marks = Marks()
+        self._seen: list[SeenComm] = []
 
     # ------------------------------------------------------------ per engine
 
@@ -146,16 +152,22 @@ class TorchRunner:
         sq = self._sq_share()  # s is J's at the weights the step starts from
         obs = self.observer
         obs.reset()
+        self.marks.reset(on=self.tracer is not None and self.tracer.on)
         t0 = time.perf_counter()
         with obs if self.observe else contextlib.nullcontext():
             self.opt.zero_grad(set_to_none=True)
             loss_part, correct_part = self._train(X, y)
             grads = self._grads_now() if want_grads else None
             obs.phase = "update"
-            self.opt.step()
+            with self.marks("update", kind="update"):
+                self.opt.step()
         wall = time.perf_counter() - t0
         records = to_records(obs.seen, step=self.comm.ledger.step, world_size=self.topo.world_size,
                              role_of=self.role_of)
+        if self.marks.on:  # the roles just given (role_of may count what it has seen)
+            ops = [s for s in obs.seen if s.op != "wait"]  # to_records' one record per op
+            self._seen = [SeenComm(s.name, s.op, r.role, s.bytes, s.peer)
+                          for s, r in zip(ops, records, strict=True)]
         for r in records:
             self.comm.ledger.add(r)
         # J = L + s from the parts each rank holds, reduced under `metric` as explicit does.
@@ -172,6 +184,18 @@ class TorchRunner:
             compute_s=min(obs.compute_s, max(0.0, wall - comm_s)) if self.observe else wall,
             extra={"engine": "torch"},
         )
+
+    # ------------------------------------------------------------ the traced step's spans
+
+    def profiled_spans(self, events: list, reads: list[tuple[float, float]]) -> tuple[list[Span], dict]:
+        """The traced step's spans from torch.profiler's events (profiled.py), and the clock
+        calibration that put them on perf_counter's."""
+        clock = profiler_clock(events, reads)
+        step = self.tracer.step
+        recorded = [(s["t0"], s["t1"]) for s in self.tracer.spans
+                    if s["step"] == step and s["tid"] == "comm"]
+        return step_spans(events, clock=clock, marks=self.marks.opened, seen=self._seen,
+                          recorded=recorded), clock
 
     # ------------------------------------------------------------ for memory.py
 

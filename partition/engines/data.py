@@ -49,10 +49,12 @@ class TorchDataRunner(TorchRunner):
     def _train(self, X: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
         xs, ys = self._mine(X), self._mine(y)
         self.observer.phase = "forward"
-        o = self.model(xs)
-        total = loss_sum(self.spec, o, ys)
+        with self.marks("F", kind="F"):  # the forward with the loss, as one span
+            o = self.model(xs)
+            total = loss_sum(self.spec, o, ys)
         self.observer.phase = "backward"
-        (total * (self.topo.world_size / self.B)).backward()
+        with self.marks("B", kind="B"):  # DDP's bucket all-reduces run (and are waited) inside
+            (total * (self.topo.world_size / self.B)).backward()
         return float(total.detach()), hits(self.spec, o, ys)
 
     def _sq_share(self) -> float:

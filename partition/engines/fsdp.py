@@ -63,10 +63,12 @@ class TorchFsdpRunner(TorchRunner):
     def _train(self, X: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
         xs, ys = self._mine(X), self._mine(y)
         self.observer.phase = "forward"
-        o = self.model(xs)
-        total = loss_sum(self.spec, o, ys)
+        with self.marks("F", kind="F"):  # with each layer's all-gather, and the loss
+            o = self.model(xs)
+            total = loss_sum(self.spec, o, ys)
         self.observer.phase = "backward"
-        (total * (self.topo.world_size / self.B)).backward()
+        with self.marks("B", kind="B"):  # with the all-gathers and reduce-scatters
+            (total * (self.topo.world_size / self.B)).backward()
         return float(total.detach()), hits(self.spec, o, ys)
 
     def role_of(self, s: SeenOp) -> tuple[str, str]:

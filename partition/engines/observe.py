@@ -71,6 +71,11 @@ _OPS: dict[str, tuple[str, int | None]] = {
 _NAMESPACES = ("c10d", "_c10d_functional", "_c10d_functional_autograd")
 
 
+def op_of(name: str) -> str:
+    """The normalised op of a dispatcher name ("c10d::recv_" -> "recv"); "other" if unknown."""
+    return _OPS.get(name, ("other", None))[0]
+
+
 @dataclass(frozen=True)
 class SeenOp:
     """One c10d op this rank dispatched during a step."""

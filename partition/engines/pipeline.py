@@ -117,6 +117,7 @@ class TorchPipelineRunner(TorchRunner):
                 output_args=torch.empty(self.shapes[s][1], dtype=self.dtype, device=dev,
                                         requires_grad=True))
             module.register_forward_hook(self._count_in_flight)
+            self._mark_compute(stage)
             self.modules.append(module)
             self.stages.append(stage)
             self.linears += lins
@@ -140,6 +141,7 @@ class TorchPipelineRunner(TorchRunner):
                                 if a.computation_type.value in _COMM_ROLE]
         self._p2p_seen = 0
         self._loss_sum, self._correct = 0.0, 0
+        self._forward_mb = -1  # the last stage's latest forward: the micro-batch of its loss
         self._eval: tuple[PipelineStage, ScheduleGPipe] | None = None
 
     def _check_same_plan(self, plan_sched) -> None:  # noqa: ANN001 - plans.schedule.Schedule
@@ -155,6 +157,36 @@ class TorchPipelineRunner(TorchRunner):
                 raise ValueError(f"torch's {self.cfg.strategy.schedule} order on rank {r} is not "
                                  f"the plan's: {' '.join(map(str, theirs))}")
 
+    def _mark_compute(self, stage: PipelineStage) -> None:
+        """Open a profiler range around each compute call torch's schedule makes on `stage`,
+        named as the explicit engine names the action (profiled.py says why torch's own
+        ranges do not serve). Off — a plain call — on untraced steps."""
+        s = stage.stage_index
+        forward, backward = stage.forward_one_chunk, stage.backward_one_chunk
+        weight = stage.backward_weight_one_chunk
+
+        def mark(kind: str, mb: int):  # noqa: ANN202 - Marks' context manager
+            return self.marks(str(Action(s, kind, mb)), stage=s, kind=kind, mb=mb)
+
+        def forward_one_chunk(fwd_chunk_id: int, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            self._forward_mb = fwd_chunk_id
+            with mark("F", fwd_chunk_id):
+                return forward(fwd_chunk_id, *args, **kwargs)
+
+        def backward_one_chunk(bwd_chunk_id: int, loss=None, full_backward: bool = True,  # noqa: ANN001, ANN202
+                               last_backward: bool = False):
+            with mark("B" if full_backward else "I", bwd_chunk_id):
+                return backward(bwd_chunk_id, loss=loss, full_backward=full_backward,
+                                last_backward=last_backward)
+
+        def backward_weight_one_chunk(bwd_chunk_id: int, last_backward: bool = False):  # noqa: ANN202
+            with mark("W", bwd_chunk_id):
+                return weight(bwd_chunk_id, last_backward=last_backward)
+
+        stage.forward_one_chunk = forward_one_chunk
+        stage.backward_one_chunk = backward_one_chunk
+        stage.backward_weight_one_chunk = backward_weight_one_chunk
+
     def _count_in_flight(self, module, args, output) -> None:  # noqa: ANN001
         # Each stage caches this chunk right after the forward (fwd_cache) and keeps what a
         # deferred W needs (backward_state) until it runs: what is cached now is alive.
@@ -162,11 +194,14 @@ class TorchPipelineRunner(TorchRunner):
         self.in_flight = max(self.in_flight, held + 1)
 
     def _loss(self, o: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """One micro-batch's share of the full-batch mean; also counts its loss sum and hits."""
-        total = loss_sum(self.spec, o, y)
-        self._loss_sum += float(total.detach())
-        self._correct += hits(self.spec, o, y)
-        return total / self.B
+        """One micro-batch's share of the full-batch mean; also counts its loss sum and hits.
+        torch calls it right after the last stage's forward of that micro-batch."""
+        mb, last = self._forward_mb, len(self.plan) - 1
+        with self.marks(f"loss{mb}", stage=last, kind="loss", mb=mb):
+            total = loss_sum(self.spec, o, y)
+            self._loss_sum += float(total.detach())
+            self._correct += hits(self.spec, o, y)
+            return total / self.B
 
     def _train(self, X: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
         self._loss_sum, self._correct, self.in_flight = 0.0, 0, 0

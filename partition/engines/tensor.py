@@ -99,10 +99,12 @@ class TorchTensorRunner(TorchRunner):
 
     def _train(self, X: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
         self.observer.phase = "forward"
-        o = self.model(X)  # replicated on every rank
-        total = loss_sum(self.spec, o, y)
+        with self.marks("F", kind="F"):  # with the partial outputs' all-reduce, and the loss
+            o = self.model(X)  # replicated on every rank
+            total = loss_sum(self.spec, o, y)
         self.observer.phase = "backward"
-        (total / self.B).backward()
+        with self.marks("B", kind="B"):
+            (total / self.B).backward()
         correct = hits(self.spec, o, y)
         # Every rank computed the same loss; rank 0 alone reports it.
         return (float(total.detach()), correct) if self.topo.rank == 0 else (0.0, 0)
