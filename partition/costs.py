@@ -313,10 +313,14 @@ def messages(cfg: RunConfig, rank: int) -> list[CommRecord]:
 def rank_flops(cfg: RunConfig, rank: int) -> dict[str, int]:
     """Matrix-product FLOPs of one step, 2·m·n·k each: the forward z = W x, the input
     gradient (I) dJ/dx = Wᵀ dJ/dz for every layer but the net's first, the weight
-    gradient (W) dJ/dW = dJ/dz xᵀ. Elementwise work (φ, the loss, SGD) is left out."""
+    gradient (W) dJ/dW = dJ/dz xᵀ. Elementwise work (φ, the loss, SGD) is left out.
+    fsdp multiplies by every layer whole (as its gathers make them) at its rows."""
     rows = _batch_rows(cfg, rank)
     f = i = w = 0
-    for l in stage_layers(cfg, rank):
+    n = cfg.model.dims
+    layers = ([LocalLayer(l, n[l], n[l + 1], cfg.model.bias) for l in range(len(n) - 1)]
+              if cfg.strategy.name == "fsdp" else stage_layers(cfg, rank))
+    for l in layers:
         one = 2 * rows * l.n_in * l.n_out
         f, w = f + one, w + one
         i += one if l.index > 0 else 0
@@ -430,7 +434,7 @@ def _batch_rows(cfg: RunConfig, rank: int) -> int:
         from partition.plans.mesh import replica_rows
 
         return width(replica_rows(B, _mesh(cfg), rank))
-    return data_rows(B, cfg.world_size, rank) if cfg.strategy.name == "data" else B
+    return data_rows(B, cfg.world_size, rank) if cfg.strategy.name in ("data", "fsdp") else B
 
 
 def _label_bytes(cfg: RunConfig, rows: int) -> int:
@@ -916,6 +920,13 @@ def _layers_or_none(cfg: RunConfig, rank: int) -> list[LocalLayer]:
         return []
 
 
+def _flops_or_zero(cfg: RunConfig, rank: int) -> dict[str, int]:
+    try:
+        return rank_flops(cfg, rank)
+    except ValueError:  # a strategy without closed forms yet
+        return {"total": 0}
+
+
 def rank_costs(cfg: RunConfig, *, device: str = "cpu") -> list[RankCost]:
     """Every rank's prediction; identical ranks share one dry run (dryrun.signature)."""
     from partition.dryrun import dry_run
@@ -926,7 +937,7 @@ def rank_costs(cfg: RunConfig, *, device: str = "cpu") -> list[RankCost]:
         out.append(RankCost(
             d.rank, layers, messages(cfg, d.rank) if layers else [], d.comm, d.memory,
             {k: d.memory[k] for k in ("params_bytes", "grads_bytes", "optimizer_bytes")},
-            rank_flops(cfg, d.rank) if layers else {"total": 0},
+            _flops_or_zero(cfg, d.rank),
             d.in_flight_max, d.count, extra={"flops_counted": d.flops}))
     return out
 
@@ -939,7 +950,7 @@ def rank_cost(cfg: RunConfig, rank: int, device: str = "cpu") -> RankCost:
     layers = _layers_or_none(cfg, rank)
     return RankCost(rank, layers, messages(cfg, rank) if layers else [], d.comm, d.memory,
                     {k: d.memory[k] for k in ("params_bytes", "grads_bytes", "optimizer_bytes")},
-                    rank_flops(cfg, rank) if layers else {"total": 0}, d.in_flight_max)
+                    _flops_or_zero(cfg, rank), d.in_flight_max)
 
 
 # ---------------------------------------------------------------- time and the whole run

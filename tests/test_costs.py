@@ -280,6 +280,16 @@ def test_hybrid_flops_by_hand():
                                             "total": 2 * fw + 2 * R * h // 2 * q}
 
 
+@pytest.mark.parametrize("zero", [1, 3])
+def test_fsdp_flops_are_the_dry_runs(zero):
+    """fsdp multiplies by whole layers at its share of the rows (13 over 3: 5, 4, 4)."""
+    cfg = make_config(strategy="fsdp", world_size=3, **{
+        "model.dims": [10, 7, 5], "train.batch_size": 13, "strategy.zero_stage": zero,
+        "model.bias": True})
+    got = [(c.flops["total"], c.extra["flops_counted"]) for c in costs.rank_costs(cfg)]
+    assert got == [(2 * rows * (10 * 7 * 2 + 7 * 5 * 3),) * 2 for rows in (5, 4, 4)]
+
+
 # The seed at B = 512 in float32 under every strategy and schedule the tests run, and the
 # deep net (conf/model/deep.yaml) for pipelines of 3 and 4 stages.
 SEED_CASES = [
