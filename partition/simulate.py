@@ -9,7 +9,10 @@ the last of them arrives. Durations come from a calibration at the run's own sha
 
     pipeline_ops    the action lists of a schedule (plans/schedule.py): F/B/I/W per stage and
                     micro-batch, a transfer between stages on different ranks, then the
-                    update and the J reduction
+                    update and the J reduction; one pipeline per (dp, tp) coordinate of a
+                    hybrid mesh, with comm ops after actions and before the update
+    step_ops        one training step of any strategy, from the ranks' calibrated times
+    hybrid_ops      a dp × pp × tp mesh's step; fsdp_rank_ops one fsdp rank's
     simulate        the timeline of any ops
 
 Idle fraction of a rank = 1 − (its compute inside the step) / (step time), the same
