@@ -5,8 +5,8 @@
 
 With no overrides: the seed [784, 2048, 10] at B=512 float32 under every strategy and
 schedule, the deep net (conf/model/deep.yaml, [784, 512, 512, 256, 10]) for 3- and
-4-stage pipelines, and every case of the headline comparison (conf/experiment/
-compare.yaml). With overrides (the same as experiments.run): that one config. Nothing is started: the dry run runs each rank's runner on the meta
+4-stage pipelines and for hybrid meshes, and every case of the headline comparison
+(conf/experiment/compare.yaml). With overrides (the same as experiments.run): that one config. Nothing is started: the dry run runs each rank's runner on the meta
 device (partition/dryrun.py), the formulas are costs.formula(). One row per distinct
 rank (ranks with identical plans are one row, ×count); deviation is
 (formula − dry run) / dry run.
@@ -34,6 +34,16 @@ CASES: list[tuple[str, list[str]]] = [
        [*SEED, "strategy=tensor", f"world_size={p}", f"strategy.layout={lay}"])
       for lay in ("megatron", "rowwise") for p in (2, 4)],
     *[(f"seed data P={p}", [*SEED, "strategy=data", f"world_size={p}"]) for p in (2, 4)],
+    ("seed hybrid dp2×tp2", [*SEED, "strategy=hybrid", "world_size=4", "strategy.dp=2",
+                             "strategy.tp=2"]),
+    *[(f"deep hybrid {mesh} {s} M=4",
+       [*DEEP, "strategy=hybrid", f"world_size={w}", *over, f"strategy.schedule={s}",
+        "train.microbatches=4", "strategy.balance=[2,2]"])
+      for mesh, w, over in (("dp2×pp2", 4, ["strategy.dp=2", "strategy.pp=2"]),
+                            ("pp2×tp2", 4, ["strategy.pp=2", "strategy.tp=2"]),
+                            ("dp2×pp2×tp2", 8, ["strategy.dp=2", "strategy.pp=2",
+                                                "strategy.tp=2"]))
+      for s in ("gpipe", "1f1b")],
 ]
 
 _STATE = ("params_bytes", "grads_bytes", "optimizer_bytes")

@@ -120,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"simulated step {pred['step_time_s'] * 1e3:.2f} ms, idle fraction "
               f"{pred['idle_fraction']:.3f} (schedule {c['schedule']:.3f}, imbalance "
               f"{c['imbalance']:.3f}, communication {c['communication']:.3f}); from {source}")
+    elif pred.get("not_simulated"):  # the times are there; the simulator says why not
+        print(f"simulated step: not predicted ({pred['not_simulated']})")
     else:
         print("simulated step: not predicted (the weights are too large to time the actions "
               "here; give cost.profile=<a result.json of the same config>)")

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import SimpleNamespace
 from typing import Any
 
 import torch
 
-from partition.comm import Comm, ring_wire_bytes
+from partition.comm import Comm, Ledger, Transport, ring_wire_bytes
 
 SMALL, LARGE = 1024, 4 * 2**20  # message sizes in bytes
 REPEATS = 5
@@ -114,13 +116,60 @@ def _median_s(fn, device: torch.device, repeats: int = ACTION_REPEATS) -> float:
     return statistics.median(times)
 
 
+class AloneTransport(Transport):
+    """A collective with no peers: nothing crosses, and what would arrive is this rank's own
+    part (an all-reduce leaves its input as it is, an all-gather copies the piece into every
+    buffer, a reduce-scatter keeps this rank's chunk). A stage's arithmetic and local copies
+    are then timed without waiting for anyone, on finite values."""
+
+    moves = False
+
+    def __init__(self, rank: int = 0) -> None:
+        super().__init__(None)
+        self.rank = rank
+
+    def on(self, group: Any) -> AloneTransport:
+        return AloneTransport(self.rank)
+
+    def all_reduce(self, t: torch.Tensor) -> None:
+        pass
+
+    def all_gather(self, bufs: list[torch.Tensor], piece: torch.Tensor) -> None:
+        for b in bufs:
+            b.copy_(piece)
+
+    def reduce_scatter(self, out: torch.Tensor, ins: list[torch.Tensor]) -> None:
+        out.copy_(ins[self.rank])
+
+    def all_gather_into(self, out: torch.Tensor, piece: torch.Tensor) -> None:
+        out.view(-1, piece.numel()).copy_(piece.reshape(1, -1))
+
+
+@contextmanager
+def no_exchange(stage: Any) -> Iterator[None]:
+    """A tensor-sharded stage (its `comm` a tp group's) with that Comm swapped for one on
+    `AloneTransport` and a ledger of its own, so timing it needs no peer and records
+    nothing in the run's ledger; a whole stage as it is."""
+    comm = getattr(stage, "comm", None)
+    if comm is None:
+        yield
+        return
+    stage.comm = Comm(rank=comm.rank, world_size=comm.world_size, ledger=Ledger(),
+                      device=comm.device, transport=AloneTransport(comm.rank))
+    try:
+        yield
+    finally:
+        stage.comm = comm
+
+
 def action_times(cfg: Any, runner: Any) -> dict[str, float]:
     """Seconds of each compute action this rank runs, timed at the run's own shapes on
     scratch inputs (the weights are read, never changed; gradients are zeroed after):
-    pipeline `s<stage>:<F|B|I|W>`, single/data `F` and `B` (one micro-batch), tensor
+    pipeline and hybrid `s<stage>:<F|B|I|W>` (a hybrid stage's tp collectives not
+    included: `no_exchange`), single/data `F` and `B` (one micro-batch), tensor and fsdp
     `F<layer>`/`B<layer>` and `loss`, every strategy `update`; and `peak_flops_per_s`,
     the matmul rate MFU divides by."""
-    from partition.model import Grads, activation_backward, activation_forward, linear
+    from partition.model import Grads, Layer, activation_backward, activation_forward, linear
     from partition.model import copy_tensors, linear_backward, loss_and_grad, refresh_copies
     from partition.strategies.base import build_optimizer, compute_dtype, master_dtype
 
@@ -143,11 +192,12 @@ def action_times(cfg: Any, runner: Any) -> dict[str, float]:
         return torch.randn(rows, q, dtype=master, device=device)
 
     def time_stage(st: Any, rows: int, prefix: str, *, kinds: str) -> None:
-        x = torch.randn(rows, st.layers[0].W.shape[1], dtype=dtype, device=device)
+        # the stage's input and output are whole (a tensor-sharded stage's too)
+        x = torch.randn(rows, spec.dims[st.layers[0].index], dtype=dtype, device=device)
         y = labels(rows)
         last = st.has_output_layer
         need_dx = not st.holds_input
-        out_width = st.layers[-1].W.shape[0]
+        out_width = spec.dims[st.layers[-1].index + 1]
         g = torch.randn(rows, out_width, dtype=dtype, device=device) / rows
         mb = -1
 
@@ -173,17 +223,11 @@ def action_times(cfg: Any, runner: Any) -> dict[str, float]:
                          st.backward_weight(mb)), device) - out[prefix + "F"] - out[prefix + "I"]
         st.start_step()  # the scratch backwards added to the gradients: zero them
 
-    name = cfg.strategy.name
-    if name == "pipeline":
-        for s, st in runner.stages.items():
-            time_stage(st, B // M, f"s{s}:", kinds="BIW")
-    elif name in ("single", "data"):
-        rows = B if name == "single" else runner.rows[1] - runner.rows[0]
-        time_stage(runner.stage, -(-rows // M), "", kinds="B")  # the largest micro-batch
-    elif name == "tensor":
-        rows = B // M
+    def time_layers(compute: list[Any], rows: int) -> None:
+        """Each layer's F (z = W x and φ) and B (φ', dJ/dW, dJ/dx but for the net's input)
+        alone, on scratch inputs of `rows` rows; and the loss."""
         last = spec.num_layers - 1
-        for layer in getattr(runner, "compute", layers):
+        for layer in compute:
             x = torch.randn(rows, layer.W.shape[1], dtype=dtype, device=device)
             grads = Grads(torch.zeros_like(layer.W, dtype=master),
                           torch.zeros_like(layer.b, dtype=master) if layer.b is not None
@@ -207,6 +251,29 @@ def action_times(cfg: Any, runner: Any) -> dict[str, float]:
         o = torch.randn(rows, q, dtype=dtype, device=device)
         y = labels(rows)
         out["loss"] = _median_s(lambda: loss_and_grad(spec, o, y, B, dtype=master), device)
+
+    name = cfg.strategy.name
+    if name == "pipeline":
+        for s, st in runner.stages.items():
+            time_stage(st, B // M, f"s{s}:", kinds="BIW")
+    elif name in ("single", "data"):
+        rows = B if name == "single" else runner.rows[1] - runner.rows[0]
+        time_stage(runner.stage, -(-rows // M), "", kinds="B")  # the largest micro-batch
+    elif name == "tensor":
+        time_layers(getattr(runner, "compute", layers), B // M)
+    elif name == "fsdp":
+        # every layer whole, as its gather makes it (scratch weights: the pieces stay as
+        # they are); the largest micro-batch of this rank's rows (tensor_split)
+        lo, hi = runner.rows
+        time_layers([Layer(s.index, torch.randn(s.n_out, s.n_in, dtype=dtype, device=device),
+                           torch.randn(s.n_out, dtype=dtype, device=device) if s.bias else None)
+                     for s in runner.plan], -(-(hi - lo) // M))
+    elif name == "hybrid" and not cfg.strategy.dp_shard:
+        # each stage's own arithmetic, its tp collectives left to the simulator (they are
+        # comm ops there, synchronised across the tp group)
+        for s, st in runner.stages.items():
+            with no_exchange(st):
+                time_stage(st, runner.mb_rows, f"s{s}:", kinds="BIW")
     if layers:
         from dataclasses import replace
 
@@ -241,7 +308,6 @@ def local_action_times(cfg: Any) -> list[dict[str, float]] | None:
     """Every rank's `action_times`, measured in this one process: each distinct rank's runner
     (dryrun.signature) built on the CPU with real weights and a transport that moves
     nothing. None when the weights would not fit comfortably (`LOCAL_CALIBRATION_BYTES`)."""
-    from partition.comm import Comm, Ledger
     from partition.dryrun import DryTransport, meta_dataset, signature
     from partition.model import init_weights
     from partition.plans.data import param_count

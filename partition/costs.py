@@ -73,11 +73,30 @@ class LocalLayer:
         return self.n_in * self.n_out + (self.n_out if self.bias else 0)
 
 
+def _mesh(cfg: RunConfig):  # noqa: ANN202 - plans.mesh.Mesh
+    from partition.plans.mesh import resolve_mesh
+
+    s = cfg.strategy
+    return resolve_mesh(world=cfg.world_size, dp=s.dp, pp=s.pp, tp=s.tp)
+
+
+def _runs_pipeline(cfg: RunConfig) -> bool:
+    """A pipeline, or a hybrid mesh: the pipeline runtime over its pp group (pp = 1 too)."""
+    return cfg.strategy.name in ("pipeline", "hybrid")
+
+
+def _pp_rank(cfg: RunConfig, rank: int) -> int:
+    """`rank`'s row of the schedule: itself, or its mesh pp coordinate."""
+    return _mesh(cfg).coords(rank).pp if cfg.strategy.name == "hybrid" else rank
+
+
 def _schedule(cfg: RunConfig):  # noqa: ANN202 - plans.schedule.Schedule
+    """The schedule over the pipeline's ranks (a hybrid mesh's: over its pp size)."""
     v = cfg.strategy.virtual_stages
+    world = _mesh(cfg).pp if cfg.strategy.name == "hybrid" else cfg.world_size
     if cfg.strategy.schedule in NAMED:  # built and validated once: every rank's formulas read it
-        return _named_schedule(cfg.strategy.schedule, cfg.world_size, cfg.train.microbatches, v)
-    return load_schedule(cfg.strategy.schedule, world=cfg.world_size, micro=cfg.train.microbatches,
+        return _named_schedule(cfg.strategy.schedule, world, cfg.train.microbatches, v)
+    return load_schedule(cfg.strategy.schedule, world=world, micro=cfg.train.microbatches,
                          virtual=v)
 
 
@@ -98,11 +117,41 @@ def stage_layers(cfg: RunConfig, rank: int) -> list[LocalLayer]:
         return [LocalLayer(l, n[l], n[l + 1], bias, stage=s)
                 for s in sched.rank_stages(rank) for l in range(*plan[s])]
     if name == "tensor":
-        return [LocalLayer(s.layer, width(s.cols) if s.cols else n[s.layer],
-                           width(s.rows) if s.rows else n[s.layer + 1], bias and s.bias_owner,
-                           note=s.kind)
-                for s in plan_layers(cfg.strategy.layout, n, cfg.world_size, rank)]
+        return [_shard_layer(n, s, bias) for s in plan_layers(cfg.strategy.layout, n,
+                                                               cfg.world_size, rank)]
+    if name == "hybrid":
+        # the rank's stages (its pp coordinate's), each its tp shards of the stage's layers
+        return [_shard_layer(n, sh, bias, stage=s) for s, sh in _hybrid_shards(cfg, rank)]
     raise ValueError(f"no cost model for strategy {name!r}")
+
+
+def _shard_layer(n: list[int] | tuple[int, ...], s: Any, bias: bool, stage: int = 0) -> LocalLayer:
+    """A plans.tensor.LayerShard as the rank holds it: its slice's widths, its bias if it owns it."""
+    return LocalLayer(s.layer, width(s.cols) if s.cols else n[s.layer],
+                      width(s.rows) if s.rows else n[s.layer + 1], bias and s.bias_owner,
+                      stage=stage, note=s.kind)
+
+
+def _hybrid_shards(cfg: RunConfig, rank: int) -> list[tuple[int, Any]]:
+    """(stage, LayerShard) of every layer a mesh rank holds (plans/mesh.py `stage_shards`)."""
+    from partition.plans.mesh import stage_shards
+
+    mesh, sched = _mesh(cfg), _schedule(cfg)
+    c = mesh.coords(rank)
+    plan = plan_stages(cfg.spec, sched.stages, cfg.strategy.balance)
+    return [(s, sh) for s in sched.rank_stages(c.pp)
+            for sh in stage_shards(cfg.strategy.layout, cfg.model.dims, *plan[s], tp=mesh.tp,
+                                   rank=c.tp)]
+
+
+def _tensor_group(cfg: RunConfig, rank: int) -> tuple[int, int]:
+    """(size, this rank's index) of the group the rank's layers are sharded over."""
+    if cfg.strategy.name == "tensor":
+        return cfg.world_size, rank
+    if cfg.strategy.name == "hybrid":
+        mesh = _mesh(cfg)
+        return mesh.tp, mesh.coords(rank).tp
+    return 1, 0
 
 
 def _rows(cfg: RunConfig, rank: int) -> int:
@@ -110,7 +159,7 @@ def _rows(cfg: RunConfig, rank: int) -> int:
     B, M = cfg.train.batch_size, cfg.train.microbatches
     if cfg.strategy.name == "data":
         return max(piece_sizes(data_rows(B, cfg.world_size, rank), M))
-    return B // M
+    return _batch_rows(cfg, rank) // M
 
 
 # ---------------------------------------------------------------- the machine
@@ -149,25 +198,55 @@ def _record(c: Call, world: int) -> CommRecord:
 
 
 def pipeline_messages(cfg: RunConfig, rank: int) -> list[CommRecord]:
+    """The schedule's crossings on `rank` (`_pipeline_p2p`) and the metric."""
+    return _pipeline_p2p(cfg, rank) + [_record(metric_call(cfg.world_size), cfg.world_size)]
+
+
+def _pipeline_p2p(cfg: RunConfig, rank: int) -> list[CommRecord]:
     """The schedule's crossings on `rank` (its lowering: F's output to the next stage's
     rank, B/I's input gradient to the previous one), each mb·n_k·b bytes (b the compute
-    itemsize: 2 under bf16), and the metric."""
+    itemsize: 2 under bf16). A hybrid rank's are over its pp group (dimension `pp`; the
+    peers its group's global ranks)."""
     sched = _schedule(cfg)
     plan = plan_stages(cfg.spec, sched.stages, cfg.strategy.balance)
-    P, item, rows = cfg.world_size, compute_itemsize(cfg), _rows(cfg, rank)
-    recv, send = transfers(sched, rank)
+    item, rows = compute_itemsize(cfg), _rows(cfg, rank)
+    if cfg.strategy.name == "hybrid":
+        members, dim = _mesh(cfg).group(rank, "pp"), "pp"
+    else:
+        members, dim = tuple(range(cfg.world_size)), None
+    P = len(members)
+    recv, send = transfers(sched, _pp_rank(cfg, rank))
     out = []
     for m in send:
         n = rows * cfg.model.dims[plan[max(m.from_stage, m.to_stage)][0]] * item
         phase = "forward" if m.role == "activation" else "backward"
-        out.append(CommRecord(None, "send", m.role, phase, sched.stage_rank[m.to_stage], P,
-                              n, 0, 0, ring_wire_bytes("send", n, 2), 0.0))
+        out.append(CommRecord(None, "send", m.role, phase, members[sched.stage_rank[m.to_stage]],
+                              P, n, 0, 0, ring_wire_bytes("send", n, 2), 0.0, dim))
     for m in recv:
         n = rows * cfg.model.dims[plan[max(m.from_stage, m.to_stage)][0]] * item
         phase = "forward" if m.role == "activation" else "backward"
-        out.append(CommRecord(None, "recv", m.role, phase, sched.stage_rank[m.from_stage], P,
-                              0, n, 0, 0, 0.0))
-    return out + [_record(metric_call(P), P)]
+        out.append(CommRecord(None, "recv", m.role, phase,
+                              members[sched.stage_rank[m.from_stage]], P, 0, n, 0, 0, 0.0, dim))
+    return out
+
+
+def hybrid_messages(cfg: RunConfig, rank: int) -> list[CommRecord]:
+    """A mesh rank's crossings, each in its dimension: pp the pipeline's (`_pipeline_p2p`,
+    the sends of plans/mesh.py `hybrid_calls` and the receives that match them), and the
+    collectives of `hybrid_calls` — tp its stages' tensor plans, dp the gradient
+    all-reduce, world the metric."""
+    from partition.plans.mesh import hybrid_calls
+
+    mesh, sched = _mesh(cfg), _schedule(cfg)
+    plan = plan_stages(cfg.spec, sched.stages, cfg.strategy.balance)
+    calls = hybrid_calls(cfg.spec, mesh, sched, plan, layout=cfg.strategy.layout, rank=rank,
+                         batch=cfg.train.batch_size, micro=cfg.train.microbatches,
+                         itemsize=compute_itemsize(cfg))
+    groups = {"tp": mesh.tp, "dp": mesh.dp, "world": mesh.world}
+    return _pipeline_p2p(cfg, rank) + [
+        CommRecord(None, c.op, c.role, c.phase, None, groups[dim], c.payload, c.received,
+                   c.payload, c.wire, 0.0, dim)
+        for dim in ("tp", "dp", "world") for c in calls[dim]]
 
 
 def tensor_messages(cfg: RunConfig, rank: int) -> list[CommRecord]:
@@ -223,7 +302,7 @@ def fsdp_formula(cfg: RunConfig, rank: int) -> dict[str, Any]:
 
 
 MESSAGES = {"pipeline": pipeline_messages, "tensor": tensor_messages, "data": data_messages,
-            "fsdp": fsdp_messages}
+            "fsdp": fsdp_messages, "hybrid": hybrid_messages}
 
 
 def messages(cfg: RunConfig, rank: int) -> list[CommRecord]:
@@ -234,12 +313,14 @@ def messages(cfg: RunConfig, rank: int) -> list[CommRecord]:
 def rank_flops(cfg: RunConfig, rank: int) -> dict[str, int]:
     """Matrix-product FLOPs of one step, 2·m·n·k each: the forward z = W x, the input
     gradient (I) dJ/dx = Wᵀ dJ/dz for every layer but the net's first, the weight
-    gradient (W) dJ/dW = dJ/dz xᵀ. Elementwise work (φ, the loss, SGD) is left out."""
-    rows = cfg.train.batch_size
-    if cfg.strategy.name == "data":
-        rows = data_rows(rows, cfg.world_size, rank)
+    gradient (W) dJ/dW = dJ/dz xᵀ. Elementwise work (φ, the loss, SGD) is left out.
+    fsdp multiplies by every layer whole (as its gathers make them) at its rows."""
+    rows = _batch_rows(cfg, rank)
     f = i = w = 0
-    for l in stage_layers(cfg, rank):
+    n = cfg.model.dims
+    layers = ([LocalLayer(l, n[l], n[l + 1], cfg.model.bias) for l in range(len(n) - 1)]
+              if cfg.strategy.name == "fsdp" else stage_layers(cfg, rank))
+    for l in layers:
         one = 2 * rows * l.n_in * l.n_out
         f, w = f + one, w + one
         i += one if l.index > 0 else 0
@@ -252,7 +333,7 @@ def bubble_fraction(cfg: RunConfig) -> float:
     """Ideal idle share of a pipeline step: the schedule's action lists simulated with equal
     stages, F = I = W (B = 2F) and free communication, averaged over the ranks —
     (P−1)/(M+P−1) for GPipe and 1F1B (simulate.ideal_idle)."""
-    if cfg.strategy.name != "pipeline":
+    if not _runs_pipeline(cfg):
         return 0.0
     from partition.simulate import ideal_idle
 
@@ -263,9 +344,9 @@ def bubble_fraction(cfg: RunConfig) -> float:
 def in_flight_per_stage(cfg: RunConfig, rank: int) -> dict[int, int]:
     """Micro-batches whose activations each of the rank's stages holds at once, counted from
     its action list (GPipe M; 1F1B min(P−i, M)); 1 where there is no pipeline."""
-    if cfg.strategy.name != "pipeline":
+    if not _runs_pipeline(cfg):
         return {0: 1}
-    return in_flight(_schedule(cfg).ranks[rank])
+    return in_flight(_schedule(cfg).ranks[_pp_rank(cfg, rank)])
 
 
 # ---------------------------------------------------------------- memory (closed forms)
@@ -329,7 +410,7 @@ def kept_activation_bytes(cfg: RunConfig, rank: int) -> int:
     it; the peak of that running sum (with F and B only, and one stage per rank: micro-batches
     in flight × what each keeps). Elsewhere one micro-batch's worth."""
     kf = _kept_per_microbatch(cfg, rank)
-    if cfg.strategy.name != "pipeline":
+    if not _runs_pipeline(cfg):
         return sum(kf.values())
     return _walk_kept(cfg, rank, kf, _kept_for_weight_grad(cfg, rank))
 
@@ -338,7 +419,7 @@ def _walk_kept(cfg: RunConfig, rank: int, kf: dict[int, int], kw: dict[int, int]
     """The most bytes kept at once along the rank's action list: F keeps `kf` of its stage,
     I trades that for the `kw` its W needs, B and W let go."""
     live = peak = 0
-    for a in _schedule(cfg).ranks[rank]:
+    for a in _schedule(cfg).ranks[_pp_rank(cfg, rank)]:
         live += {"F": kf[a.stage], "B": -kf[a.stage], "I": kw[a.stage] - kf[a.stage],
                  "W": -kw[a.stage]}[a.kind]
         peak = max(peak, live)
@@ -346,9 +427,14 @@ def _walk_kept(cfg: RunConfig, rank: int, kf: dict[int, int], kw: dict[int, int]
 
 
 def _batch_rows(cfg: RunConfig, rank: int) -> int:
-    """Rows of the step's batch on this rank (data parallel: its share)."""
+    """Rows of the step's batch on this rank (data parallel: its share; a hybrid mesh: its
+    replica's)."""
     B = cfg.train.batch_size
-    return data_rows(B, cfg.world_size, rank) if cfg.strategy.name == "data" else B
+    if cfg.strategy.name == "hybrid":
+        from partition.plans.mesh import replica_rows
+
+        return width(replica_rows(B, _mesh(cfg), rank))
+    return data_rows(B, cfg.world_size, rank) if cfg.strategy.name in ("data", "fsdp") else B
 
 
 def _label_bytes(cfg: RunConfig, rows: int) -> int:
@@ -398,6 +484,7 @@ def backward_transient(cfg: RunConfig, rank: int, stage: int = 0) -> int:
     contiguous chunks and this rank's sum.
     """
     r, item, L = _rows(cfg, rank), ITEMSIZE[cfg.train.dtype], cfg.spec.num_layers
+    tp, tp_rank = _tensor_group(cfg, rank)
     act = ACTIVATION_BACKWARD_BUFFERS[cfg.model.activation]
     layers = [l for l in stage_layers(cfg, rank) if l.stage == stage]
     best = freed = g_in = dz_above = 0  # widths: r·b bytes each
@@ -411,8 +498,8 @@ def backward_transient(cfg: RunConfig, rank: int, stage: int = 0) -> int:
             best = max(best, r * (g_in + dz - freed) + lay.n_out)
         if lay.index > 0:  # dJ/dx (the net's input needs none)
             dx = lay.n_in
-            if lay.note == "rowwise" and cfg.world_size > 1:  # + chunks + this rank's sum
-                dx += lay.n_in + width(split_evenly(lay.n_in, cfg.world_size)[rank])
+            if lay.note == "rowwise" and tp > 1:  # + chunks + this rank's sum
+                dx += lay.n_in + width(split_evenly(lay.n_in, tp)[tp_rank])
             best = max(best, r * (g_in + dz + dx - freed))
         else:
             best = max(best, r * (g_in + dz - freed))
@@ -435,6 +522,11 @@ def _counted_layers(cfg: RunConfig, rank: int) -> list[LocalLayer]:
     if cfg.strategy.name == "tensor":
         plan = plan_layers(cfg.strategy.layout, cfg.model.dims, cfg.world_size, rank)
         return [l for l, s in zip(layers, plan, strict=True) if s.primary]
+    if cfg.strategy.name == "hybrid":  # replica 0's primary shards
+        if _mesh(cfg).coords(rank).dp != 0:
+            return []
+        return [l for l, (_, s) in zip(layers, _hybrid_shards(cfg, rank), strict=True)
+                if s.primary]
     return layers
 
 
@@ -445,7 +537,7 @@ def tail_bytes(cfg: RunConfig, rank: int) -> int:
     go of both."""
     item = ITEMSIZE[cfg.train.dtype]
     w = max(((l.n_in * l.n_out + 1) * item for l in _counted_layers(cfg, rank)), default=0)
-    if cfg.strategy.name == "pipeline":
+    if _runs_pipeline(cfg):
         return w
     last = stage_layers(cfg, rank)[-1].index == cfg.spec.num_layers - 1
     return w + input_bytes(cfg, rank) + (_loss_gradient(cfg, rank) if last else 0)
@@ -473,7 +565,8 @@ def _pipeline_moments(cfg: RunConfig, rank: int) -> dict[str, int]:
     """
     sched = _schedule(cfg)
     plan = plan_stages(cfg.spec, sched.stages, cfg.strategy.balance)
-    S, n, acts = sched.stages, cfg.model.dims, sched.ranks[rank]
+    here = _pp_rank(cfg, rank)
+    S, n, acts = sched.stages, cfg.model.dims, sched.ranks[here]
     r, item, q = _rows(cfg, rank), ITEMSIZE[cfg.train.dtype], cfg.model.dims[-1]
     kept_mb = _kept_per_microbatch(cfg, rank)
     transient = {s: backward_transient(cfg, rank, s) for s in kept_mb}
@@ -486,7 +579,7 @@ def _pipeline_moments(cfg: RunConfig, rank: int) -> dict[str, int]:
         return r * n[plan[max(msg.from_stage, msg.to_stage)][0]] * item
 
     def remote(msg: Message | None, stage_of: str) -> bool:
-        return msg is not None and sched.stage_rank[getattr(msg, stage_of)] != rank
+        return msg is not None and sched.stage_rank[getattr(msg, stage_of)] != here
 
     def kept() -> int:
         return sum(live[s] * kept_mb[s] for s in live)
@@ -536,7 +629,7 @@ def peak_terms(cfg: RunConfig, rank: int) -> dict[str, Any]:
     x = input_bytes(cfg, rank)
     moments = {"load": staging_bytes(cfg, rank)}
     terms = {"state": st, "input": x, "kept": kept_activation_bytes(cfg, rank)}
-    if cfg.strategy.name == "pipeline":
+    if _runs_pipeline(cfg):
         for k, v in _pipeline_moments(cfg, rank).items():
             moments[k] = x + v
     else:
@@ -608,9 +701,7 @@ def recompute_flops(cfg: RunConfig, rank: int) -> int:
     input and dJ/do), 2·rows·n_in·n_out each — the forward's FLOPs less the output layer's."""
     if cfg.train.recompute != "full":
         return 0
-    rows = cfg.train.batch_size
-    if cfg.strategy.name == "data":
-        rows = data_rows(rows, cfg.world_size, rank)
+    rows = _batch_rows(cfg, rank)
     last = cfg.spec.num_layers - 1
     return sum(2 * rows * l.n_in * l.n_out for l in stage_layers(cfg, rank) if l.index != last)
 
@@ -646,7 +737,7 @@ def recompute_kept_bytes(cfg: RunConfig, rank: int) -> int:
     kf: dict[int, int] = {}
     for lay in stage_layers(cfg, rank):
         kf.setdefault(lay.stage, rows * lay.n_in * c if lay.index > 0 else 0)
-    if cfg.strategy.name != "pipeline":
+    if not _runs_pipeline(cfg):
         return sum(kf.values())
     kw = {s: n * c // b for s, n in _kept_for_weight_grad(cfg, rank).items()}
     return _walk_kept(cfg, rank, kf, kw)
@@ -665,8 +756,7 @@ def one_device_formula(cfg: RunConfig, rank: int) -> dict[str, int]:
     inp, kept = input_bytes(cfg, rank), kept_activation_bytes(cfg, rank)
     transient = formula_peak(cfg, rank) - sum(plain_state.values()) - inp - kept
     layers = stage_layers(cfg, rank)
-    rows = data_rows(cfg.train.batch_size, cfg.world_size, rank) \
-        if cfg.strategy.name == "data" else cfg.train.batch_size
+    rows = _batch_rows(cfg, rank)
     x = rows * cfg.model.dims[0] * b if layers[0].index == 0 else 0
     inp = inp - x + x * c // b
     if cfg.train.recompute == "full":
@@ -830,6 +920,13 @@ def _layers_or_none(cfg: RunConfig, rank: int) -> list[LocalLayer]:
         return []
 
 
+def _flops_or_zero(cfg: RunConfig, rank: int) -> dict[str, int]:
+    try:
+        return rank_flops(cfg, rank)
+    except ValueError:  # a strategy without closed forms yet
+        return {"total": 0}
+
+
 def rank_costs(cfg: RunConfig, *, device: str = "cpu") -> list[RankCost]:
     """Every rank's prediction; identical ranks share one dry run (dryrun.signature)."""
     from partition.dryrun import dry_run
@@ -840,7 +937,7 @@ def rank_costs(cfg: RunConfig, *, device: str = "cpu") -> list[RankCost]:
         out.append(RankCost(
             d.rank, layers, messages(cfg, d.rank) if layers else [], d.comm, d.memory,
             {k: d.memory[k] for k in ("params_bytes", "grads_bytes", "optimizer_bytes")},
-            rank_flops(cfg, d.rank) if layers else {"total": 0},
+            _flops_or_zero(cfg, d.rank),
             d.in_flight_max, d.count, extra={"flops_counted": d.flops}))
     return out
 
@@ -853,7 +950,7 @@ def rank_cost(cfg: RunConfig, rank: int, device: str = "cpu") -> RankCost:
     layers = _layers_or_none(cfg, rank)
     return RankCost(rank, layers, messages(cfg, rank) if layers else [], d.comm, d.memory,
                     {k: d.memory[k] for k in ("params_bytes", "grads_bytes", "optimizer_bytes")},
-                    rank_flops(cfg, rank) if layers else {"total": 0}, d.in_flight_max)
+                    _flops_or_zero(cfg, rank), d.in_flight_max)
 
 
 # ---------------------------------------------------------------- time and the whole run
@@ -864,12 +961,12 @@ def predict(cfg: RunConfig, *, device: str = "cpu", params: CostParams | None = 
     """The `predicted` block of result.json: per rank the dry run's comm and memory, the
     simulated timing (when `times`, each rank's calibrated action durations, are given),
     and the closed forms under `formula`."""
-    from partition.timeline import simulated_block
+    from partition.timeline import simulation
 
     params = params or CostParams.from_config(cfg)
     costs = rank_costs(cfg, device=device)
     bubble = bubble_fraction(cfg)
-    sim = simulated_block(cfg, times, params) if times else None
+    sim, why = simulation(cfg, times, params) if times else (None, None)
     ranks = []
     for c in costs:
         timing = ({k: sim["ranks"][c.rank][k] for k in ("step_s", "compute_s", "idle_fraction")}
@@ -890,6 +987,8 @@ def predict(cfg: RunConfig, *, device: str = "cpu", params: CostParams | None = 
         "step_time_s": sim["step_time_s"] if sim else None,
         "idle_fraction": sim["idle_fraction"] if sim else None,
         "idle_causes": sim["causes"] if sim else None,
+        # why there is no simulated step although action times were given (else None)
+        "not_simulated": why,
         "cost_params": params.as_dict(),
         "device": device,
         "formula": {"ranks": [formula(cfg, c.rank) for c in costs]} if has_formula else None,

@@ -9,7 +9,10 @@ the last of them arrives. Durations come from a calibration at the run's own sha
 
     pipeline_ops    the action lists of a schedule (plans/schedule.py): F/B/I/W per stage and
                     micro-batch, a transfer between stages on different ranks, then the
-                    update and the J reduction
+                    update and the J reduction; one pipeline per (dp, tp) coordinate of a
+                    hybrid mesh, with comm ops after actions and before the update
+    step_ops        one training step of any strategy, from the ranks' calibrated times
+    hybrid_ops      a dp × pp × tp mesh's step; fsdp_rank_ops one fsdp rank's
     simulate        the timeline of any ops
 
 Idle fraction of a rank = 1 − (its compute inside the step) / (step time), the same
@@ -18,8 +21,9 @@ definition the measured timeline uses.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from partition.plans.schedule import Action, Message, Schedule, needs
 
@@ -131,43 +135,69 @@ def simulate(ops: list[Op], world: int) -> Timeline:
 
 def pipeline_ops(s: Schedule, *, compute: Callable[[Action], float],
                  transfer: Callable[[Message], float], tail: Callable[[int], float] | None = None,
-                 metric: float = 0.0) -> list[Op]:
+                 metric: float = 0.0, lines: Sequence[Sequence[int]] | None = None,
+                 after: Callable[[int, Action], list[Op]] | None = None,
+                 pre_tail: Callable[[int], list[Op]] | None = None,
+                 compute_on: Callable[[int, Action], float] | None = None) -> list[Op]:
     """The ops of one pipeline step: every rank's actions in its order, each waiting for what
     it needs (the producing action's end, plus `transfer` when the stages are on different
     ranks; B/I also wait for their F, W for its I), then per rank the update (`tail(rank)`)
-    and the J all-reduce (`metric`, a collective of every rank)."""
-    # Lay the ops out rank by rank first, so that every action's index is known.
-    index: dict[tuple[int, str, int], int] = {}
-    at = 0
-    for r in range(s.world):
-        for a in s.ranks[r]:
-            index[(a.stage, a.kind, a.mb)] = at
-            at += 1
-        at += 2 if tail is not None else 1
+    and the J all-reduce (`metric`, a collective of every rank).
 
-    def producer(msg: Message) -> int:
+    A hybrid mesh runs one such pipeline per (dp, tp) coordinate: `lines` lists each
+    pipeline's global ranks (index = schedule rank; default one pipeline on ranks
+    0..world−1); `after(rank, action)` gives the comm ops the action makes once its compute
+    is done (a tensor-sharded stage's tp collectives: the action ends, for whoever needs its
+    output, with its last one); `pre_tail(rank)` the ops before the update (the dp gradient
+    all-reduce); `compute_on(rank, action)`, where given, the action's duration on that
+    global rank (else `compute(action)`)."""
+    lines = [tuple(range(s.world))] if lines is None else [tuple(l) for l in lines]
+
+    def extra(r: int, a: Action) -> list[Op]:
+        return after(r, a) if after is not None else []
+
+    def before_tail(r: int) -> list[Op]:
+        return pre_tail(r) if pre_tail is not None else []
+
+    # Lay the ops out rank by rank first, so that every action's last op is known.
+    last: dict[tuple[int, int, str, int], int] = {}  # (line, stage, kind, mb) -> its last op
+    made: dict[tuple[int, Action], list[Op]] = {}
+    at = 0
+    for n, line in enumerate(lines):
+        for p, r in enumerate(line):
+            for a in s.ranks[p]:
+                made[(r, a)] = extra(r, a)
+                at += 1 + len(made[(r, a)])
+                last[(n, a.stage, a.kind, a.mb)] = at - 1
+            at += len(before_tail(r)) + (2 if tail is not None else 1)
+
+    def producer(n: int, msg: Message) -> int:
         kinds = "F" if msg.role == "activation" else "BI"
-        return next(index[(msg.from_stage, k, msg.mb)] for k in kinds
-                    if (msg.from_stage, k, msg.mb) in index)
+        return next(last[(n, msg.from_stage, k, msg.mb)] for k in kinds
+                    if (n, msg.from_stage, k, msg.mb) in last)
 
     ops: list[Op] = []
-    for r in range(s.world):
-        for a in s.ranks[r]:
-            deps: list[tuple[int, float]] = []
-            msg = needs(a, s.stages)
-            if msg is not None:
-                remote = s.stage_rank[msg.from_stage] != s.stage_rank[msg.to_stage]
-                deps.append((producer(msg), transfer(msg) if remote else 0.0))
-            if a.kind in ("B", "I"):
-                deps.append((index[(a.stage, "F", a.mb)], 0.0))
-            if a.kind == "W":
-                deps.append((index[(a.stage, "I", a.mb)], 0.0))
-            ops.append(Op(r, "compute", str(a), compute(a), tuple(deps),
-                          args={"stage": a.stage, "kind": a.kind, "mb": a.mb}))
-        if tail is not None:
-            ops.append(Op(r, "compute", "update", tail(r), args={"kind": "update"}))
-        ops.append(Op(r, "comm", "all_reduce metric", metric, sync="metric",
-                      args={"role": "metric"}))
+    for n, line in enumerate(lines):
+        for p, r in enumerate(line):
+            for a in s.ranks[p]:
+                deps: list[tuple[int, float]] = []
+                msg = needs(a, s.stages)
+                if msg is not None:
+                    remote = s.stage_rank[msg.from_stage] != s.stage_rank[msg.to_stage]
+                    deps.append((producer(n, msg), transfer(msg) if remote else 0.0))
+                if a.kind in ("B", "I"):
+                    deps.append((last[(n, a.stage, "F", a.mb)], 0.0))
+                if a.kind == "W":
+                    deps.append((last[(n, a.stage, "I", a.mb)], 0.0))
+                took = compute_on(r, a) if compute_on is not None else compute(a)
+                ops.append(Op(r, "compute", str(a), took, tuple(deps),
+                              args={"stage": a.stage, "kind": a.kind, "mb": a.mb}))
+                ops += made[(r, a)]
+            ops += before_tail(r)
+            if tail is not None:
+                ops.append(Op(r, "compute", "update", tail(r), args={"kind": "update"}))
+            ops.append(Op(r, "comm", "all_reduce metric", metric, sync="metric",
+                          args={"role": "metric"}))
     return ops
 
 
@@ -212,7 +242,10 @@ def step_ops(cfg, times: list[dict[str, float]], links: Links, *, schedule=None)
 
     pipeline: the schedule's action lists; data: each micro-batch's F and B, the gradient
     all-reduce, the update; tensor: layer by layer with the plan's collectives in between;
-    single: F and B per micro-batch. Every multi-rank step ends with the J all-reduce."""
+    fsdp: layer by layer with its gathers and reduce-scatters (`fsdp_rank_ops`); hybrid:
+    the pipeline of every (dp, tp) coordinate with its tp and dp collectives
+    (`hybrid_ops`); single: F and B per micro-batch. Every multi-rank step ends with the
+    J all-reduce."""
     from partition.plans.data import param_count
     from partition.plans.stages import plan_stages
     from partition.plans.tensor import plan_layers, tensor_calls
@@ -224,6 +257,8 @@ def step_ops(cfg, times: list[dict[str, float]], links: Links, *, schedule=None)
     citem = 2 if cfg.train.precision == "bf16" else item
     recompute = cfg.train.recompute == "full"
     metric = links.collective(ring_wire_bytes("all_reduce", METRIC_BYTES, P), P)
+    if name == "hybrid":
+        return hybrid_ops(cfg, times, links, schedule=schedule, metric=metric)
     if name == "pipeline":
         plan = plan_stages(cfg.spec, schedule.stages, cfg.strategy.balance)
 
@@ -277,11 +312,130 @@ def step_ops(cfg, times: list[dict[str, float]], links: Links, *, schedule=None)
                     if P > 1 and i > 0 and s.kind in ("column", "rowwise") and not (
                             s.kind == "column" and s.layer == 0):
                         comm(m)
+        elif name == "fsdp":
+            ops += fsdp_rank_ops(cfg, r, t, links)
         else:
             raise ValueError(f"no simulation for strategy {name!r}")
-        ops.append(Op(r, "compute", "update", t["update"], args={"kind": "update"}))
+        if name != "fsdp":  # fsdp's update sits among its collectives (fsdp_rank_ops)
+            ops.append(Op(r, "compute", "update", t["update"], args={"kind": "update"}))
         if P > 1:
             ops.append(Op(r, "comm", "all_reduce metric", metric, sync="metric",
                           args={"role": "metric"}))
+    return ops
+
+
+def _comm_op(rank: int, call: Any, seconds: float, sync: str) -> Op:  # a plans.traffic.Call
+    return Op(rank, "comm", f"{call.op} {call.role}", seconds, sync=sync, args={"role": call.role})
+
+
+def hybrid_ops(cfg, times: list[dict[str, float]], links: Links, *, schedule=None,  # noqa: ANN001
+               metric: float) -> list[Op]:
+    """A dp × pp × tp mesh's step (plans/mesh.py): per (dp, tp) coordinate the pipeline of
+    its pp group — the schedule over mesh.pp, each action's compute from its rank's
+    `action_times` (without its tp collectives), the transfers between stages as
+    point-to-point messages of one micro-batch of the replica's rows — where every action
+    of a tensor-sharded stage is followed by its tp collectives (`stage_tp_calls`: the
+    forward's after F, the backward's after B or I), each synchronised across the tp
+    group; then the dp gradient all-reduce synchronised across the dp group, the update,
+    and J over every rank.
+
+    The action's compute is one op, its collectives after it: where a stage's layers make
+    several collectives, their order against the compute is not kept, but every tp rank
+    waits the same, so the action's end (when its output is handed on) is the same."""
+    from partition.plans.mesh import hybrid_calls, replica_rows, resolve_mesh, stage_tp_calls
+    from partition.plans.schedule import load_schedule
+    from partition.plans.stages import plan_stages
+
+    st = cfg.strategy
+    if st.dp_shard:
+        raise ValueError("no simulation for strategy.dp_shard=true yet (the data dimension "
+                         "as fsdp)")
+    mesh = resolve_mesh(world=cfg.world_size, dp=st.dp, pp=st.pp, tp=st.tp)
+    M, dims = cfg.train.microbatches, cfg.model.dims
+    item = ITEM[cfg.train.dtype]
+    citem = 2 if cfg.train.precision == "bf16" else item
+    sched = schedule or load_schedule(st.schedule, world=mesh.pp, micro=M,
+                                      virtual=st.virtual_stages)
+    plan = plan_stages(cfg.spec, sched.stages, st.balance)
+    lo, hi = replica_rows(cfg.train.batch_size, mesh, 0)  # every replica has as many rows
+    mb = (hi - lo) // M
+
+    def transfer(m: Message) -> float:
+        return links.p2p(mb * dims[plan[max(m.from_stage, m.to_stage)][0]] * citem)
+
+    tp_calls: dict[tuple[int, int], list] = {}  # (tp coordinate, stage) -> one micro-batch's
+
+    def after(r: int, a: Action) -> list[Op]:
+        if a.kind == "W":  # the weight gradient is local
+            return []
+        c = mesh.coords(r)
+        key = (c.tp, a.stage)
+        if key not in tp_calls:
+            start, end = plan[a.stage]
+            tp_calls[key] = stage_tp_calls(st.layout, dims, start, end, tp=mesh.tp, rank=c.tp,
+                                           rows=mb, itemsize=citem)
+        phase = "forward" if a.kind == "F" else "backward"
+        group = mesh.group(r, "tp")
+        return [_comm_op(r, call, links.collective(call.wire, mesh.tp), f"tp{group}:{a}:{k}")
+                for k, call in enumerate(tp_calls[key]) if call.phase == phase]
+
+    def pre_tail(r: int) -> list[Op]:
+        calls = hybrid_calls(cfg.spec, mesh, sched, plan, layout=st.layout, rank=r,
+                             batch=cfg.train.batch_size, micro=M, itemsize=item)["dp"]
+        group = mesh.group(r, "dp")
+        return [_comm_op(r, call, links.collective(call.wire, mesh.dp), f"dp{group}:{k}")
+                for k, call in enumerate(calls)]
+
+    lines = [tuple(mesh.rank_of(dp=d, pp=p, tp=t) for p in range(mesh.pp))
+             for d in range(mesh.dp) for t in range(mesh.tp)]
+    return pipeline_ops(sched, compute=lambda a: 0.0, transfer=transfer,
+                        tail=lambda r: times[r]["update"], metric=metric, lines=lines,
+                        after=after, pre_tail=pre_tail,
+                        compute_on=lambda r, a: times[r][f"s{a.stage}:{a.kind}"])
+
+
+def fsdp_rank_ops(cfg, rank: int, t: dict[str, float], links: Links) -> list[Op]:  # noqa: ANN001
+    """One fsdp rank's step before J (plans/fsdp.py): per micro-batch each layer's F, the
+    loss, each layer's B from the top; the plan's collectives where the runner makes them
+    (stage 3: a layer's weight gather before its F and, resharded, before its B; stages 2
+    and 3: its gradient's reduce-scatter after its B; stage 1: the gradient all-reduce
+    before the update; stages 1 and 2: every layer's gather after it). Every rank makes
+    the same calls in the same order: the call's place in the plan's list is its key."""
+    from collections import deque
+
+    from partition.plans.fsdp import fsdp_calls, shard_plan
+
+    st, P, L = cfg.strategy, cfg.ranks, cfg.spec.num_layers
+    shards = shard_plan(cfg.model.dims, world=P, bias=cfg.model.bias)
+    calls = deque(enumerate(fsdp_calls(shards, zero_stage=st.zero_stage,
+                                       reshard_after_forward=st.reshard_after_forward,
+                                       micro=cfg.train.microbatches,
+                                       itemsize=ITEM[cfg.train.dtype])))
+    ops: list[Op] = []
+
+    def take(role: str, phase: str, layer: int | None) -> None:
+        """The plan's next calls, while they are this role's for this phase and layer."""
+        while calls and (calls[0][1].role, calls[0][1].phase, calls[0][1].layer) == (
+                role, phase, layer):
+            k, call = calls.popleft()
+            ops.append(_comm_op(rank, call, links.collective(call.wire, P), f"fsdp:{k}"))
+
+    for m in range(cfg.train.microbatches):
+        for l in range(L):
+            take("weight_gather", "forward", l)
+            ops.append(Op(rank, "compute", f"F{l}", t[f"F{l}"],
+                          args={"kind": "F", "layer": l, "mb": m}))
+        ops.append(Op(rank, "compute", "loss", t["loss"], args={"kind": "loss", "mb": m}))
+        for l in range(L - 1, -1, -1):
+            take("weight_gather", "backward", l)
+            ops.append(Op(rank, "compute", f"B{l}", t[f"B{l}"],
+                          args={"kind": "B", "layer": l, "mb": m}))
+            take("weight_grad", "backward", l)
+    take("weight_grad", "update", None)
+    ops.append(Op(rank, "compute", "update", t["update"], args={"kind": "update"}))
+    for l in range(L):
+        take("weight_gather", "update", l)
+    if calls:  # the plan has a call the runner's order above does not place
+        raise ValueError(f"fsdp simulation: the plan's call {calls[0][1]} has no place")
     return ops
 

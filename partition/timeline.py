@@ -93,15 +93,23 @@ def _equalised(cfg: Any, times: list[dict[str, float]]) -> list[dict[str, float]
 
 def simulated_block(cfg: Any, times: list[dict[str, float]], params: Any) -> dict[str, Any] | None:
     """`predicted` timing from the simulator: per rank step, compute, idle; and the causes."""
+    return simulation(cfg, times, params)[0]
+
+
+def simulation(cfg: Any, times: list[dict[str, float]] | None,
+               params: Any) -> tuple[dict[str, Any] | None, str | None]:
+    """`simulated_block`'s block and None, or None and why the step is not simulated."""
     if not times or not all(times) or len(times) != cfg.ranks:
-        return None
+        return None, f"no action times for each of the {cfg.ranks} ranks"
     links = links_of(params)
     try:
         tl = simulate_step(cfg, times, links)
         free = simulate_step(cfg, times, links.free())
         equal = simulate_step(cfg, _equalised(cfg, times), links.free())
-    except (KeyError, ValueError):  # a strategy or an action the calibration does not cover
-        return None
+    except ValueError as e:  # a strategy (or setting) without a simulation, a stuck plan
+        return None, str(e)
+    except KeyError as e:  # an action the calibration does not cover
+        return None, f"the action times have no {e}"
     P = cfg.ranks
 
     def mean_idle(t: Timeline) -> float:
@@ -113,7 +121,7 @@ def simulated_block(cfg: Any, times: list[dict[str, float]], params: Any) -> dic
     return {"timeline": tl, "ranks": ranks, "step_time_s": tl.step_time,
             "idle_fraction": mean_idle(tl),
             "causes": {"schedule": sched, "imbalance": max(0.0, imb - sched),
-                       "communication": max(0.0, comm - imb)}}
+                       "communication": max(0.0, comm - imb)}}, None
 
 
 def stage_imbalance(rows: list[dict[str, Any]]) -> float | None:

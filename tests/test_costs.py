@@ -232,6 +232,64 @@ def test_closed_forms_equal_the_dry_run(kw):
         assert c.predict.breakdown["grads"] == 0
 
 
+HYBRID_CASES = {  # id -> overrides of a 4-layer net on a hybrid mesh
+    "dp2xpp2": {"strategy.dp": 2, "strategy.pp": 2},
+    "dp2xtp2": {"strategy.dp": 2, "strategy.tp": 2},
+    "pp2xtp2": {"strategy.pp": 2, "strategy.tp": 2, "strategy.balance": [2, 2]},
+    "pp2xtp2-1f1b-momentum": {"strategy.pp": 2, "strategy.tp": 2, "strategy.balance": [1, 3],
+                              "strategy.schedule": "1f1b", "train.momentum": 0.9},
+    "dp2xpp2xtp2-1f1b": {"world_size": 8, "strategy.dp": 2, "strategy.pp": 2, "strategy.tp": 2,
+                         "strategy.balance": [2, 2], "strategy.schedule": "1f1b",
+                         "train.microbatches": 4, "train.batch_size": 32},
+    "pp4": {"strategy.pp": 4},
+    "dp2xpp2-interleaved": {"strategy.dp": 2, "strategy.pp": 2, "strategy.virtual_stages": 2,
+                            "strategy.schedule": "interleaved_1f1b",
+                            "model.dims": [12, 8, 8, 8, 8, 8, 8, 8, 4]},
+    "seed-dp2xtp2": {"strategy.dp": 2, "strategy.tp": 2, "model.dims": [784, 2048, 10],
+                     "train.batch_size": 64, "train.dtype": "float32", "model.bias": False},
+}
+
+
+@pytest.mark.parametrize("case", HYBRID_CASES)
+def test_hybrid_closed_forms_equal_the_dry_run_to_the_byte(case):
+    """On a mesh, each rank's closed forms (its stages' tp shards at its replica's rows,
+    the pipeline's moments over its pp coordinate) are the dry run's: state, kept
+    activations, every crossing, the training peak — and the matrix-product FLOPs it
+    counted (`flops_counted`)."""
+    kw = {"model.dims": [12, 8, 6, 8, 4], "train.batch_size": 16, "train.microbatches": 2,
+          "model.bias": True, "model.weight_decay": 0.01, **HYBRID_CASES[case]}
+    cfg = make_config(strategy="hybrid", world_size=kw.pop("world_size", 4), **kw)
+    for row in costs.formula_deviation(cfg):
+        exact = {k: v for k, v in row.items() if isinstance(v, tuple)}
+        assert all(dry == form for dry, form, _ in exact.values()), (row["rank"], exact)
+    for c in costs.rank_costs(cfg):
+        assert c.flops["total"] == c.extra["flops_counted"] > 0, c.rank
+        assert c.train.activations_bytes == costs.kept_activation_bytes(cfg, c.rank)
+
+
+def test_hybrid_flops_by_hand():
+    """dp=2 × tp=2 on the seed [d, h, q] (megatron: W¹'s rows, W²'s columns halved), a
+    replica's B/dp = 32 rows: F = W = 2·32·(d·h/2 + h/2·q), I = 2·32·(h/2)·q (x needs none)."""
+    d, h, q, R = 784, 2048, 10, 32
+    cfg = make_config(strategy="hybrid", world_size=4, **{
+        "strategy.dp": 2, "strategy.tp": 2, "model.dims": [d, h, q], "train.batch_size": 64})
+    fw = 2 * R * (d * h // 2 + h // 2 * q)
+    for r in range(4):
+        assert costs.rank_flops(cfg, r) == {"forward": fw, "input_grad": 2 * R * h // 2 * q,
+                                            "weight_grad": fw, "recompute": 0,
+                                            "total": 2 * fw + 2 * R * h // 2 * q}
+
+
+@pytest.mark.parametrize("zero", [1, 3])
+def test_fsdp_flops_are_the_dry_runs(zero):
+    """fsdp multiplies by whole layers at its share of the rows (13 over 3: 5, 4, 4)."""
+    cfg = make_config(strategy="fsdp", world_size=3, **{
+        "model.dims": [10, 7, 5], "train.batch_size": 13, "strategy.zero_stage": zero,
+        "model.bias": True})
+    got = [(c.flops["total"], c.extra["flops_counted"]) for c in costs.rank_costs(cfg)]
+    assert got == [(2 * rows * (10 * 7 * 2 + 7 * 5 * 3),) * 2 for rows in (5, 4, 4)]
+
+
 # The seed at B = 512 in float32 under every strategy and schedule the tests run, and the
 # deep net (conf/model/deep.yaml) for pipelines of 3 and 4 stages.
 SEED_CASES = [

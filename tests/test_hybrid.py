@@ -294,6 +294,89 @@ def test_a_fault_in_one_rank_of_one_group_is_named(tmp_path):
     assert err["teardown_s"] <= cfg.timeout_s + SLACK_S, err
 
 
+# ---------------------------------------------------------------- time: calibration, simulation
+
+
+class _Refuses(Transport):
+    """A transport that fails the test if anything would cross."""
+
+    moves = False
+
+    def _no(self, *a):  # noqa: ANN002
+        raise AssertionError("the calibration tried to communicate")
+
+    send = recv = isend = irecv = all_reduce = all_gather = reduce_scatter = all_gather_into = _no
+
+
+def test_calibration_times_each_stage_alone_without_its_tp_collectives():
+    """Every rank times the F, B, I, W of each stage it holds (keys `s<stage>:<kind>`) and
+    its update, with nothing crossing: a stage's tp collectives are the simulator's."""
+    from partition.calibrate import action_times
+    from partition.dryrun import meta_dataset
+    from partition.model import init_weights
+    from partition.strategies import build_runner
+
+    cfg = _hybrid(**{"strategy.pp": 2, "strategy.tp": 2, "strategy.balance": [2, 2]})
+    full = init_weights(cfg.spec, cfg.seed)
+    for r in range(4):
+        ledger = Ledger()
+        comm = Comm(rank=r, world_size=4, ledger=ledger, transport=_Refuses())
+        runner = build_runner(cfg, Topology(r, 4, r, torch.device("cpu"), "none"), comm,
+                              meta_dataset(cfg), full)
+        before = [l.W.clone() for l in runner.layers]
+        times = action_times(cfg, runner)
+        stage = r // 2  # ranks 0, 1 hold stage 0; ranks 2, 3 stage 1
+        assert set(times) == {f"s{stage}:{k}" for k in "FBIW"} | {"update", "peak_flops_per_s"}
+        assert all(v >= 0 for v in times.values()) and times[f"s{stage}:F"] > 0
+        assert ledger.records == []
+        assert all(torch.equal(a, l.W) for a, l in zip(before, runner.layers))  # untouched
+        assert all(not g.W.any() for st in runner.stages.values() for g in st.grads)
+
+
+def test_calibration_keys_follow_the_ranks_virtual_stages():
+    from partition.calibrate import local_action_times
+
+    cfg = _hybrid(**{"strategy.dp": 2, "strategy.pp": 2, "strategy.virtual_stages": 2,
+                     "strategy.schedule": "interleaved_1f1b"})
+    times = local_action_times(cfg)
+    # pp coordinate 0 holds stages 0 and 2, coordinate 1 stages 1 and 3 (ranks 1, 3)
+    for r, held in enumerate([(0, 2), (1, 3), (0, 2), (1, 3)]):
+        assert set(times[r]) == ({f"s{s}:{k}" for s in held for k in "FBIW"}
+                                 | {"update", "peak_flops_per_s"})
+
+
+def test_a_hybrid_run_predicts_its_step_by_simulation(tmp_path):
+    """A real pp=2 × tp=2 run: its result.json has the simulated step, per rank timing,
+    the idle fraction simulated next to the measured one and the equal-stages formula
+    (P−1)/(M+P−1) = 1/3 over its pp=2 at M=2, a replayable simulation, the closed forms
+    (the training peak equal to the dry run's) and the FLOPs the dry run counted."""
+    import json
+
+    from partition.launch import run
+    from partition.timeline import simulated_from_result
+
+    cfg = _hybrid(**{"strategy.pp": 2, "strategy.tp": 2, "strategy.balance": [2, 2],
+                     "train.steps": 3})
+    res = run(cfg, str(tmp_path))
+    assert res["status"] == "ok", res["error"]
+    pred = res["predicted"]
+    assert pred["step_time_s"] is not None and pred["not_simulated"] is None
+    idle = res["train"]["idle_fraction"]
+    assert idle["simulated"] == pred["idle_fraction"] and 0 <= idle["simulated"] <= 1
+    assert idle["measured"] is not None
+    assert idle["equal_stages_formula"] == pytest.approx(1 / 3)
+    assert set(res["train"]["idle_causes"]) == {"schedule", "imbalance", "communication"}
+    for r, (mine, p) in enumerate(zip(res["ranks"], pred["ranks"], strict=True)):
+        assert p["timing"]["step_s"] == pred["step_time_s"]
+        assert set(mine["action_times"]) == {f"s{r // 2}:{k}" for k in "FBIW"} | {
+            "update", "peak_flops_per_s"}
+        assert p["flops"] == p["flops_counted"] > 0
+        assert pred["formula"]["ranks"][r]["peak_bytes"] == p["memory"]["peak_bytes"]
+    with open(tmp_path / "result.json") as f:
+        assert simulated_from_result(json.load(f)).step_time == pred["step_time_s"]
+    assert (tmp_path / "timeline.png").stat().st_size > 10_000
+
+
 def test_predict_shows_bytes_per_dimension():
     from experiments.predict import render
 

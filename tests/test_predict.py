@@ -62,3 +62,28 @@ def test_a_refused_plan_is_one_line(tmp_path, capsys):
     err = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
     assert len(err) == 1 and err[0].startswith("error: world_size=3")
     assert not (tmp_path / "prediction.json").exists()
+
+
+def test_a_hybrid_mesh_is_predicted_with_its_flops_and_simulated_step(tmp_path, capsys):
+    pred = _predict(tmp_path, "strategy=hybrid", "world_size=4", "strategy.pp=2",
+                    "strategy.tp=2", "model.dims=[16,12,12,4]", "train.batch_size=8")
+    assert pred["step_time_s"] > 0 and pred["not_simulated"] is None
+    # pp coordinate 0 holds layer 0 (one layer: not split), coordinate 1 layers 1, 2 (a pair)
+    assert [r["flops"] for r in pred["ranks"]] == [r["flops_counted"] for r in pred["ranks"]]
+    assert pred["ranks"][0]["flops"] == 2 * 2 * 8 * 16 * 12  # F and W of W¹, whole
+    out = capsys.readouterr().out
+    assert "simulated step " in out and "idle fraction" in out
+
+
+def test_predict_says_why_a_step_is_not_simulated(tmp_path, capsys):
+    """Action times that lack a stage's actions (a profile of another split): the simulator's
+    reason, not the one for weights too large to time."""
+    profile = tmp_path / "old.json"
+    profile.write_text(json.dumps({"ranks": [{"rank": r, "action_times": {"update": 0.0}}
+                                             for r in range(2)]}))
+    pred = _predict(tmp_path, "strategy=pipeline", "world_size=2", "model.dims=[8,6,4]",
+                    f"cost.profile={profile}")
+    assert pred["step_time_s"] is None and pred["not_simulated"] == "the action times have no 's0:F'"
+    out = capsys.readouterr().out
+    assert "simulated step: not predicted (the action times have no 's0:F')" in out
+    assert "too large" not in out

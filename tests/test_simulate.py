@@ -42,3 +42,141 @@ def test_collectives_start_together():
     assert [(s.label, s.start, s.end) for s in tl.spans if s.kind == "comm"] == [
         ("ar", 5.0, 6.0), ("ar", 5.0, 6.0)]
     assert tl.idle_fraction(0) == pytest.approx(1 - 2 / 6)
+
+
+# ---------------------------------------------------------------- hybrid meshes and fsdp
+
+INF = float("inf")
+
+
+def _hybrid(**kw):
+    from conftest import make_config
+
+    base = {"model.dims": [12, 8, 6, 8, 4], "train.batch_size": 16, "train.microbatches": 2,
+            "data.num_examples": 64}
+    return make_config(strategy="hybrid", world_size=4, **{**base, **kw})
+
+
+def _units(cfg, kinds="FBIW"):
+    """Every rank's action times: 1 per action of each stage it holds, a free update."""
+    from partition.plans.mesh import resolve_mesh
+    from partition.plans.schedule import load_schedule
+
+    s = cfg.strategy
+    mesh = resolve_mesh(world=cfg.world_size, dp=s.dp, pp=s.pp, tp=s.tp)
+    sched = load_schedule(s.schedule, world=mesh.pp, micro=cfg.train.microbatches)
+    return [{**{f"s{st}:{k}": 1.0 for st in sched.rank_stages(mesh.coords(r).pp) for k in kinds},
+             "update": 0.0} for r in range(cfg.world_size)]
+
+
+def test_hybrid_dp2_pp2_is_the_pipeline_then_the_dp_all_reduce():
+    """GPipe over pp=2 at M=2 with unit actions takes 6 units (as above) in both replicas;
+    each stage's dp pair then all-reduces its gradients (0.5: α only) as soon as both have
+    finished their backwards — stage 1 at 5, stage 0 at 6 — and J's all-reduce (0.5)
+    starts when the last rank is there: 6 + 0.5 + 0.5."""
+    from partition.simulate import Links, step_ops
+
+    cfg = _hybrid(**{"strategy.dp": 2, "strategy.pp": 2})
+    tl = simulate(step_ops(cfg, _units(cfg), Links(0.0, INF, 0.5, INF)), 4)
+    assert tl.step_time == 7.0
+    dp = {r: [(s.start, s.end) for s in tl.rank_spans(r) if s.label == "all_reduce weight_grad"]
+          for r in range(4)}
+    # ranks 0, 2 hold stage 0 (replicas 0, 1); ranks 1, 3 stage 1
+    assert dp == {0: [(6.0, 6.5)], 1: [(5.0, 5.5)], 2: [(6.0, 6.5)], 3: [(5.0, 5.5)]}
+    for r in range(4):  # the pipeline part is GPipe's, in each replica
+        mine = [(s.label, s.start) for s in tl.rank_spans(r) if s.kind == "compute"]
+        want = ([("0F0", 0.0), ("0F1", 1.0), ("0B0", 4.0), ("0B1", 5.0)] if r % 2 == 0 else
+                [("1F0", 1.0), ("1F1", 2.0), ("1B0", 3.0), ("1B1", 4.0)])
+        assert mine[:4] == want
+        assert mine[4][0] == "update"
+
+
+def test_hybrid_tp_collectives_follow_their_actions_with_the_plans_wire_bytes():
+    """pp=2 × tp=2, megatron, layers [0, 1] and [2, 3]: stage 0's F ends with the all-reduce
+    of its pair's partial output (8 rows × 6 × 8 B = 384 B; at tp=2 an all-reduce puts as
+    much on the wire), stage 1's F with its own (8 × 4 × 8 = 256 B) and its B with the
+    all-reduce of its first layer's input gradient (8 × 6 × 8 = 384 B). With β = 1 B/s and
+    no α a collective takes its wire bytes in seconds."""
+    from partition.plans.mesh import hybrid_calls, resolve_mesh
+    from partition.plans.schedule import load_schedule
+    from partition.plans.stages import plan_stages
+    from partition.simulate import Links, step_ops
+
+    cfg = _hybrid(**{"strategy.pp": 2, "strategy.tp": 2, "strategy.balance": [2, 2]})
+    ops = step_ops(cfg, _units(cfg), Links(0.0, INF, 0.0, 1.0))
+    tp = {r: [(o.label, o.duration) for o in ops if o.rank == r and o.sync
+              and o.sync.startswith("tp")] for r in range(4)}
+    ar = "all_reduce partial_output"
+    assert tp[0] == tp[1] == [(ar, 384.0)] * 2
+    assert tp[2] == tp[3] == [(ar, 256.0), (ar, 256.0), ("all_reduce input_grad", 384.0),
+                              ("all_reduce input_grad", 384.0)]
+    # each right after its action, in the rank's order
+    order = [o.label for o in ops if o.rank == 2 and o.args.get("role") != "metric"]
+    assert order == ["1F0", ar, "1F1", ar, "1B0", "all_reduce input_grad", "1B1",
+                     "all_reduce input_grad", "update"]
+    # the one source: the mesh plan's tp calls of each rank, wire bytes and count
+    mesh = resolve_mesh(world=4, dp="auto", pp=2, tp=2)
+    sched = load_schedule("gpipe", world=2, micro=2)
+    plan = plan_stages(cfg.spec, 2, [2, 2])
+    for r in range(4):
+        calls = hybrid_calls(cfg.spec, mesh, sched, plan, layout="megatron", rank=r, batch=16,
+                             micro=2, itemsize=8)["tp"]
+        assert sorted(d for _, d in tp[r]) == sorted(float(c.wire) for c in calls)
+    # tp partners meet in each collective
+    tl = simulate(ops, 4)
+    for a, b in ((0, 1), (2, 3)):
+        sa = [s.start for s in tl.rank_spans(a) if s.args.get("role") in ("partial_output",
+                                                                        "input_grad")]
+        sb = [s.start for s in tl.rank_spans(b) if s.args.get("role") in ("partial_output",
+                                                                        "input_grad")]
+        assert sa == sb
+
+
+def test_hybrid_with_a_sharded_data_dimension_is_not_simulated_and_says_so():
+    from dataclasses import replace
+
+    from partition.costs import CostParams
+    from partition.simulate import Links, step_ops
+    from partition.timeline import simulated_block, simulation
+
+    plain = _hybrid(**{"strategy.dp": 2, "strategy.tp": 2})
+    cfg = replace(plain, strategy=replace(plain.strategy, dp_shard=True))  # not buildable yet
+    times = [{"s0:F": 1.0, "s0:B": 1.0, "s0:I": 0.5, "s0:W": 0.5, "update": 0.0}] * 4
+    with pytest.raises(ValueError, match="no simulation for strategy.dp_shard=true"):
+        step_ops(cfg, times, Links(0, INF, 0, INF))
+    params = CostParams.from_config(cfg)
+    assert simulated_block(cfg, times, params) is None
+    assert simulation(cfg, times, params)[1].startswith("no simulation for strategy.dp_shard")
+    assert simulated_block(plain, times, params)["step_time_s"] > 0
+
+
+@pytest.mark.parametrize(("zero", "want"), [
+    (3, ["all_gather weight_gather", "F0", "all_gather weight_gather", "F1", "loss",
+         "all_gather weight_gather", "B1", "reduce_scatter weight_grad",
+         "all_gather weight_gather", "B0", "reduce_scatter weight_grad", "update"]),
+    (1, ["F0", "F1", "loss", "B1", "B0", "all_reduce weight_grad", "update",
+         "all_gather weight_gather", "all_gather weight_gather"]),
+])
+def test_fsdp_layers_meet_the_plans_collectives(zero, want):
+    """Each layer's gather before its F (and, resharded, its B), its reduce-scatter after
+    its B; stage 1 all-reduces before the update and gathers after it: the calls of
+    plans/fsdp.py in order, each taking its ring wire bytes at β = 1 B/s."""
+    from conftest import make_config
+
+    from partition.plans.fsdp import fsdp_calls, shard_plan
+    from partition.simulate import Links, step_ops
+
+    cfg = make_config(strategy="fsdp", world_size=2, **{
+        "model.dims": [6, 5, 3], "train.batch_size": 8, "strategy.zero_stage": zero})
+    times = [{"F0": 1.0, "F1": 1.0, "B0": 1.0, "B1": 1.0, "loss": 0.5, "update": 0.25}] * 2
+    ops = step_ops(cfg, times, Links(0.0, INF, 0.0, 1.0))
+    for r in range(2):
+        mine = [o for o in ops if o.rank == r]
+        assert [o.label for o in mine] == want + ["all_reduce metric"]
+        calls = fsdp_calls(shard_plan([6, 5, 3], world=2, bias=False), zero_stage=zero,
+                           reshard_after_forward=True, micro=1, itemsize=8)
+        assert [o.duration for o in mine if o.kind == "comm"][:-1] == [float(c.wire)
+                                                                        for c in calls]
+    tl = simulate(ops, 2)
+    comm = sum(float(c.wire) for c in calls) + 2 * 1 * 24 // 2  # + J's all-reduce
+    assert tl.step_time == pytest.approx(4.75 + comm)

@@ -126,6 +126,24 @@ def first_input_grad_partial(shards: list[LayerShard]) -> bool:
     return shards[0].kind in ("column", "rowwise")
 
 
+def stage_tp_calls(layout: str, dims: Sequence[int], start: int, end: int, *, tp: int,
+                   rank: int, rows: int, itemsize: int) -> list[Call]:
+    """The tp collectives of one micro-batch of `rows` rows through stage [start, end), in
+    the order the stage makes them: the tensor plan of the stage's own layers (forward's,
+    then backward's), then — a stage that is not the first — the all-reduce of its first
+    layer's input gradient when that is a partial sum. None at tp = 1."""
+    if tp == 1:
+        return []
+    sub = list(dims[start:end + 1])
+    out = tensor_calls(layout, sub, world=tp, rank=rank, batch=rows, micro=1,
+                       itemsize=itemsize)[:-1]  # its metric is the world's
+    shards = stage_shards(layout, dims, start, end, tp=tp, rank=rank)
+    if start > 0 and first_input_grad_partial(shards):
+        out.append(collective("input_grad", "backward", "all_reduce", rows * dims[start] * itemsize,
+                              tp))
+    return out
+
+
 def replica_rows(batch: int, mesh: Mesh, rank: int) -> tuple[int, int]:
     """The rows of the step's batch that `rank`'s data-parallel replica takes."""
     return row_share(batch, mesh.dp, mesh.coords(rank).dp)
@@ -158,13 +176,8 @@ def hybrid_calls(spec: NetShape, mesh: Mesh, schedule: Schedule,
         start, end = stages[s]
         shards = stage_shards(layout, dims, start, end, tp=mesh.tp, rank=c.tp)
         params += shard_params(dims, shards, bias=spec.bias)
-        if mesh.tp > 1:
-            sub = list(dims[start:end + 1])
-            out["tp"] += tensor_calls(layout, sub, world=mesh.tp, rank=c.tp, batch=rows,
-                                      micro=micro, itemsize=b)[:-1]  # its metric is the world's
-            if start > 0 and first_input_grad_partial(shards):
-                out["tp"] += [collective("input_grad", "backward", "all_reduce",
-                                         mb * dims[start] * b, mesh.tp)] * micro
+        out["tp"] += stage_tp_calls(layout, dims, start, end, tp=mesh.tp, rank=c.tp, rows=mb,
+                                    itemsize=b) * micro
     if mesh.dp > 1:
         out["dp"].append(collective("weight_grad", "update", "all_reduce", params * b, mesh.dp))
     if mesh.world > 1:
