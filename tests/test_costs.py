@@ -242,6 +242,8 @@ HYBRID_CASES = {  # id -> overrides of a 4-layer net on a hybrid mesh
                          "strategy.balance": [2, 2], "strategy.schedule": "1f1b",
                          "train.microbatches": 4, "train.batch_size": 32},
     "pp4": {"strategy.pp": 4},
+    "pp2xtp2-rowwise": {"strategy.pp": 2, "strategy.tp": 2, "strategy.balance": [2, 2],
+                        "strategy.layout": "rowwise"},
     "dp2xpp2-interleaved": {"strategy.dp": 2, "strategy.pp": 2, "strategy.virtual_stages": 2,
                             "strategy.schedule": "interleaved_1f1b",
                             "model.dims": [12, 8, 8, 8, 8, 8, 8, 8, 4]},

@@ -143,6 +143,10 @@ CASES = {  # id -> overrides
     "dp2xpp2-gpipe": {"strategy.dp": 2, "strategy.pp": 2},
     "dp2xtp2": {"strategy.dp": 2, "strategy.tp": 2},
     "pp2xtp2-gpipe": {"strategy.pp": 2, "strategy.tp": 2, "strategy.balance": [2, 2]},
+    # rowwise: the first stage's top layer is a hidden rowwise layer (it slices the whole
+    # dJ/dh the next stage sends)
+    "pp2xtp2-rowwise": {"strategy.pp": 2, "strategy.tp": 2, "strategy.balance": [2, 2],
+                        "strategy.layout": "rowwise"},
     "dp2xpp2-1f1b": {"strategy.dp": 2, "strategy.pp": 2, "strategy.schedule": "1f1b"},
     "pp2xtp2-1f1b": {"strategy.pp": 2, "strategy.tp": 2, "strategy.balance": [2, 2],
                      "strategy.schedule": "1f1b"},

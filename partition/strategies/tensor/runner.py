@@ -174,9 +174,12 @@ class TensorShards:
             layer, sh, cache = self.compute[i], self.plan[i], caches[i]
             want_dx = i > 0 or need_input_grad
             with maybe_span(self.tracer, f"B{layer.index}", kind="B", layer=layer.index):
+                if sh.kind == "rowwise" and i == len(self.compute) - 1:
+                    # the top of the run (the net's output, or a pipeline stage's last
+                    # hidden layer): g is the whole dJ/do or dJ/dh; this rank's columns
+                    g = g[:, slice(*sh.rows)]
                 if layer.index == last:
-                    # rowwise: this rank's output columns of the whole dJ/do
-                    dz = g[:, slice(*sh.rows)] if sh.kind == "rowwise" else g
+                    dz = g
                 else:
                     dz = activation_backward(self.spec.activation, cache.z, g)
                 if defer is None:
