@@ -108,9 +108,14 @@ class TorchRunner:
         # aten op (tens of µs here), which would be charged to torch's step time. Without it
         # this engine's training traffic is missing from the ledger.
         self.observe = True
+        # What the optimizer trains, per layer: an nn.Linear, or anything with its `weight`
+        # and `bias` (engines/hybrid.py's DDP-held pair).
         self.linears: list[nn.Linear] = []
         self.opt: torch.optim.SGD | None = None
         self.in_flight = 0
+        # On a DeviceMesh: this rank's group members along each dimension -> the dimension,
+        # for the records' `dim` (observe.to_records); None on the 1-D engines' world group.
+        self.dims: dict[tuple[int, ...], str] | None = None
 
     # ------------------------------------------------------------ per engine
 
@@ -155,7 +160,7 @@ class TorchRunner:
             self.opt.step()
         wall = time.perf_counter() - t0
         records = to_records(obs.seen, step=self.comm.ledger.step, world_size=self.topo.world_size,
-                             role_of=self.role_of)
+                             role_of=self.role_of, dims=self.dims)
         for r in records:
             self.comm.ledger.add(r)
         # J = L + s from the parts each rank holds, reduced under `metric` as explicit does.
