@@ -38,7 +38,7 @@ def _hybrid(engine: str, **kw):  # noqa: ANN202
 
 
 CASES = {  # id -> overrides
-    "dp2xtp2": {"strategy.dp": 2, "strategy.tp": 2},
+    "dp2xtp2": {"strategy.dp": 2, "strategy.tp": 2, "train.grad_check": True},
     "pp2xtp2-gpipe": {"strategy.pp": 2, "strategy.tp": 2, "strategy.balance": [2, 2]},
     "pp2xtp2-1f1b": {"strategy.pp": 2, "strategy.tp": 2, "strategy.balance": [2, 2],
                      "strategy.schedule": "1f1b"},
@@ -57,7 +57,8 @@ def _rank_fn(rank: int, world: int, cfgs: list) -> list[dict]:
         ledger = Ledger()
         rec = run_rank(cfg, topo, Comm(rank=rank, world_size=world, ledger=ledger), ledger)
         out.append({"status": rec.status, "shards": rec.shards, "records": list(ledger.records),
-                    "comm": rec.comm, "objective": rec.objective})
+                    "comm": rec.comm, "objective": rec.objective,
+                    "grad_rel_err": rec.grad_rel_err})
     return out
 
 
@@ -101,6 +102,8 @@ def check_same_as_explicit(cfg, torch_runs: list[dict], explicit: list[dict]) ->
     assert max_rel_err(cfg, torch_runs) <= TOL
     for r in torch_runs:  # every rank reports the explicit engine's J, every step
         assert np.allclose(r["objective"], explicit[0]["objective"], rtol=TOL, atol=0)
+        if cfg.train.grad_check:  # ∂J/∂(each shard) against autograd on the full net
+            assert r["grad_rel_err"] is not None and r["grad_rel_err"] <= TOL
 
 
 @pytest.mark.parametrize("case", PARAMS)

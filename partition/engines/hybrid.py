@@ -18,8 +18,8 @@ DTensor places a tensor differently: RowwiseParallel replicates its bias, so eve
 of layers ends ColwiseParallel with an all-gathered output (the explicit engine
 replicates that layer: no bytes).
 
-Roles by the process group an op ran on (observe.SeenOp.group): on tp as
-engines/tensor.py's, on dp as engines/data.py's, on pp as engines/pipeline.py's.
+Roles by the process group an op ran on (observe.SeenOp.group, its member ranks): on tp
+as engines/tensor.py's, on dp as engines/data.py's, on pp as engines/pipeline.py's.
 Forward pre/post hooks on each stage module say which phase a tp collective is in (torch's
 schedule interleaves the micro-batches' forwards and backwards).
 """
