@@ -582,10 +582,28 @@ def _check_hybrid(cfg: RunConfig) -> None:
                               f"one unit of the narrowest, {min(widths)}")
         stage_shards(s.layout, cfg.model.dims, start, end, tp=mesh.tp, rank=0)
     if cfg.engine == "torch":
-        raise ConfigError("engine", "torch",
-                          "hybrid meshes on PyTorch's own engine (a DeviceMesh with DTensor "
-                          "tensor parallel, DDP/FSDP2 and pipelining stages) are not built; "
-                          "use engine=explicit")
+        _check_torch_hybrid(cfg, mesh, sched)
+
+
+def _check_torch_hybrid(cfg: RunConfig, mesh: Any, sched: Schedule) -> None:
+    """What engine=torch (engines/hybrid.py: pipelining stages, DTensor on mesh["tp"], DDP
+    on mesh["dp"]) cannot run of a valid mesh."""
+    from partition.plans.stages import plan_stages
+
+    s = cfg.strategy
+    if s.dp_shard:  # (refused above for both engines until the explicit one builds it)
+        raise ConfigError("strategy.dp_shard", True,
+                          "engine=torch runs the data dimension as DDP (FSDP2 over a "
+                          "tensor-parallel mesh is not built here); use engine=explicit")
+    if mesh.dp > 1 and any(a.kind == "W" for acts in sched.ranks for a in acts):
+        raise ConfigError("strategy.schedule", s.schedule,
+                          f"torch's DDP all-reduces the gradients of a full backward only; "
+                          f"{s.schedule} computes weight gradients in a separate pass (W), "
+                          f"which DDP misses (strategy.dp={mesh.dp}); use strategy.dp=1, a "
+                          f"schedule without W, or engine=explicit")
+    _check_torch_schedule(cfg, mesh.pp, "strategy.pp")
+    for start, end in plan_stages(cfg.spec, sched.stages, s.balance):
+        _check_torch_widths(cfg, start, end, mesh.tp, "strategy.tp")
 
 
 def _trace_steps(v: Any) -> str | tuple[int, ...]:
@@ -759,8 +777,7 @@ def _check_switches(cfg: RunConfig) -> None:
 
 def _check_torch_engine(cfg: RunConfig) -> None:
     """What PyTorch's own engines (partition/engines) cannot do, refused before any rank starts."""
-    P, M = cfg.world_size, cfg.train.microbatches
-    sched = cfg.strategy.schedule
+    P = cfg.world_size
     t = cfg.train
     for key, value, plain in (("train.recompute", t.recompute, "none"),
                               ("train.precision", t.precision, OWN_PRECISION[t.dtype]),
@@ -772,10 +789,19 @@ def _check_torch_engine(cfg: RunConfig) -> None:
         raise ConfigError("strategy.zero_stage", cfg.strategy.zero_stage,
                           "engine=torch runs FSDP2 (fully_shard), which is zero_stage=3; "
                           "stages 1 and 2 run on engine=explicit")
-    if cfg.strategy.name == "pipeline" and sched == "1f1b" and M < P:
+    if cfg.strategy.name == "pipeline":
+        _check_torch_schedule(cfg, P, "world_size")
+    if cfg.strategy.name == "tensor":
+        _check_torch_widths(cfg, 0, cfg.spec.num_layers, P, "world_size")
+
+
+def _check_torch_schedule(cfg: RunConfig, P: int, ranks: str) -> None:
+    """torch's schedule classes on P pipeline ranks (`ranks` names the key that sets P)."""
+    M, sched = cfg.train.microbatches, cfg.strategy.schedule
+    if sched == "1f1b" and M < P:
         raise ConfigError("train.microbatches", M,
-                          f"engine=torch's Schedule1F1B needs >= world_size={P} micro-batches")
-    if cfg.strategy.name == "pipeline" and sched in ("interleaved_1f1b", "zb1p"):
+                          f"engine=torch's Schedule1F1B needs >= {ranks}={P} micro-batches")
+    if sched in ("interleaved_1f1b", "zb1p"):
         # torch orders the micro-batches of its interleaved schedules in max(1, M // P) equal
         # rounds even with one stage per rank, where the explicit engine needs none.
         rounds = max(1, M // P)
@@ -784,13 +810,18 @@ def _check_torch_engine(cfg: RunConfig) -> None:
                    "zb1p": "ScheduleInterleavedZeroBubble"}[sched]
             raise ConfigError("train.microbatches", M,
                               f"engine=torch's {cls} runs M in max(1, M // P)={rounds} equal "
-                              f"rounds (world_size={P}); M must be a multiple of {rounds}")
-    if cfg.strategy.name == "tensor" and cfg.strategy.layout == "megatron":
-        # A column-parallel layer followed by a row-parallel one: DTensor.from_local rebuilds
-        # the row layer's input assuming even shards.
-        dims, L = cfg.model.dims, cfg.spec.num_layers
-        for l in range(0, L - 1, 2):
-            if dims[l + 1] % P:
-                raise ConfigError("model.dims", list(dims),
-                                  f"engine=torch tensor parallel needs width {dims[l + 1]} "
-                                  f"(layer {l + 1}) divisible by world_size={P}")
+                              f"rounds ({ranks}={P}); M must be a multiple of {rounds}")
+
+
+def _check_torch_widths(cfg: RunConfig, start: int, end: int, P: int, ranks: str) -> None:
+    """DTensor tensor parallel of layers [start, end) over P ranks (`ranks` names the key)."""
+    if cfg.strategy.layout != "megatron":
+        return
+    # A column-parallel layer followed by a row-parallel one: DTensor.from_local rebuilds
+    # the row layer's input assuming even shards.
+    dims = cfg.model.dims
+    for l in range(start, end - 1, 2):
+        if dims[l + 1] % P:
+            raise ConfigError("model.dims", list(dims),
+                              f"engine=torch tensor parallel needs width {dims[l + 1]} "
+                              f"(layer {l + 1}) divisible by {ranks}={P}")

@@ -68,7 +68,6 @@ def _hybrid(**kw):
     ({"strategy.tp": 4, "strategy.pp": 1, "model.dims": [12, 3, 4]}, "strategy.tp",
      "narrowest, 3"),
     ({"strategy.dp": 4, "train.batch_size": 12}, "train.batch_size", "a multiple of 8"),
-    ({"engine": "torch", "strategy.tp": 2}, "engine", "not built"),
     ({"strategy.pp": 2, "strategy.balance": "time"}, "strategy.balance", "pipeline only"),
     ({"strategy.pp": 5}, "world_size", "not divisible by strategy.pp=5"),
     ({"strategy.dp": 1, "strategy.pp": 4, "strategy.balance": [1, 1, 1, 2]}, "strategy.balance",

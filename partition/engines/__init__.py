@@ -2,8 +2,10 @@
 
 pipeline: torch.distributed.pipelining (PipelineStage, ScheduleGPipe / Schedule1F1B);
 tensor: torch.distributed.tensor.parallel (ColwiseParallel / RowwiseParallel on a DeviceMesh);
-data: DistributedDataParallel; fsdp: FSDP2's fully_shard (zero stage 3). Autograd, the same init, data, λ term and SGD update as the
-explicit engine, so both end at the same weights; their bytes are what the dispatcher saw
+data: DistributedDataParallel; fsdp: FSDP2's fully_shard (zero stage 3); hybrid: a 3-D
+DeviceMesh composing them (pipelining stages, DTensor on mesh["tp"], DDP on mesh["dp"]).
+Autograd, the same init, data, λ term and SGD update as the explicit engine, so both end at
+the same weights; their bytes are what the dispatcher saw
 (`observe.py`), recorded in the same ledger format. This package may call torch.distributed.
 """
 
@@ -36,7 +38,12 @@ def build_torch_runner(cfg: RunConfig, topo: Topology, comm: Comm, data: Dataset
         from partition.engines.fsdp import TorchFsdpRunner
 
         return TorchFsdpRunner(cfg, topo, comm, data, full)
-    raise ValueError(f"engine=torch has no {name!r} strategy (pipeline, tensor, data, fsdp)")
+    if name == "hybrid":
+        from partition.engines.hybrid import TorchHybridRunner
+
+        return TorchHybridRunner(cfg, topo, comm, data, full)
+    raise ValueError(f"engine=torch has no {name!r} strategy (pipeline, tensor, data, fsdp, "
+                     f"hybrid)")
 
 
 __all__ = ["build_torch_runner"]

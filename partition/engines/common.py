@@ -109,6 +109,8 @@ class TorchRunner:
         # aten op (tens of µs here), which would be charged to torch's step time. Without it
         # this engine's training traffic is missing from the ledger.
         self.observe = True
+        # What the optimizer trains, per layer: an nn.Linear, or anything with its `weight`
+        # and `bias` (engines/hybrid.py's DDP-held pair).
         self.linears: list[nn.Linear] = []
         self.opt: torch.optim.SGD | None = None
         self.in_flight = 0
@@ -117,6 +119,9 @@ class TorchRunner:
         # step runs under torch.profiler (train.py) and `profiled_spans` reads them back.
         self.marks = Marks()
         self._seen: list[SeenComm] = []
+        # On a DeviceMesh: this rank's group members along each dimension -> the dimension,
+        # for the records' `dim` (observe.to_records); None on the 1-D engines' world group.
+        self.dims: dict[tuple[int, ...], str] | None = None
 
     # ------------------------------------------------------------ per engine
 
@@ -163,7 +168,7 @@ class TorchRunner:
                 self.opt.step()
         wall = time.perf_counter() - t0
         records = to_records(obs.seen, step=self.comm.ledger.step, world_size=self.topo.world_size,
-                             role_of=self.role_of)
+                             role_of=self.role_of, dims=self.dims)
         if self.marks.on:  # the roles just given (role_of may count what it has seen)
             ops = [s for s in obs.seen if s.op != "wait"]  # to_records' one record per op
             self._seen = [SeenComm(s.name, s.op, r.role, s.bytes, s.peer)

@@ -31,6 +31,14 @@ from partition.engines.observe import SeenOp
 from partition.topology import Topology
 
 
+def data_role(s: SeenOp) -> tuple[str, str]:
+    """DDP's bucketed all-reduce in the backward is `weight_grad`; anything else (its
+    bucket-order broadcast after the first step) `metadata`."""
+    if s.phase == "backward" and s.op == "all_reduce":
+        return "weight_grad", "backward"
+    return "metadata", s.phase
+
+
 class TorchDataRunner(TorchRunner):
     def __init__(self, cfg: RunConfig, topo: Topology, comm: Comm, data: Dataset,
                  full: dict[str, torch.Tensor]) -> None:
@@ -62,9 +70,7 @@ class TorchDataRunner(TorchRunner):
         return super()._sq_share() if self.topo.rank == 0 else 0.0
 
     def role_of(self, s: SeenOp) -> tuple[str, str]:
-        if s.phase == "backward" and s.op == "all_reduce":
-            return "weight_grad", "backward"
-        return "metadata", s.phase
+        return data_role(s)
 
     def predict(self, step: int) -> torch.Tensor:
         """This rank's rows only, as in training."""

@@ -15,15 +15,20 @@ its functional op, never again at the c10d op it runs underneath.
 
 Roles cannot be read off an op; each engine maps what it saw to roles (see
 `partition.engines` for the mapping per strategy). Payload bytes are exact:
-they are the bytes of the tensors handed to the op.
+they are the bytes of the tensors handed to the op. Each op also names the global ranks
+of its process group (a c10d op's ProcessGroup argument, a functional collective's
+`group_name`), so an engine on a DeviceMesh can say which mesh dimension it crossed — by
+members, not by group object: DTensor may run a collective on an equal mesh's group.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from partition.comm import CommRecord, ObservedOp, Observer, nbytes, ring_wire_bytes
 
@@ -88,6 +93,20 @@ class SeenOp:
     dtype: torch.dtype | None
     phase: str  # what the engine said it was doing when the op was dispatched
     seconds: float  # time inside the dispatch call (async ops: enqueueing, not the wait)
+    group: tuple[int, ...] | None = None  # its process group's global ranks (None: not named)
+
+
+def _group_name(ns: str, args: tuple) -> str | None:
+    """The name of the process group an op runs on: a c10d op takes the ProcessGroup as a
+    script object, a functional collective its name as its last string argument."""
+    if ns == "c10d":
+        for a in args:
+            if isinstance(a, torch.ScriptObject) and a._type().qualified_name().endswith(
+                    ".ProcessGroup"):
+                return dist.ProcessGroup.unbox(a).group_name
+        return None
+    names = [a for a in args if isinstance(a, str)]
+    return names[-1] if names else None
 
 
 def _tensors(a: object) -> list[torch.Tensor]:
@@ -111,6 +130,18 @@ class StepObserver(Observer):
         self.seen: list[SeenOp] = []
         self.phase = "forward"
         self.compute_s = 0.0
+        self._members: dict[str, tuple[int, ...]] = {}  # group name -> its global ranks
+
+    def _group(self, ns: str, args: tuple) -> tuple[int, ...] | None:
+        name = _group_name(ns, args)
+        if name is None:
+            return None
+        if name not in self._members:  # names are unique within a process
+            from torch.distributed.distributed_c10d import _resolve_process_group
+
+            self._members[name] = tuple(dist.get_process_group_ranks(
+                _resolve_process_group(name)))
+        return self._members[name]
 
     def reset(self) -> None:
         self.ops.clear()
@@ -139,13 +170,19 @@ class StepObserver(Observer):
         self.ops.append(ObservedOp(short, n))
         self.seen.append(SeenOp(op, name, n, peer,
                                 tuple(first.shape) if first is not None else None,
-                                first.dtype if first is not None else None, self.phase, dt))
+                                first.dtype if first is not None else None, self.phase, dt,
+                                self._group(ns, args)))
         return out
 
 
-def to_records(seen: list[SeenOp], *, step: int | None, world_size: int,
-               role_of) -> list[CommRecord]:  # noqa: ANN001 - role_of(SeenOp) -> (role, phase)
-    """The ledger records of one step. A `wait` adds its seconds to the collective before it."""
+def to_records(seen: list[SeenOp], *, step: int | None, world_size: int, role_of,  # noqa: ANN001
+               dims: Mapping[tuple[int, ...], str] | None = None) -> list[CommRecord]:
+    """The ledger records of one step. A `wait` adds its seconds to the collective before it.
+
+    `role_of(SeenOp) -> (role, phase)`. `dims`, on a mesh: this rank's group members along
+    each dimension -> the dimension; an op on one of them is recorded with that dimension,
+    its group's size, and a p2p peer as the global rank (the op names the group rank).
+    """
     out: list[CommRecord] = []
     for s in seen:
         if s.op == "wait":
@@ -154,7 +191,10 @@ def to_records(seen: list[SeenOp], *, step: int | None, world_size: int,
                 out[-1] = CommRecord(**{**last.__dict__, "seconds": last.seconds + s.seconds})
             continue
         role, phase = role_of(s)
-        n, p = s.bytes, world_size
+        dim = (dims or {}).get(s.group) if s.group is not None else None
+        members = s.group if dim is not None else None
+        n, p = s.bytes, world_size if members is None else len(members)
+        peer = s.peer if members is None or s.peer is None else members[s.peer]
         sent = received = collective = wire = 0
         if s.op == "send":
             sent = wire = n
@@ -176,6 +216,6 @@ def to_records(seen: list[SeenOp], *, step: int | None, world_size: int,
             wire = ring_wire_bytes("broadcast", n, p)
         else:  # barrier, anything unexpected: shown, with the bytes it handed in
             sent = collective = wire = n
-        out.append(CommRecord(step, s.op, role, phase, s.peer, world_size, sent, received,
-                              collective, wire, s.seconds))
+        out.append(CommRecord(step, s.op, role, phase, peer, p, sent, received,
+                              collective, wire, s.seconds, dim))
     return out

@@ -33,6 +33,8 @@ other p2p is `metadata`.
 from __future__ import annotations
 
 import torch
+from torch import nn
+from torch.distributed import ProcessGroup
 from torch.distributed.pipelining import (
     PipelineStage,
     Schedule1F1B,
@@ -58,7 +60,8 @@ from partition.engines.common import (
     make_sgd,
 )
 from partition.engines.observe import SeenOp
-from partition.plans.schedule import Action
+from partition.model import Layer
+from partition.plans.schedule import Action, Schedule
 from partition.plans.stages import plan_stages
 from partition.strategies.pipeline import pipeline_schedule
 from partition.topology import Topology
@@ -85,7 +88,11 @@ def compute_order(pipeline_order: dict[int, list], rank: int) -> tuple[Action, .
 
 class TorchPipelineRunner(TorchRunner):
     def __init__(self, cfg: RunConfig, topo: Topology, comm: Comm, data: Dataset,
-                 full: dict[str, torch.Tensor]) -> None:
+                 full: dict[str, torch.Tensor], *, schedule: Schedule | None = None,
+                 rows: tuple[int, int] | None = None, group: ProcessGroup | None = None) -> None:
+        """`topo` is the pipeline's (the world, or a hybrid mesh's pp dimension, whose
+        `group` the stages talk over); `rows`: the rows of each step's batch this pipeline
+        takes (a data-parallel replica's), all of them by default."""
         super().__init__(cfg, topo, comm, data)
         P, rank = topo.world_size, topo.rank
         M = cfg.train.microbatches
@@ -93,20 +100,20 @@ class TorchPipelineRunner(TorchRunner):
         if name == "1f1b" and M < P:
             raise ValueError(f"torch's Schedule1F1B needs train.microbatches >= world_size, "
                              f"got {M} < {P}")
-        plan_sched = pipeline_schedule(cfg)  # the explicit engine's: layout and stage count
+        # the explicit engine's: layout and stage count
+        plan_sched = schedule if schedule is not None else pipeline_schedule(cfg)
         S = plan_sched.stages
         self.plan = plan_stages(self.spec, S, cfg.strategy.balance)
         self.mine = plan_sched.rank_stages(rank)
+        self.rows, self.group = rows or (0, self.B), group
         dev = topo.device
-        mb = self.B // M
+        mb = (self.rows[1] - self.rows[0]) // M
         self.modules, self.stages = [], []
         self.linears, self.layers = [], []
         self.shapes: dict[int, tuple[tuple[int, int], tuple[int, int]]] = {}
         for s in self.mine:
             start, end = self.plan[s]
-            lins = [build_linear(full, l, self.spec, dtype=self.dtype, device=dev)
-                    for l in range(start, end)]
-            module = layer_stack(self.spec, lins, start)
+            module, lins, layers = self._stage_module(start, end, full)
             self.shapes[s] = ((mb, self.spec.dims[start]), (mb, self.spec.dims[end]))
             # requires_grad on the examples tells torch which gradients cross back: the
             # boundary activations' (the first stage's input, the data, needs none).
@@ -115,13 +122,14 @@ class TorchPipelineRunner(TorchRunner):
                 input_args=torch.empty(self.shapes[s][0], dtype=self.dtype, device=dev,
                                        requires_grad=s > 0),
                 output_args=torch.empty(self.shapes[s][1], dtype=self.dtype, device=dev,
-                                        requires_grad=True))
+                                        requires_grad=True),
+                group=group)
             module.register_forward_hook(self._count_in_flight)
             self._mark_compute(stage)
             self.modules.append(module)
             self.stages.append(stage)
             self.linears += lins
-            self.layers += [as_layer(start + k, lin) for k, lin in enumerate(lins)]
+            self.layers += layers
         self.opt = make_sgd(self.linears, cfg)
         self.first, self.last = 0 in self.mine, S - 1 in self.mine
         kw = {"n_microbatches": M, "loss_fn": self._loss, "scale_grads": False}
@@ -143,6 +151,15 @@ class TorchPipelineRunner(TorchRunner):
         self._loss_sum, self._correct = 0.0, 0
         self._forward_mb = -1  # the last stage's latest forward: the micro-batch of its loss
         self._eval: tuple[PipelineStage, ScheduleGPipe] | None = None
+
+    def _stage_module(self, start: int, end: int, full: dict[str, torch.Tensor],
+                      ) -> tuple[nn.Module, list[nn.Linear], list[Layer]]:
+        """Layers [start, end) as the module a PipelineStage runs, what the optimizer trains
+        of them, and their Layer views (for weights.npz)."""
+        lins = [build_linear(full, l, self.spec, dtype=self.dtype, device=self.topo.device)
+                for l in range(start, end)]
+        return (layer_stack(self.spec, lins, start), lins,
+                [as_layer(start + k, lin) for k, lin in enumerate(lins)])
 
     def _check_same_plan(self, plan_sched) -> None:  # noqa: ANN001 - plans.schedule.Schedule
         """torch's layout and compute order are the explicit engine's (else the two engines
@@ -194,18 +211,20 @@ class TorchPipelineRunner(TorchRunner):
         self.in_flight = max(self.in_flight, held + 1)
 
     def _loss(self, o: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """One micro-batch's share of the full-batch mean; also counts its loss sum and hits.
-        torch calls it right after the last stage's forward of that micro-batch."""
+        """One micro-batch's share of its rows' mean (the full batch's, or a data-parallel
+        replica's, which DDP then averages); also counts its loss sum and hits. torch calls
+        it right after the last stage's forward of that micro-batch."""
         mb, last = self._forward_mb, len(self.plan) - 1
         with self.marks(f"loss{mb}", stage=last, kind="loss", mb=mb):
             total = loss_sum(self.spec, o, y)
             self._loss_sum += float(total.detach())
             self._correct += hits(self.spec, o, y)
-            return total / self.B
+            return total / (self.rows[1] - self.rows[0])
 
     def _train(self, X: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
         self._loss_sum, self._correct, self.in_flight = 0.0, 0, 0
         self._p2p_seen = 0
+        X, y = X[slice(*self.rows)], y[slice(*self.rows)]
         args = (X,) if self.first else ()
         self.schedule.step(*args, target=y if self.last else None, return_outputs=False)
         # The loss lives on the last stage; the others contribute 0 to the reduction.
@@ -253,14 +272,15 @@ class TorchPipelineRunner(TorchRunner):
             start, end = self.plan[i]
 
             def example(width: int) -> torch.Tensor:
-                return torch.empty((self.B, width), dtype=self.dtype, device=dev)
+                return torch.empty((self.rows[1] - self.rows[0], width), dtype=self.dtype,
+                                   device=dev)
 
             stage = PipelineStage(self.modules[0], i, P, dev,
                                   input_args=example(self.spec.dims[start]),
-                                  output_args=example(self.spec.dims[end]))
+                                  output_args=example(self.spec.dims[end]), group=self.group)
             self._eval = (stage, ScheduleGPipe(stage, n_microbatches=1))
         _, sched = self._eval
-        X, _ = self._batch(step)
+        X = self._batch(step)[0][slice(*self.rows)]
         with torch.no_grad():
             out = sched.eval(X) if self.first else sched.eval()
         return out if self.last else None
@@ -271,8 +291,8 @@ class TorchPipelineRunner(TorchRunner):
         schedules have no eval path for a single micro-batch of the whole batch)."""
         import torch.distributed as dist
 
-        X, _ = self._batch(step)
-        layout = self.schedule.stage_index_to_group_rank
+        X = self._batch(step)[0][slice(*self.rows)]
+        layout = self.schedule.stage_index_to_group_rank  # ranks in the pipeline's group
         S, me, x = len(self.plan), self.topo.rank, None
         with torch.no_grad():
             for s in range(S):
@@ -281,10 +301,10 @@ class TorchPipelineRunner(TorchRunner):
                     if s == 0:
                         x = X
                     elif layout[s - 1] != me:
-                        x = torch.empty((self.B, self.spec.dims[self.plan[s][0]]),
+                        x = torch.empty((len(X), self.spec.dims[self.plan[s][0]]),
                                         dtype=self.dtype, device=self.topo.device)
-                        dist.recv(x, layout[s - 1])
+                        dist.recv(x, group=self.group, group_src=layout[s - 1])
                     x = self.modules[self.mine.index(s)](x)
                     if s + 1 < S and layout[s + 1] != me:
-                        dist.send(x.contiguous(), layout[s + 1])
+                        dist.send(x.contiguous(), group=self.group, group_dst=layout[s + 1])
         return x if self.last else None

@@ -19,8 +19,9 @@ any collective in the backward is `input_grad`.
 from __future__ import annotations
 
 import torch
+from torch import nn
 from torch.distributed._functional_collectives import AsyncCollectiveTensor
-from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import Replicate
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
@@ -37,6 +38,7 @@ from partition.engines.common import (
     make_sgd,
 )
 from partition.engines.observe import SeenOp
+from partition.model import Layer, MLPSpec
 from partition.topology import Topology
 
 
@@ -57,44 +59,65 @@ def styles(num_layers: int, layout: str) -> list[str]:
     return out
 
 
+def check_even(dims: tuple[int, ...] | list[int], kinds: list[str], first: int, P: int) -> None:
+    """RowwiseParallel rebuilds its sharded input with DTensor.from_local, which assumes even
+    shards: an uneven column split before a row layer computes with the wrong shapes."""
+    for l, kind in enumerate(kinds):
+        n_out = dims[first + l + 1]
+        if kind == "col" and n_out % P:
+            raise ValueError(f"engine=torch tensor parallel needs the width of layer "
+                             f"{first + l + 1} ({n_out}) divisible by {P} ranks")
+
+
+def tensor_parallel(spec: MLPSpec, module: nn.Sequential, linears: list[nn.Linear], *,
+                    first: int, layout: str, mesh: DeviceMesh) -> list[Layer]:
+    """Shard `module` (engines/common.layer_stack of layers first, first+1, …) over the 1-D
+    `mesh` in `layout`'s DTensor styles, in place; the Layer views (global layer indices,
+    the slice of the full matrix each holds) of what this rank keeps."""
+    P, r = mesh.size(), mesh.get_local_rank()
+    kinds = styles(len(linears), layout)
+    check_even(spec.dims, kinds, first, P)
+    plan = {}
+    for l, kind in enumerate(kinds):
+        name = str(2 * l)  # Sequential index: Linear, activation, Linear, …
+        plan[name] = (RowwiseParallel() if kind == "row"
+                      else ColwiseParallel(output_layouts=Replicate()) if kind == "col_rep"
+                      else ColwiseParallel())
+    # Every rank holds the same full weights, so each just keeps its slice (no scatter).
+    parallelize_module(module, mesh, plan, src_data_rank=None)
+    layers = []
+    for l, (kind, lin) in enumerate(zip(kinds, linears, strict=True)):
+        n_out, n_in = spec.weight_shape(first + l)
+        if kind == "row":
+            cols = chunk_range(n_in, P, r)
+            layer = as_layer(first + l, lin, cols=cols, bias_owner=r == 0)  # bias replicated
+            assert layer.W.shape == (n_out, cols[1] - cols[0]), (layer.W.shape, cols)
+        else:
+            rows = chunk_range(n_out, P, r)
+            layer = as_layer(first + l, lin, rows=rows)
+            assert layer.W.shape == (rows[1] - rows[0], n_in), (layer.W.shape, rows)
+        layers.append(layer)
+    return layers
+
+
+def tensor_role(s: SeenOp) -> tuple[str, str]:
+    """An all-reduce in the forward is `partial_output`, an all-gather `gather`; any
+    collective in the backward is `input_grad`."""
+    if s.phase == "forward":
+        return ("gather" if s.op == "all_gather" else "partial_output"), "forward"
+    return "input_grad", s.phase
+
+
 class TorchTensorRunner(TorchRunner):
     def __init__(self, cfg: RunConfig, topo: Topology, comm: Comm, data: Dataset,
                  full: dict[str, torch.Tensor]) -> None:
         super().__init__(cfg, topo, comm, data)
-        P, r = topo.world_size, topo.rank
-        L = self.spec.num_layers
-        kinds = styles(L, cfg.strategy.layout)
-        for l, kind in enumerate(kinds):
-            n_out = self.spec.dims[l + 1]
-            if kind == "col" and n_out % P:
-                # RowwiseParallel rebuilds its sharded input with DTensor.from_local, which
-                # assumes even shards: an uneven split computes with the wrong shapes.
-                raise ValueError(f"engine=torch tensor parallel needs the width of layer {l + 1} "
-                                 f"({n_out}) divisible by world_size={P}")
-        self.mesh = init_device_mesh(topo.device.type, (P,))
+        self.mesh = init_device_mesh(topo.device.type, (topo.world_size,))
         self.linears = [build_linear(full, l, self.spec, dtype=self.dtype, device=topo.device)
-                        for l in range(L)]
+                        for l in range(self.spec.num_layers)]
         self.model = layer_stack(self.spec, self.linears, 0)
-        plan = {}
-        for l, kind in enumerate(kinds):
-            name = str(2 * l)  # Sequential index: Linear, activation, Linear, …
-            plan[name] = (RowwiseParallel() if kind == "row"
-                          else ColwiseParallel(output_layouts=Replicate()) if kind == "col_rep"
-                          else ColwiseParallel())
-        # Every rank holds the same full weights, so each just keeps its slice (no scatter).
-        parallelize_module(self.model, self.mesh, plan, src_data_rank=None)
-        self.layers = []
-        for l, (kind, lin) in enumerate(zip(kinds, self.linears, strict=True)):
-            n_out, n_in = self.spec.weight_shape(l)
-            if kind == "row":
-                cols = chunk_range(n_in, P, r)
-                layer = as_layer(l, lin, cols=cols, bias_owner=r == 0)  # the bias is replicated
-                assert layer.W.shape == (n_out, cols[1] - cols[0]), (layer.W.shape, cols)
-            else:
-                rows = chunk_range(n_out, P, r)
-                layer = as_layer(l, lin, rows=rows)
-                assert layer.W.shape == (rows[1] - rows[0], n_in), (layer.W.shape, rows)
-            self.layers.append(layer)
+        self.layers = tensor_parallel(self.spec, self.model, self.linears, first=0,
+                                      layout=cfg.strategy.layout, mesh=self.mesh)
         self.opt = make_sgd(self.linears, cfg)
 
     def _train(self, X: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
@@ -114,9 +137,7 @@ class TorchTensorRunner(TorchRunner):
         return super()._sq_share()
 
     def role_of(self, s: SeenOp) -> tuple[str, str]:
-        if s.phase == "forward":
-            return ("gather" if s.op == "all_gather" else "partial_output"), "forward"
-        return "input_grad", s.phase
+        return tensor_role(s)
 
     def predict(self, step: int) -> torch.Tensor:
         X, _ = self._batch(step)

@@ -25,7 +25,7 @@ from partition.config import RunConfig
 from partition.data import Dataset
 from partition.model import WeightPart, backward_weight
 from partition.plans.mesh import DIMS, Mesh, replica_rows, resolve_mesh, stage_shards
-from partition.plans.schedule import load_schedule
+from partition.plans.schedule import Schedule, load_schedule
 from partition.strategies.base import StepOut, finish_step
 from partition.strategies.data import flat_grads
 from partition.strategies.pipeline.runner import PipelineRunner
@@ -37,6 +37,18 @@ from partition.topology import Topology, mesh_groups
 def config_mesh(cfg: RunConfig) -> Mesh:
     s = cfg.strategy
     return resolve_mesh(world=cfg.world_size, dp=s.dp, pp=s.pp, tp=s.tp)
+
+
+def mesh_schedule(cfg: RunConfig, mesh: Mesh) -> Schedule:
+    """The pipeline schedule over the mesh's pp ranks."""
+    return load_schedule(cfg.strategy.schedule, world=mesh.pp, micro=cfg.train.microbatches,
+                         virtual=cfg.strategy.virtual_stages)
+
+
+def pp_topology(mesh: Mesh, topo: Topology) -> Topology:
+    """The pipeline's view of this rank: its pp coordinate among the mesh's pp ranks."""
+    return Topology(mesh.coords(topo.rank).pp, mesh.pp, topo.local_rank, topo.device,
+                    topo.backend if mesh.pp > 1 else "none")
 
 
 class TensorStage(TensorShards, Stage):
@@ -102,12 +114,8 @@ class HybridRunner(PipelineRunner):
             for dim in DIMS}
         # J over every rank: the world's group, recorded as dimension `world`.
         self.world = comm.sub(dim="world", members=tuple(range(self.mesh.world)), group=None)
-        M = cfg.train.microbatches
-        schedule = load_schedule(cfg.strategy.schedule, world=self.mesh.pp, micro=M,
-                                 virtual=cfg.strategy.virtual_stages)
-        pp_topo = Topology(self.coords.pp, self.mesh.pp, topo.local_rank, topo.device,
-                           topo.backend if self.mesh.pp > 1 else "none")
-        super().__init__(cfg, pp_topo, self.comms["pp"], data, full, schedule=schedule,
+        super().__init__(cfg, pp_topology(self.mesh, topo), self.comms["pp"], data, full,
+                         schedule=mesh_schedule(cfg, self.mesh),
                          rows=replica_rows(cfg.train.batch_size, self.mesh, topo.rank))
         # Every stage's gradients are views into one flat buffer: one all-reduce over dp.
         self.flat, views = flat_grads(self.layers)
