@@ -20,6 +20,9 @@ stage 2  full (padded) parameters on every rank; gradients reduce-scattered laye
 stage 1  full parameters and `data`'s one flat gradient buffer, all-reduced once; then
          the update of its own piece and the all-gathers of stage 2.
 
+The pieces and stage 3's gather / reduce-scatter are `ShardedLayers`, which a hybrid mesh's
+dp_shard stages hold too (over each tensor shard and the dp group: strategies/hybrid.py).
+
 λW is added to the gradient piece after the reduction (so once), on W's elements only;
 s is each rank's ‖W piece‖², summed with the loss under `metric`. The update is
 `model.SGD` on the real elements of the piece (padding stays zero: its gradient is zero).

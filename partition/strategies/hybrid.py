@@ -30,7 +30,7 @@ from partition.comm import Comm
 from partition.config import RunConfig
 from partition.data import Dataset
 from partition.memory import layer_state_tensors
-from partition.model import Layer, WeightPart
+from partition.model import Grads, Layer, WeightPart
 from partition.plans.mesh import (
     DIMS,
     Mesh,
@@ -158,7 +158,7 @@ class ShardedTensorStage(TensorStage):
             self._filling[i] = layer
         return layer
 
-    def _grad_target(self, i: int):  # noqa: ANN202
+    def _grad_target(self, i: int) -> tuple[torch.Tensor | None, Grads]:
         return self.sharded.grad_target(i)
 
     def _grad_done(self, i: int, handle: torch.Tensor | None) -> None:
