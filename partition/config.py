@@ -65,12 +65,12 @@ class StrategyConfig:
     balance: tuple[int, ...] | str | None = None
     layout: str = "megatron"  # tensor: megatron | rowwise
     zero_stage: int = 3  # fsdp: 1 | 2 | 3 (what is sharded: optimizer; + grads; + params)
-    reshard_after_forward: bool = True  # fsdp stage 3: free gathered weights after forward
+    reshard_after_forward: bool = True  # fsdp stage 3, hybrid dp_shard: free gathered weights after forward
     # hybrid: the mesh's sizes (plans/mesh.py); dp=auto is world_size ÷ (pp·tp)
     dp: int | str = "auto"
     pp: int = 1
     tp: int = 1
-    dp_shard: bool = False  # hybrid: the data dimension as fsdp (not built yet: refused)
+    dp_shard: bool = False  # hybrid: the data dimension as fsdp stage 3 (else plain data)
 
 
 @dataclass(frozen=True)
@@ -543,10 +543,6 @@ def _check_hybrid(cfg: RunConfig) -> None:
     from partition.plans.tensor import split_widths
 
     s = cfg.strategy
-    if s.dp_shard:
-        raise ConfigError("strategy.dp_shard", True,
-                          "the sharded data dimension (fsdp × tensor) is not built yet; "
-                          "use strategy.dp_shard=false")
     try:
         mesh = resolve_mesh(world=cfg.world_size, dp=s.dp, pp=s.pp, tp=s.tp)
     except ValueError as e:
@@ -723,6 +719,11 @@ def _check_cross(cfg: RunConfig) -> None:
                           f"only applies to strategy.zero_stage=3 (stage "
                           f"{cfg.strategy.zero_stage} keeps full weights, it gathers nothing "
                           f"before a forward)")
+    if (cfg.strategy.name == "hybrid" and not cfg.strategy.reshard_after_forward
+            and not cfg.strategy.dp_shard):
+        raise ConfigError("strategy.reshard_after_forward", False,
+                          "only applies to strategy.dp_shard=true (a plain data dimension "
+                          "keeps full weights, it gathers nothing before a forward)")
     if cfg.strategy.name == "hybrid":
         _check_hybrid(cfg)
     if cfg.strategy.name in ("fsdp", "hybrid"):

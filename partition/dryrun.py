@@ -184,22 +184,26 @@ def signature(cfg: RunConfig, rank: int) -> Any:
 def hybrid_signature(cfg: RunConfig, rank: int) -> Any:
     """A mesh rank is its pipeline coordinate, its stages' shard shapes, its replica's row
     count, and whether it is the one of its dp / tp group that counts s and the loss (a
-    1024-rank mesh of dp=8 × pp=8 × tp=16 has a few dozen distinct ranks)."""
-    from partition.plans.mesh import replica_rows, stage_shards
+    1024-rank mesh of dp=8 × pp=8 × tp=16 has a few dozen distinct ranks); with dp_shard
+    also how many real elements (and of them W's) its dp piece of each shard holds."""
+    from partition.plans.mesh import dp_flat_shards, replica_rows, stage_shards
     from partition.plans.stages import plan_stages
     from partition.strategies.hybrid import config_mesh
 
     mesh = config_mesh(cfg)
     c = mesh.coords(rank)
     stages = plan_stages(cfg.spec, mesh.pp, cfg.strategy.balance)
+    plans = [stage_shards(cfg.strategy.layout, cfg.model.dims, start, end, tp=mesh.tp,
+                          rank=c.tp) for start, end in stages]
     shards = tuple(
         (s.kind, width(s.rows) if s.rows else None, width(s.cols) if s.cols else None,
          s.bias_owner, s.primary)
-        for start, end in stages
-        for s in stage_shards(cfg.strategy.layout, cfg.model.dims, start, end, tp=mesh.tp,
-                              rank=c.tp))
+        for plan in plans for s in plan)
+    pieces = tuple((f.valid(c.dp), f.weight_valid(c.dp)) for plan in plans
+                   for f in dp_flat_shards(cfg.spec, plan, dp=mesh.dp)
+                   ) if cfg.strategy.dp_shard else None
     return ("mesh", c.pp, shards, width(replica_rows(cfg.train.batch_size, mesh, rank)),
-            c.dp == 0, c.tp == 0)
+            c.dp == 0, c.tp == 0, pieces)
 
 
 def dry_rank(cfg: RunConfig, rank: int) -> DryRank:

@@ -261,6 +261,11 @@ def state_tensors(runner: Any) -> dict[str, list[torch.Tensor]]:
     """
     if hasattr(runner, "memory_state"):
         return runner.memory_state()
+    return layer_state_tensors(runner)
+
+
+def layer_state_tensors(runner: Any) -> dict[str, list[torch.Tensor]]:
+    """`state_tensors` of a runner whose layers and stages' grads are its state."""
     params = [t for layer in runner.layers for t in layer.tensors()]
     copies = getattr(runner, "compute", None)
     if copies is not None:

@@ -121,11 +121,13 @@ def _boundaries_text(bounds: Any) -> str | None:
 
 
 def _mesh_variant(cfg: dict[str, Any], P: Any) -> str | None:
-    """dp×pp×tp of a hybrid run's config (dp=auto resolved against the world size)."""
+    """dp×pp×tp of a hybrid run's config (dp=auto resolved against the world size); a
+    sharded data dimension (dp_shard) reads dp2(shard)."""
     pp, tp, dp = _get(cfg, "strategy.pp", 1), _get(cfg, "strategy.tp", 1), _get(cfg, "strategy.dp")
     if dp in (None, "auto") and isinstance(P, int) and isinstance(pp, int) and isinstance(tp, int):
         dp = P // (pp * tp) if pp * tp else None
-    return f"dp{dp}×pp{pp}×tp{tp}"
+    shard = "(shard)" if _get(cfg, "strategy.dp_shard") else ""
+    return f"dp{dp}{shard}×pp{pp}×tp{tp}"
 
 
 def _worst(pairs: list[tuple[float | None, float | None]]) -> float | None:

@@ -87,3 +87,26 @@ def test_predict_says_why_a_step_is_not_simulated(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "simulated step: not predicted (the action times have no 's0:F')" in out
     assert "too large" not in out
+
+
+def test_a_sharded_1024_rank_mesh_is_predicted(tmp_path):
+    """dp=8 (dp_shard) × pp=8 × tp=16, dims [64, 32 × 15, 10] float32, B=256, M=4: two layers
+    per stage (strategy.balance), megatron over tp. Rank 0 holds rows 0–1 of W¹ (2·64 = 128 parameters) and
+    columns 0–1 of W² (32·2 = 64), cut over dp=8 in pieces of c = 16 and 8: it gathers
+    2·M·(16 + 8)·4 = 768 B in 2·M·2 calls and reduce-scatters M·8·(16 + 8)·4 = 3,072 B in
+    M·2. The last stage's second layer (10·2 = 20 parameters) has pieces of 3: dp rank 7's
+    holds none of them, only padding."""
+    dims = [64] + [32] * 15 + [10]
+    pred = _predict(tmp_path, "strategy=hybrid", "world_size=1024", "strategy.pp=8",
+                    "strategy.tp=16", "strategy.dp_shard=true", "strategy.balance=[2,2,2,2,2,2,2,2]",
+                    f"model.dims=[{','.join(map(str, dims))}]", "train.batch_size=256",
+                    "train.microbatches=4", "train.dtype=float32")
+    assert len(pred["ranks"]) == 1024
+    r0 = pred["ranks"][0]
+    assert r0["comm"]["by_dim"]["dp"]["by_role"] == {
+        "weight_gather": {"bytes": 768, "messages": 16},
+        "weight_grad": {"bytes": 3072, "messages": 8}}
+    assert r0["memory"]["params_bytes"] == r0["memory"]["grads_bytes"] == (16 + 8) * 4
+    last = pred["ranks"][1023]  # dp 7, pp 7, tp 15: pieces 8 (of 64) and 3 (of 20, none real)
+    assert last["memory"]["params_bytes"] == (8 + 3) * 4
+    assert {"dp", "pp", "tp", "world"} == set(last["comm"]["by_dim"])

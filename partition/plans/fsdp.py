@@ -78,13 +78,20 @@ def chunk_range(n: int, parts: int, index: int) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class FlatShard:
-    """Layer `index`'s flat storage (W row-major, then b) cut in `world` pieces."""
+    """Layer `index`'s flat storage (W row-major, then b) cut in `world` pieces.
+
+    The storage is the whole layer, or (a hybrid mesh's dp_shard, plans/mesh.py) one
+    tensor shard of it: the n_out × n_in block of the full W at rows `row0`…, columns
+    `col0`…, and its slice of b, so that `pieces` still names rectangles of the full W.
+    """
 
     index: int
     n_out: int
     n_in: int
     bias: bool
     world: int
+    row0: int = 0
+    col0: int = 0
 
     @property
     def weights(self) -> int:
@@ -127,11 +134,12 @@ class FlatShard:
         lo, hi = self.range(rank)
         out: list[Piece] = []
         w_hi = min(hi, self.weights)
+        R, C = self.row0, self.col0
         for (r0, r1), (c0, c1), (f0, f1) in flat_rectangles(lo, w_hi, self.n_in):
-            out.append(Piece("W", (r0, r1), (c0, c1), (f0 - lo, f1 - lo)))
+            out.append(Piece("W", (R + r0, R + r1), (C + c0, C + c1), (f0 - lo, f1 - lo)))
         if hi > max(lo, self.weights):
             b0 = max(lo, self.weights)
-            out.append(Piece("b", (b0 - self.weights, hi - self.weights), None,
+            out.append(Piece("b", (R + b0 - self.weights, R + hi - self.weights), None,
                              (b0 - lo, hi - lo)))
         return out
 

@@ -19,7 +19,14 @@ B/dp, M micro-batches):
       dims[start..end]) at batch R; a stage that is not the first also all-reduces the
       input gradient of its first layer (R·n_start·b in M calls) when that gradient is a
       partial sum (a column-parallel or row-wise first layer);
-  dp  one flat all-reduce of this rank's gradients (its shards' parameters · b);
+  dp  one flat all-reduce of this rank's gradients (its shards' parameters · b); or, with
+      dp_shard (fsdp stage 3 on the data dimension, as FSDP2 over tensor-parallel
+      shards), plans/fsdp.py's calls over the dp group for each of this rank's tensor
+      shards — a shard's W block and bias slice form one flat storage (`dp_flat_shards`)
+      cut in dp pieces of c = ⌈N/dp⌉ elements: per micro-batch and shard an all-gather of
+      c·b (`weight_gather`, forward), another before its backward unless
+      reshard_after_forward=false (backward), and a reduce-scatter of its dp·c·b local
+      gradient (`weight_grad`, backward);
   world  J's metric, one all-reduce of 3·8 bytes over all ranks.
 """
 
@@ -29,6 +36,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from partition.plans.data import row_share
+from partition.plans.fsdp import FlatShard, fsdp_calls
 from partition.plans.schedule import Schedule, produces
 from partition.plans.stages import NetShape
 from partition.plans.tensor import LayerShard, plan_layers, shard_params, tensor_calls
@@ -144,6 +152,19 @@ def stage_tp_calls(layout: str, dims: Sequence[int], start: int, end: int, *, tp
     return out
 
 
+def dp_flat_shards(spec: NetShape, shards: list[LayerShard], *, dp: int) -> list[FlatShard]:
+    """dp_shard: each tensor shard of a stage (its rows × cols block of the full W, and
+    its slice of b where it owns one) as one flat storage cut in dp pieces — fsdp's unit,
+    the layer, made the shard (a whole layer where tp = 1)."""
+    out = []
+    for s in shards:
+        r0, r1 = s.rows or (0, spec.dims[s.layer + 1])
+        c0, c1 = s.cols or (0, spec.dims[s.layer])
+        out.append(FlatShard(s.layer, r1 - r0, c1 - c0, spec.bias and s.bias_owner, dp,
+                             row0=r0, col0=c0))
+    return out
+
+
 def replica_rows(batch: int, mesh: Mesh, rank: int) -> tuple[int, int]:
     """The rows of the step's batch that `rank`'s data-parallel replica takes."""
     return row_share(batch, mesh.dp, mesh.coords(rank).dp)
@@ -151,7 +172,8 @@ def replica_rows(batch: int, mesh: Mesh, rank: int) -> tuple[int, int]:
 
 def hybrid_calls(spec: NetShape, mesh: Mesh, schedule: Schedule,
                  stages: list[tuple[int, int]], *, layout: str, rank: int, batch: int,
-                 micro: int, itemsize: int) -> dict[str, list[Call]]:
+                 micro: int, itemsize: int, dp_shard: bool = False,
+                 reshard_after_forward: bool = True) -> dict[str, list[Call]]:
     """Every crossing of one step of `rank`, by mesh dimension (`world`: the metric).
 
     Point-to-point sends are Calls with op `send` (payload = wire = the tensor's bytes).
@@ -178,7 +200,14 @@ def hybrid_calls(spec: NetShape, mesh: Mesh, schedule: Schedule,
         params += shard_params(dims, shards, bias=spec.bias)
         out["tp"] += stage_tp_calls(layout, dims, start, end, tp=mesh.tp, rank=c.tp, rows=mb,
                                     itemsize=b) * micro
-    if mesh.dp > 1:
+        if dp_shard:
+            # Every micro-batch runs each of the stage's layers forward and backward once,
+            # in whatever order the schedule puts them: fsdp's calls over the dp group.
+            out["dp"] += [Call(k.role, k.phase, k.op, k.payload, k.received, k.wire)
+                          for k in fsdp_calls(dp_flat_shards(spec, shards, dp=mesh.dp),
+                                              zero_stage=3, micro=micro, itemsize=b,
+                                              reshard_after_forward=reshard_after_forward)]
+    if mesh.dp > 1 and not dp_shard:
         out["dp"].append(collective("weight_grad", "update", "all_reduce", params * b, mesh.dp))
     if mesh.world > 1:
         out["world"].append(metric_call(mesh.world))

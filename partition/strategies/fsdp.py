@@ -20,6 +20,9 @@ stage 2  full (padded) parameters on every rank; gradients reduce-scattered laye
 stage 1  full parameters and `data`'s one flat gradient buffer, all-reduced once; then
          the update of its own piece and the all-gathers of stage 2.
 
+The pieces and stage 3's gather / reduce-scatter are `ShardedLayers`, which a hybrid mesh's
+dp_shard stages hold too (over each tensor shard and the dp group: strategies/hybrid.py).
+
 λW is added to the gradient piece after the reduction (so once), on W's elements only;
 s is each rank's ‖W piece‖², summed with the loss under `metric`. The update is
 `model.SGD` on the real elements of the piece (padding stays zero: its gradient is zero).
@@ -59,9 +62,12 @@ from partition.trace import maybe_span
 
 def flat_layer(full: dict[str, torch.Tensor], shard: FlatShard, *, dtype: torch.dtype,
                device: torch.device) -> torch.Tensor:
-    """Layer shard.index's parameters as one zero-padded flat tensor of P·c elements."""
+    """Layer shard.index's parameters (or its tensor shard's: `FlatShard.row0`, `col0`) as
+    one zero-padded flat tensor of P·c elements."""
     wname, bname = weight_names(shard.index)
-    parts = [full[wname].reshape(-1)] + ([full[bname]] if shard.bias else [])
+    rows = slice(shard.row0, shard.row0 + shard.n_out)
+    W = full[wname][rows, shard.col0:shard.col0 + shard.n_in]
+    parts = [W.reshape(-1)] + ([full[bname][rows]] if shard.bias else [])
     flat = torch.zeros(shard.padded, dtype=dtype, device=device)
     flat[:shard.numel] = torch.cat(parts).to(device=device, dtype=dtype)
     return flat
@@ -100,6 +106,130 @@ def piece_grads(shard: FlatShard, rank: int, piece: torch.Tensor) -> list[Grads]
     return [Grads(layer.W, layer.b) for layer in piece_layers(shard, rank, piece)]
 
 
+class StepBuffers:
+    """A step's reused buffers, one per key (`gather`, `grad`), each as large as the largest
+    layer's P·c elements: made at first use and let go by `release` at the step's (or the
+    prediction's) end. Every layer's gather (with resharding) and every layer's local
+    gradient reuses one storage, as a caching allocator would hand FSDP back the block it
+    freed. A fresh buffer per layer would be freed late: gloo's worker thread lets go of a
+    collective's tensors only when it next gets the GIL, so the next layer's buffer could
+    be made while the last one still lives. One set serves every `ShardedLayers` of a rank
+    (a hybrid rank's stages)."""
+
+    def __init__(self, *, dtype: torch.dtype, device: torch.device) -> None:
+        self.dtype, self.device = dtype, device
+        self.size = 0
+        self._bufs: dict[str, torch.Tensor] = {}
+
+    def fit(self, n: int) -> None:
+        """Make room for a layer of n elements (before the first buffer is made)."""
+        self.size = max(self.size, n)
+
+    def get(self, key: str, n: int) -> torch.Tensor:
+        buf = self._bufs.get(key)
+        if buf is None:
+            buf = torch.empty(self.size, dtype=self.dtype, device=self.device)
+            self._bufs[key] = buf
+        return buf[:n]
+
+    def release(self) -> None:
+        self._bufs = {}
+
+
+class ShardedLayers:
+    """Layers' flat storages (`FlatShard`s) cut in pieces over one group, with ZeRO stage
+    3's mechanics: a layer all-gathered whole before it is used (role `weight_gather`), its
+    local gradient reduce-scattered onto the rank's gradient piece right after its backward
+    (role `weight_grad`). `FsdpRunner` holds one over every layer and the world; a hybrid
+    mesh's dp_shard stage one over its tensor shards and its dp group (strategies/hybrid.py).
+
+    `pieces`, `grad_pieces`: this rank's padded pieces (c elements each; views of the full
+    flats under stages 1 and 2) and their gradients. `opt_layers`, `opt_grads`: their real
+    elements as (W part, b part) — what λW, s and the optimizer see. `layers`: those
+    elements as rectangles of the full W and ranges of b (views: weights.npz, the grad check).
+    """
+
+    def __init__(self, plan: list[FlatShard], pieces: list[torch.Tensor],
+                 grad_pieces: list[torch.Tensor], *, comm: Comm | None, rank: int,
+                 reshard: bool, buffers: StepBuffers) -> None:
+        self.plan, self.pieces, self.grad_pieces = plan, pieces, grad_pieces
+        self.comm, self.rank, self.reshard, self.buffers = comm, rank, reshard, buffers
+        self.P = plan[0].world if plan else 1
+        for s in plan:
+            buffers.fit(s.padded)
+        self.opt_layers: list[Layer] = []
+        self.opt_grads: list[Grads] = []
+        for s, p, g in zip(plan, pieces, grad_pieces, strict=True):
+            v, wv = s.valid(rank), s.weight_valid(rank)
+            self.opt_layers.append(Layer(s.index, p[:wv], p[wv:v] if v > wv else None))
+            self.opt_grads.append(Grads(g[:wv], g[wv:v] if v > wv else None))
+        self.layers = [l for s, p in zip(plan, pieces, strict=True)
+                       for l in piece_layers(s, rank, p)]
+
+    @classmethod
+    def cut(cls, plan: list[FlatShard], flats: list[torch.Tensor], *, comm: Comm | None,
+            rank: int, reshard: bool, buffers: StepBuffers) -> ShardedLayers:
+        """Stage 3: keep only this rank's piece of each flat (the flats may go) and a zeroed
+        gradient piece beside it."""
+        pieces = [f[rank * s.piece:(rank + 1) * s.piece].clone()
+                  for f, s in zip(flats, plan, strict=True)]
+        grads = [torch.zeros_like(p) for p in pieces]
+        return cls(plan, pieces, grads, comm=comm, rank=rank, reshard=reshard, buffers=buffers)
+
+    def gather(self, l: int, phase: str, *, exchange: bool = True, probe=None) -> Layer:  # noqa: ANN001
+        """Layer l whole: its pieces all-gathered into P·c elements, the step's gather buffer
+        when resharding, else a buffer of its own (the caller holds it as long as it needs
+        it). exchange=False: the same buffer, filled with this rank's piece only (prediction
+        memory without traffic). `probe` (memory.StorageTracker) is told it is `gathered`."""
+        s = self.plan[l]
+        if self.P == 1:  # the piece is the layer
+            return unflatten(s, self.pieces[l])
+        if self.reshard:
+            buf = self.buffers.get("gather", s.padded)
+        else:
+            buf = torch.empty(s.padded, dtype=self.buffers.dtype, device=self.buffers.device)
+        if exchange:
+            self.comm.all_gather_into(buf, self.pieces[l], role="weight_gather", phase=phase)
+        else:
+            buf.zero_()
+            buf[self.rank * s.piece:(self.rank + 1) * s.piece] = self.pieces[l]
+        if probe is not None:
+            probe.tag("gathered", [buf])
+        return unflatten(s, buf)
+
+    def grad_target(self, l: int) -> tuple[torch.Tensor | None, Grads]:
+        """Where layer l's backward accumulates: the step's zeroed gradient buffer (P·c
+        elements), reduce-scattered by `grad_done`; at P = 1 the gradient piece itself."""
+        s = self.plan[l]
+        if self.P == 1:
+            return None, grad_views(s, self.grad_pieces[l])
+        buf = self.buffers.get("grad", s.padded).zero_()
+        return buf, grad_views(s, buf)
+
+    def grad_done(self, l: int, buf: torch.Tensor | None) -> None:
+        if buf is None:
+            return
+        mine = self.comm.reduce_scatter(list(buf.chunk(self.P)), role="weight_grad",
+                                        phase="backward")
+        self.grad_pieces[l] += mine
+
+    def piece_grads(self) -> list[Grads]:
+        """The gradient pieces as `layers`' rectangles (matching them one to one)."""
+        return [g for s, p in zip(self.plan, self.grad_pieces, strict=True)
+                for g in piece_grads(s, self.rank, p)]
+
+
+def sharded_state_bytes(state: dict[str, list[torch.Tensor]], optimizer_bytes: int
+                        ) -> dict[str, int]:
+    """params and grads as held (padded pieces, or full flats), and the optimizer state,
+    which exists only after the first update: counted from the pieces' real elements."""
+    def total(ts: list[torch.Tensor]) -> int:
+        return sum(t.numel() * t.element_size() for t in ts)
+
+    return {"params_bytes": total(state["params"]), "grads_bytes": total(state["grads"]),
+            "optimizer_bytes": optimizer_bytes}
+
+
 class FsdpRunner:
     def __init__(self, cfg: RunConfig, topo: Topology, comm: Comm, data: Dataset,
                  full: dict[str, torch.Tensor]) -> None:
@@ -112,101 +242,59 @@ class FsdpRunner:
         self.rows = split_evenly(cfg.train.batch_size, self.P)[self.rank]
         self.plan = shard_plan(self.spec.dims, world=self.P, bias=self.spec.bias)
         dev, r = topo.device, self.rank
+        self.buffers = StepBuffers(dtype=self.dtype, device=dev)
         flats = [flat_layer(full, s, dtype=self.dtype, device=dev) for s in self.plan]
         if self.zero_stage == 3:
             # Only this rank's piece is kept: the full flats go when __init__ returns.
-            self.pieces = [f[r * s.piece:(r + 1) * s.piece].clone()
-                           for f, s in zip(flats, self.plan, strict=True)]
+            self.sharded = ShardedLayers.cut(self.plan, flats, comm=comm, rank=r,
+                                             reshard=self.reshard, buffers=self.buffers)
             self.flats: list[torch.Tensor] = []
             self.full_layers: list[Layer] = []
+            self.full_grads: list[Grads] = []
         else:
             self.flats = flats
             self.full_layers = [unflatten(s, f) for s, f in zip(self.plan, flats, strict=True)]
-            self.pieces = [f[r * s.piece:(r + 1) * s.piece]
-                           for f, s in zip(flats, self.plan, strict=True)]
+            pieces = [f[r * s.piece:(r + 1) * s.piece] for f, s in zip(flats, self.plan, strict=True)]
+            if self.zero_stage == 1:
+                # data's flat buffer: every gradient a view into it, one all-reduce per step
+                self.flat_grad, self.full_grads = flat_grads(self.full_layers)
+                starts = [0]
+                for s in self.plan:
+                    starts.append(starts[-1] + s.numel)
+                grad_pieces = [self.flat_grad[o + s.range(r)[0]:o + s.range(r)[1]]
+                               for o, s in zip(starts, self.plan)]
+            else:
+                grad_pieces = [torch.zeros(s.piece, dtype=self.dtype, device=dev)
+                               for s in self.plan]
+                self.full_grads = []
+            self.sharded = ShardedLayers(self.plan, pieces, grad_pieces, comm=comm, rank=r,
+                                         reshard=self.reshard, buffers=self.buffers)
         del flats
-        if self.zero_stage == 1:
-            # data's flat buffer: every gradient a view into it, one all-reduce per step
-            self.flat_grad, self.full_grads = flat_grads(self.full_layers)
-            starts = [0]
-            for s in self.plan:
-                starts.append(starts[-1] + s.numel)
-            self.grad_pieces = [self.flat_grad[o + s.range(r)[0]:o + s.range(r)[1]]
-                                for o, s in zip(starts, self.plan)]
-        else:
-            self.grad_pieces = [torch.zeros(s.piece, dtype=self.dtype, device=dev)
-                                for s in self.plan]
-            self.full_grads = []
-        # The optimizer sees each piece's real elements as (W part, b part).
-        self.opt_layers, self.opt_grads = [], []
-        for s, p, g in zip(self.plan, self.pieces, self.grad_pieces, strict=True):
-            v, wv = s.valid(r), s.weight_valid(r)
-            self.opt_layers.append(Layer(s.index, p[:wv], p[wv:v] if v > wv else None))
-            self.opt_grads.append(Grads(g[:wv], g[wv:v] if v > wv else None))
+        self.pieces, self.grad_pieces = self.sharded.pieces, self.sharded.grad_pieces
+        self.opt_layers, self.opt_grads = self.sharded.opt_layers, self.sharded.opt_grads
         self.opt = build_optimizer(cfg)  # its state is the pieces' too: 1/P of it
-        self.layers = [l for s, p in zip(self.plan, self.pieces, strict=True)
-                       for l in piece_layers(s, r, p)]
+        self.layers = self.sharded.layers
         self.saved_layers = self.layers  # the pieces of all ranks cover every weight once
         self.probe = None  # memory.StorageTracker while measured (memory_stages)
         self.tracer = None  # a trace.Tracer, set by the train loop
-        self._bufs: dict[str, torch.Tensor] = {}  # the step's reused buffers (_step_buffer)
 
     # ------------------------------------------------------------ weights and gradients
 
-    def _step_buffer(self, key: str, n: int) -> torch.Tensor:
-        """This step's buffer `key` (the largest layer's P·c elements), made at first use and
-        let go by `step` / `predict` at their end: every layer's gather (with resharding)
-        and every layer's local gradient reuses one storage, as a caching allocator would
-        hand FSDP back the block it freed. A fresh buffer per layer would be freed late:
-        gloo's worker thread lets go of a collective's tensors only when it next gets the
-        GIL, so the next layer's buffer could be made while the last one still lives."""
-        buf = self._bufs.get(key)
-        if buf is None:
-            buf = torch.empty(max(s.padded for s in self.plan), dtype=self.dtype,
-                              device=self.topo.device)
-            self._bufs[key] = buf
-        return buf[:n]
-
     def _gather(self, l: int, phase: str, *, exchange: bool = True) -> Layer:
-        """Layer l whole. Stage 3 all-gathers its pieces into P·c elements: the step's
-        gather buffer when resharding, else a buffer of its own, dropped after the layer's
-        backward (exchange=False: the same buffer, filled with this rank's piece only)."""
+        """Layer l whole: stages 1 and 2 hold it; stage 3 gathers it (`ShardedLayers`)."""
         if self.zero_stage != 3:
             return self.full_layers[l]
-        s = self.plan[l]
-        if self.P == 1:  # the piece is the layer
-            return unflatten(s, self.pieces[l])
-        if self.reshard:
-            buf = self._step_buffer("gather", s.padded)
-        else:
-            buf = torch.empty(s.padded, dtype=self.dtype, device=self.topo.device)
-        if exchange:
-            self.comm.all_gather_into(buf, self.pieces[l], role="weight_gather", phase=phase)
-        else:
-            buf.zero_()
-            buf[self.rank * s.piece:(self.rank + 1) * s.piece] = self.pieces[l]
-        if self.probe is not None:
-            self.probe.tag("gathered", [buf])
-        return unflatten(s, buf)
+        return self.sharded.gather(l, phase, exchange=exchange, probe=self.probe)
 
     def _grad_target(self, l: int) -> tuple[torch.Tensor | None, Grads]:
-        """Where layer l's backward accumulates: stage 1 (and P = 1) the persistent
-        gradients; stages 2, 3 the step's zeroed gradient buffer (P·c elements),
-        reduce-scattered by `_grad_done`."""
-        s = self.plan[l]
+        """Where layer l's backward accumulates: stage 1 the persistent full gradients;
+        stages 2, 3 the step's gradient buffer, reduce-scattered by `_grad_done`."""
         if self.zero_stage == 1:
             return None, self.full_grads[l]
-        if self.P == 1:
-            return None, grad_views(s, self.grad_pieces[l])
-        buf = self._step_buffer("grad", s.padded).zero_()
-        return buf, grad_views(s, buf)
+        return self.sharded.grad_target(l)
 
     def _grad_done(self, l: int, buf: torch.Tensor | None) -> None:
-        if buf is None:
-            return
-        mine = self.comm.reduce_scatter(list(buf.chunk(self.P)), role="weight_grad",
-                                        phase="backward")
-        self.grad_pieces[l] += mine
+        self.sharded.grad_done(l, buf)
 
     # ------------------------------------------------------------ one micro-batch
 
@@ -276,8 +364,7 @@ class FsdpRunner:
             add_decay(self.opt_layers, self.opt_grads, self.spec.weight_decay)
         grads = None
         if want_grads:
-            grads = [g.clone() for s, p in zip(self.plan, self.grad_pieces, strict=True)
-                     for g in piece_grads(s, self.rank, p)]
+            grads = [g.clone() for g in self.sharded.piece_grads()]
         sq = sq_norm(self.opt_layers)  # s at the weights the step starts from
         self.opt.step(self.opt_layers, self.opt_grads)
         if self.zero_stage != 3 and self.P > 1:
@@ -291,7 +378,7 @@ class FsdpRunner:
         B, M = self.cfg.train.batch_size, self.cfg.train.microbatches
         for g in self.grad_pieces if self.zero_stage != 1 else [self.flat_grad]:
             g.zero_()
-        self._bufs: dict[str, torch.Tensor] = {}
+        self.buffers.release()
         X, y = self._my_rows(step)
         if self.probe is not None:
             self.probe.inputs(X)
@@ -307,7 +394,7 @@ class FsdpRunner:
             loss_total += ls
             correct += c
         del X, y, xm, ym
-        self._bufs = {}
+        self.buffers.release()
         with maybe_span(self.tracer, "update", kind="update"):
             sq, grads = self._update(want_grads=want_grads)
         loss_sum_all, sq_all, correct_all = reduce_metric(self.comm, loss_total, sq, correct,
@@ -326,9 +413,9 @@ class FsdpRunner:
         X, _ = self._my_rows(step)
         if self.probe is not None:
             self.probe.inputs(X)
-        self._bufs = {}
+        self.buffers.release()
         out, _, _ = self._forward(X, keep=False, exchange=exchange)
-        self._bufs = {}
+        self.buffers.release()
         return out
 
     # ------------------------------------------------------------ for memory.py
@@ -343,11 +430,4 @@ class FsdpRunner:
         return {"params": list(params), "grads": list(grads), "optimizer": list(self.opt.buffers)}
 
     def state_bytes(self) -> dict[str, int]:
-        def total(ts: list[torch.Tensor]) -> int:
-            return sum(t.numel() * t.element_size() for t in ts)
-
-        st = self.memory_state()
-        # the optimizer makes its buffers at the first update: counted from the pieces
-        opt = self.opt.state_bytes(self.opt_layers)
-        return {"params_bytes": total(st["params"]), "grads_bytes": total(st["grads"]),
-                "optimizer_bytes": opt}
+        return sharded_state_bytes(self.memory_state(), self.opt.state_bytes(self.opt_layers))

@@ -22,6 +22,7 @@ from partition.config import RunConfig
 from partition.data import Dataset
 from partition.model import (
     Cache,
+    Grads,
     Layer,
     WeightPart,
     activation_backward,
@@ -32,6 +33,7 @@ from partition.model import (
     linear_backward,
     loss_and_grad,
     make_layer,
+    weight_grad,
     zero_grads,
 )
 from partition.plans.split import split_evenly
@@ -123,6 +125,23 @@ class TensorShards:
         chunks = [t[:, lo:hi] for lo, hi in splits]
         return self.comm.reduce_scatter(chunks, role="input_grad", phase="backward")
 
+    # ------------------------------------------------------------ what each layer's products use
+
+    # A hybrid mesh's dp_shard stage (strategies/hybrid.py) holds only pieces of its shards:
+    # it gathers layer i before each use and reduce-scatters its gradient after. Here the
+    # shard itself is used and its gradient accumulates in place.
+
+    def _weights(self, i: int, phase: str, *, exchange: bool = True) -> Layer:
+        """The weights layer i's forward or backward multiplies by."""
+        return self.compute[i]
+
+    def _grad_target(self, i: int) -> tuple[torch.Tensor | None, Grads]:
+        """Where layer i's weight gradient accumulates, and a handle for `_grad_done`."""
+        return None, self.grads[i]
+
+    def _grad_done(self, i: int, handle: torch.Tensor | None) -> None:
+        """Layer i's weight gradient of this micro-batch is complete."""
+
     # ------------------------------------------------------------ one micro-batch
 
     def _forward(self, x: torch.Tensor, *, keep: bool, exchange: bool = True,
@@ -136,26 +155,28 @@ class TensorShards:
         last = self.spec.num_layers - 1
         phase = "backward" if redo else "forward"
         caches: list[Cache] = []
-        for layer, sh, splits in zip(self.compute, self.plan, self.splits, strict=True):
-            if redo and layer.index == last:
+        for i, (sh, splits) in enumerate(zip(self.plan, self.splits, strict=True)):
+            if redo and sh.layer == last:
                 caches.append(Cache(x, None))
                 break
+            layer = self._weights(i, phase, exchange=exchange)
             # column: (mb, n_in) -> (mb, |R_r|); row: (mb, |R_r|) -> (mb, n_out) partial;
             # replicated: (mb, n_in) -> (mb, n_out); rowwise: (mb, n_in) -> (mb, |R_r|)
             name = f"F{layer.index}"
             with maybe_span(self.tracer, name, kind="F", layer=layer.index):
                 z = linear(x, layer)
+            del layer  # resharded (dp_shard): the gathered weights go before the next gather
             if sh.kind == "row":
                 z = self._all_reduce(z, role="partial_output", phase=phase,
                                      exchange=exchange)
-            with maybe_span(self.tracer, name, kind="F", layer=layer.index):
+            with maybe_span(self.tracer, name, kind="F", layer=sh.layer):
                 if keep:
-                    caches.append(Cache(x, None if layer.index == last else z))
-                h = z if layer.index == last else activation_forward(self.spec.activation, z)
+                    caches.append(Cache(x, None if sh.layer == last else z))
+                h = z if sh.layer == last else activation_forward(self.spec.activation, z)
             x = (self._gather(h, splits, exchange=exchange, phase=phase)
                  if sh.kind == "rowwise" else h)
         if keep and not redo and self.probe is not None:
-            self.probe.kept(caches, holds_input=self.layers[0].index == 0)
+            self.probe.kept(caches, holds_input=self.plan[0].layer == 0)
         return x, caches
 
     def _backward(self, caches: list[Cache], g: torch.Tensor, *, need_input_grad: bool = False,
@@ -168,27 +189,33 @@ class TensorShards:
         last = self.spec.num_layers - 1
         if self.recompute:  # only the micro-batch's input was kept: redo z and h
             _, caches = self._forward(caches[0].x, keep=True, redo=True)
-        parts: list[WeightPart | None] = [None] * len(self.compute)
+        parts: list[WeightPart | None] = [None] * len(self.plan)
         dx = None
-        for i in range(len(self.compute) - 1, -1, -1):
-            layer, sh, cache = self.compute[i], self.plan[i], caches[i]
+        for i in range(len(self.plan) - 1, -1, -1):
+            sh, cache = self.plan[i], caches[i]
             want_dx = i > 0 or need_input_grad
-            with maybe_span(self.tracer, f"B{layer.index}", kind="B", layer=layer.index):
-                if sh.kind == "rowwise" and i == len(self.compute) - 1:
+            layer = self._weights(i, "backward")
+            with maybe_span(self.tracer, f"B{sh.layer}", kind="B", layer=sh.layer):
+                if sh.kind == "rowwise" and i == len(self.plan) - 1:
                     # the top of the run (the net's output, or a pipeline stage's last
                     # hidden layer): g is the whole dJ/do or dJ/dh; this rank's columns
                     g = g[:, slice(*sh.rows)]
-                if layer.index == last:
+                if sh.layer == last:
                     dz = g
                 else:
                     dz = activation_backward(self.spec.activation, cache.z, g)
                 if defer is None:
-                    dx = linear_backward(dz, cache.x, layer, self.grads[i],
-                                         need_input_grad=want_dx)
+                    handle, grads = self._grad_target(i)
+                    dx = linear_backward(dz, cache.x, layer, grads, need_input_grad=want_dx)
+                    del grads
                 else:
                     parts[i] = WeightPart(dz, cache.x)
                     dx = input_grad(dz, layer) if want_dx else None
                 caches[i] = None  # type: ignore[call-overload]  # free as we go
+            del layer
+            if defer is None:
+                self._grad_done(i, handle)
+                del handle
             if dx is None:
                 break
             if sh.kind == "column":
@@ -204,6 +231,16 @@ class TensorShards:
         if defer is not None:
             defer.extend(parts)  # type: ignore[arg-type]
         return dx
+
+    def _backward_weight(self, parts: list[WeightPart]) -> None:
+        """The W of an I/W split: dJ/dW += dJ/dz xᵀ from what `_backward(defer=...)` kept,
+        top layer first — the products `model.backward_weight` makes, into `_grad_target`."""
+        for i in range(len(parts) - 1, -1, -1):
+            handle, grads = self._grad_target(i)
+            weight_grad(parts[i].dz, parts[i].x, grads)
+            parts[i] = None  # type: ignore[call-overload]
+            del grads
+            self._grad_done(i, handle)
 
 
 class TensorRunner(TensorShards):
