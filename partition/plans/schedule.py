@@ -280,7 +280,7 @@ def transfers(s: Schedule, rank: int) -> tuple[list[Message], list[Message]]:
 
 def validate(s: Schedule) -> None:
     """Complete, well-ordered and deadlock-free, or ScheduleError naming the action."""
-    S, M = s.stages, s.micro
+    M = s.micro
     if M < 1:
         raise ScheduleError(f"{M} micro-batches: need at least 1")
     for r, acts in enumerate(s.ranks):
