@@ -385,18 +385,15 @@ def test_memory_equals_the_dry_run(runs, case):
         for k in ("params_bytes", "grads_bytes", "optimizer_bytes", "gathered_bytes",
                   "activations_bytes"):
             assert res["memory"][k] == dry[rank].memory[k], (rank, k)
-        if cfg.strategy.dp_shard:
-            # As test_fsdp: gloo's worker thread can let go of a collective's buffer after
-            # the call returns, so a real peak may exceed the dry run's by at most the
-            # largest buffer this rank hands a collective.
-            largest = max((r.collective for r in res["records"] if r.step == 1), default=0)
-            for k in ("peak_bytes", "predict_peak_bytes"):
-                assert 0 <= res["memory"][k] - dry[rank].memory[k] <= largest, (rank, k)
-            if res["memory"]["peak_bytes"] == dry[rank].memory["peak_bytes"]:
-                assert res["memory"]["breakdown"] == dry[rank].memory["breakdown"], rank
-        else:
-            for k in ("peak_bytes", "predict_peak_bytes", "breakdown"):
-                assert res["memory"][k] == dry[rank].memory[k], (rank, k)
+        # As test_fsdp and test_tensor: gloo's worker thread can let go of a collective's
+        # buffer after the call returns (seen under load for the tp and dp all-reduces
+        # too), so a real peak may exceed the dry run's by at most the largest buffer
+        # this rank hands a collective; where the peaks agree, so does the breakdown.
+        largest = max((r.collective for r in res["records"] if r.step == 1), default=0)
+        for k in ("peak_bytes", "predict_peak_bytes"):
+            assert 0 <= res["memory"][k] - dry[rank].memory[k] <= largest, (rank, k)
+        if res["memory"]["peak_bytes"] == dry[rank].memory["peak_bytes"]:
+            assert res["memory"]["breakdown"] == dry[rank].memory["breakdown"], rank
         assert {d: v["by_role"] for d, v in res["comm"]["by_dim"].items()} == \
             {d: v["by_role"] for d, v in dry[rank].comm["by_dim"].items()}
 

@@ -17,6 +17,9 @@ from partition.strategies.pipeline import pipeline_schedule
 
 M = 3
 ROUND = 5e-10  # trace.json rounds times to 1e-3 µs
+# Spans that abut (a compute piece ends where a wait starts) may seem to overlap by up to
+# 1.5e-3 µs in trace.json: ts and dur are rounded separately, so an end is off by up to 1e-3.
+TOUCH = 2e-3
 
 
 # ---------------------------------------------------------------- the conversion, by hand
@@ -133,10 +136,10 @@ def _check_spans(trace: dict, res: dict, rank: int) -> list[dict]:
     assert len(whole) == 1
     lo, hi = whole[0]["ts"], _end(whole[0])
     compute = [e for e in mine if e["tid"] == 0 and e["name"] != "step"]
-    assert all(a["ts"] <= b["ts"] and _end(a) <= b["ts"] + 1e-3 for a, b in zip(compute, compute[1:]))
-    assert all(lo <= e["ts"] and _end(e) <= hi + 1e-3 for e in mine)
+    assert all(a["ts"] <= b["ts"] and _end(a) <= b["ts"] + TOUCH for a, b in zip(compute, compute[1:]))
+    assert all(lo <= e["ts"] and _end(e) <= hi + TOUCH for e in mine)
     for w in (e for e in mine if e["tid"] == 1 and e["args"].get("waiting")):
-        assert all(_end(c) <= w["ts"] + 1e-3 or _end(w) <= c["ts"] + 1e-3 for c in compute), w
+        assert all(_end(c) <= w["ts"] + TOUCH or _end(w) <= c["ts"] + TOUCH for c in compute), w
     total = sum(e["dur"] for e in compute) / 1e6
     timing = res["ranks"][rank]["timing"]
     assert total == pytest.approx(timing["traced_compute_s"], abs=len(compute) * ROUND)
