@@ -383,6 +383,16 @@ PREDICT_CASES = (
                                        "train.batch_size=4096"), 30.0),
     PredictCase("tensor, dims [784, 65536, 10]", 1024,
                 ("strategy=tensor", "world_size=1024", _dims(784, 65536, 10)), 30.0),
+    # the dry run's own example of a deep pipeline (P=64 on a 65-layer net), held to the
+    # P=1024 target; a 1024-stage pipeline is 1024 distinct ranks, each dry-run and timed
+    PredictCase("pipeline 1f1b, dims [784, 64 ×64, 10], B=4096, M=8 (P=64)", 64,
+                ("strategy=pipeline", "strategy.schedule=1f1b", "world_size=64",
+                 "train.batch_size=4096", "train.microbatches=8",
+                 _dims(784, *[64] * 64, 10)), 30.0),
+    PredictCase("hybrid dp8×pp8×tp16, dims [784, 1024 ×15, 10], B=4096, M=8", 1024,
+                ("strategy=hybrid", "world_size=1024", "strategy.pp=8", "strategy.tp=16",
+                 "strategy.balance=[2,2,2,2,2,2,2,2]", "train.batch_size=4096",
+                 "train.microbatches=8", _dims(784, *[1024] * 15, 10)), 30.0),
     PredictCase("pipeline 1f1b, dims [784, 64 ×1023, 10], B=4096, M=8", 1024,
                 ("strategy=pipeline", "strategy.schedule=1f1b", "world_size=1024",
                  "train.batch_size=4096", "train.microbatches=8",
