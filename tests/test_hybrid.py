@@ -487,6 +487,44 @@ def test_calibration_times_each_stage_alone_without_its_tp_collectives():
         assert all(not g.W.any() for st in runner.stages.values() for g in st.grads)
 
 
+@pytest.mark.parametrize("over", [
+    {"strategy.dp": 2, "strategy.tp": 2},
+    {"strategy.dp": 2, "strategy.pp": 2, "strategy.schedule": "1f1b",
+     "strategy.reshard_after_forward": False},
+    {"strategy.dp": 4},
+], ids=["dp2shardxtp2", "dp2shardxpp2-keep", "dp4shard"])
+def test_calibration_times_a_dp_sharded_stage_with_its_gathers_local(over):
+    """dp_shard: every rank times the F, B, I, W of each stage it holds and its update with
+    nothing crossing — the dp gathers and reduce-scatters are local copies, left to the
+    simulator as comm ops; the pieces are untouched, the gradient pieces zero, the step's
+    buffers let go."""
+    from partition.calibrate import action_times
+    from partition.dryrun import meta_dataset
+    from partition.model import init_weights
+    from partition.strategies import build_runner
+
+    cfg = _hybrid(**{**over, "strategy.dp_shard": True})
+    full = init_weights(cfg.spec, cfg.seed)
+    mesh = resolve_mesh(world=4, dp=cfg.strategy.dp, pp=cfg.strategy.pp, tp=cfg.strategy.tp)
+    for r in range(4):
+        ledger = Ledger()
+        comm = Comm(rank=r, world_size=4, ledger=ledger, transport=_Refuses())
+        runner = build_runner(cfg, Topology(r, 4, r, torch.device("cpu"), "none"), comm,
+                              meta_dataset(cfg), full)
+        sharded = [st.sharded for st in runner.stages.values()]
+        before = [p.clone() for sh in sharded for p in sh.pieces]
+        times = action_times(cfg, runner)
+        stage = mesh.coords(r).pp
+        assert set(times) == {f"s{stage}:{k}" for k in "FBIW"} | {"update", "peak_flops_per_s"}
+        assert all(v >= 0 for v in times.values()) and times[f"s{stage}:F"] > 0
+        assert ledger.records == []
+        assert all(torch.equal(a, p) for a, p in zip(before, [p for sh in sharded
+                                                              for p in sh.pieces]))
+        assert all(not g.any() for sh in sharded for g in sh.grad_pieces)
+        assert all(not st.held and not st.kept for st in runner.stages.values())
+        assert runner.buffers._bufs == {}
+
+
 def test_calibration_keys_follow_the_ranks_virtual_stages():
     from partition.calibrate import local_action_times
 

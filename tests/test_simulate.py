@@ -175,9 +175,8 @@ def test_dp_shard_gathers_before_each_action_and_reduce_scatters_after(keep, ste
 
 def test_dp_shard_wire_bytes_are_the_mesh_plans_and_w_reduce_scatters():
     """dp=2 (shard) × pp=2 on zb1p: an F or I starts with its gathers, a W ends with its
-    reduce-scatters;
-    with β = 1 B/s every dp op takes its wire bytes, and a rank's dp ops are exactly the
-    mesh plan's dp calls (hybrid_calls, the one source), wire for wire."""
+    reduce-scatters; with β = 1 B/s every dp op takes its wire bytes, and a rank's dp ops
+    are exactly the mesh plan's dp calls (hybrid_calls, the one source), wire for wire."""
     from partition.plans.mesh import hybrid_calls, resolve_mesh
     from partition.plans.schedule import load_schedule
     from partition.plans.stages import plan_stages
