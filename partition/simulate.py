@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Any
 
 from partition.plans.schedule import Action, Message, Schedule, needs
@@ -57,12 +58,22 @@ class Timeline:
     spans: list[Span]
     world: int
 
-    @property
+    # Once per timeline (the spans are not changed after `simulate`): every rank's idle
+    # fraction reads both, and a 1024-rank mesh has a million spans.
+    @cached_property
     def step_time(self) -> float:
         return max((s.end for s in self.spans), default=0.0)
 
+    @cached_property
+    def _compute(self) -> dict[int, float]:
+        out: dict[int, float] = {}
+        for s in self.spans:
+            if s.kind == "compute":
+                out[s.rank] = out.get(s.rank, 0.0) + (s.end - s.start)
+        return out
+
     def compute(self, rank: int) -> float:
-        return sum(s.end - s.start for s in self.spans if s.rank == rank and s.kind == "compute")
+        return self._compute.get(rank, 0.0)
 
     def idle_fraction(self, rank: int) -> float:
         t = self.step_time

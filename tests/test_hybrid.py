@@ -569,6 +569,31 @@ def test_a_hybrid_run_predicts_its_step_by_simulation(tmp_path):
     assert (tmp_path / "timeline.png").stat().st_size > 10_000
 
 
+def test_a_dp_sharded_run_predicts_its_step_by_simulation(tmp_path):
+    """A real dp=2 (shard) × tp=2 run: its result.json has the simulated step (the dp
+    gathers and reduce-scatters around each action), the simulated idle fraction next to
+    the measured one, and a replayable simulation."""
+    import json
+
+    from partition.launch import run
+    from partition.timeline import simulated_from_result
+
+    cfg = _hybrid(**{"strategy.tp": 2, "strategy.dp_shard": True, "train.steps": 4,
+                     "train.warmup_steps": 1})
+    res = run(cfg, str(tmp_path))
+    assert res["status"] == "ok", res["error"]
+    pred = res["predicted"]
+    assert pred["step_time_s"] > 0 and pred["not_simulated"] is None
+    idle = res["train"]["idle_fraction"]
+    assert idle["simulated"] == pred["idle_fraction"] and 0 <= idle["simulated"] <= 1
+    assert idle["measured"] is not None
+    for mine in res["ranks"]:
+        assert set(mine["action_times"]) == {"s0:F", "s0:B", "s0:I", "s0:W", "update",
+                                             "peak_flops_per_s"}
+    with open(tmp_path / "result.json") as f:
+        assert simulated_from_result(json.load(f)).step_time == pred["step_time_s"]
+
+
 def test_predict_shows_bytes_per_dimension():
     from experiments.predict import render
 
