@@ -145,28 +145,45 @@ class AloneTransport(Transport):
         out.view(-1, piece.numel()).copy_(piece.reshape(1, -1))
 
 
+def _alone(comm: Comm) -> Comm:
+    """`comm` on `AloneTransport`, with a ledger of its own: the same rank and group size,
+    nothing crossing, nothing recorded in the run's ledger."""
+    return Comm(rank=comm.rank, world_size=comm.world_size, ledger=Ledger(),
+                device=comm.device, transport=AloneTransport(comm.rank))
+
+
 @contextmanager
 def no_exchange(stage: Any) -> Iterator[None]:
-    """A tensor-sharded stage (its `comm` a tp group's) with that Comm swapped for one on
-    `AloneTransport` and a ledger of its own, so timing it needs no peer and records
-    nothing in the run's ledger; a whole stage as it is."""
-    comm = getattr(stage, "comm", None)
-    if comm is None:
-        yield
-        return
-    stage.comm = Comm(rank=comm.rank, world_size=comm.world_size, ledger=Ledger(),
-                      device=comm.device, transport=AloneTransport(comm.rank))
+    """A tensor-sharded stage (its `comm` a tp group's) with that Comm swapped for an alone
+    one (`_alone`), and a dp-sharded stage's dp Comm too (`stage.sharded.comm`: its weight
+    gathers and gradient reduce-scatters become local copies), so timing it needs no peer
+    and records nothing in the run's ledger; a whole stage as it is."""
+    holders = [(o, o.comm) for o in (stage, getattr(stage, "sharded", None))
+               if getattr(o, "comm", None) is not None]
+    for o, comm in holders:
+        o.comm = _alone(comm)
     try:
         yield
     finally:
-        stage.comm = comm
+        for o, comm in holders:
+            o.comm = comm
+
+
+def _stage_layers(st: Any) -> tuple[int, int]:
+    """The first and last layer of a stage: by its tensor plan where it has one (a dp-sharded
+    stage's `layers` are pieces, and a piece of a small layer may be empty)."""
+    plan = getattr(st, "plan", None)
+    if plan is not None:
+        return plan[0].layer, plan[-1].layer
+    return st.layers[0].index, st.layers[-1].index
 
 
 def action_times(cfg: Any, runner: Any) -> dict[str, float]:
     """Seconds of each compute action this rank runs, timed at the run's own shapes on
     scratch inputs (the weights are read, never changed; gradients are zeroed after):
-    pipeline and hybrid `s<stage>:<F|B|I|W>` (a hybrid stage's tp collectives not
-    included: `no_exchange`), single/data `F` and `B` (one micro-batch), tensor and fsdp
+    pipeline and hybrid `s<stage>:<F|B|I|W>` (a hybrid stage's tp collectives, and under
+    dp_shard its dp gathers and reduce-scatters, not included: `no_exchange` — their local
+    copies are), single/data `F` and `B` (one micro-batch), tensor and fsdp
     `F<layer>`/`B<layer>` and `loss`, every strategy `update`; and `peak_flops_per_s`,
     the matmul rate MFU divides by."""
     from partition.model import Grads, Layer, activation_backward, activation_forward, linear
@@ -193,11 +210,12 @@ def action_times(cfg: Any, runner: Any) -> dict[str, float]:
 
     def time_stage(st: Any, rows: int, prefix: str, *, kinds: str) -> None:
         # the stage's input and output are whole (a tensor-sharded stage's too)
-        x = torch.randn(rows, spec.dims[st.layers[0].index], dtype=dtype, device=device)
+        first_layer, last_layer = _stage_layers(st)
+        x = torch.randn(rows, spec.dims[first_layer], dtype=dtype, device=device)
         y = labels(rows)
         last = st.has_output_layer
         need_dx = not st.holds_input
-        out_width = spec.dims[st.layers[-1].index + 1]
+        out_width = spec.dims[last_layer + 1]
         g = torch.randn(rows, out_width, dtype=dtype, device=device) / rows
         mb = -1
 
@@ -209,6 +227,7 @@ def action_times(cfg: Any, runner: Any) -> dict[str, float]:
         def drop() -> None:
             st.kept.pop(mb, None)
             st.deferred.pop(mb, None)
+            getattr(st, "held", {}).pop(mb, None)  # a dp-sharded forward's kept layers
 
         out[prefix + "F"] = _median_s(lambda: (fwd(), drop()), device)
         if "B" in kinds:
@@ -268,12 +287,15 @@ def action_times(cfg: Any, runner: Any) -> dict[str, float]:
         time_layers([Layer(s.index, torch.randn(s.n_out, s.n_in, dtype=dtype, device=device),
                            torch.randn(s.n_out, dtype=dtype, device=device) if s.bias else None)
                      for s in runner.plan], -(-(hi - lo) // M))
-    elif name == "hybrid" and not cfg.strategy.dp_shard:
-        # each stage's own arithmetic, its tp collectives left to the simulator (they are
-        # comm ops there, synchronised across the tp group)
+    elif name == "hybrid":
+        # each stage's own arithmetic, its tp collectives (and dp_shard's gathers and
+        # reduce-scatters) left to the simulator: they are comm ops there, synchronised
+        # across their group
         for s, st in runner.stages.items():
             with no_exchange(st):
                 time_stage(st, runner.mb_rows, f"s{s}:", kinds="BIW")
+        if getattr(runner, "dp_shard", False):
+            runner.buffers.release()  # the scratch gathers' buffers: the step makes its own
     if layers:
         from dataclasses import replace
 

@@ -144,6 +144,19 @@ def _hybrid_shards(cfg: RunConfig, rank: int) -> list[tuple[int, Any]]:
                                    rank=c.tp)]
 
 
+def _dp_sharded(cfg: RunConfig) -> bool:
+    return cfg.strategy.name == "hybrid" and cfg.strategy.dp_shard
+
+
+def _dp_flats(cfg: RunConfig, rank: int) -> list[Any]:
+    """dp_shard: each tensor shard of the rank as the flat storage its dp group cuts in
+    pieces (plans/mesh.py `dp_flat_shards`, plans/fsdp.py `FlatShard`)."""
+    from partition.plans.mesh import dp_flat_shards
+
+    return dp_flat_shards(cfg.spec, [sh for _, sh in _hybrid_shards(cfg, rank)],
+                          dp=_mesh(cfg).dp)
+
+
 def _tensor_group(cfg: RunConfig, rank: int) -> tuple[int, int]:
     """(size, this rank's index) of the group the rank's layers are sharded over."""
     if cfg.strategy.name == "tensor":
@@ -234,14 +247,16 @@ def hybrid_messages(cfg: RunConfig, rank: int) -> list[CommRecord]:
     """A mesh rank's crossings, each in its dimension: pp the pipeline's (`_pipeline_p2p`,
     the sends of plans/mesh.py `hybrid_calls` and the receives that match them), and the
     collectives of `hybrid_calls` — tp its stages' tensor plans, dp the gradient
-    all-reduce, world the metric."""
+    all-reduce (dp_shard: fsdp's gathers and reduce-scatters of every shard), world the
+    metric."""
     from partition.plans.mesh import hybrid_calls
 
     mesh, sched = _mesh(cfg), _schedule(cfg)
     plan = plan_stages(cfg.spec, sched.stages, cfg.strategy.balance)
     calls = hybrid_calls(cfg.spec, mesh, sched, plan, layout=cfg.strategy.layout, rank=rank,
                          batch=cfg.train.batch_size, micro=cfg.train.microbatches,
-                         itemsize=compute_itemsize(cfg))
+                         itemsize=compute_itemsize(cfg), dp_shard=cfg.strategy.dp_shard,
+                         reshard_after_forward=cfg.strategy.reshard_after_forward)
     groups = {"tp": mesh.tp, "dp": mesh.dp, "world": mesh.world}
     return _pipeline_p2p(cfg, rank) + [
         CommRecord(None, c.op, c.role, c.phase, None, groups[dim], c.payload, c.received,
@@ -370,8 +385,16 @@ def in_flight_per_stage(cfg: RunConfig, rank: int) -> dict[int, int]:
 
 
 def state_bytes(cfg: RunConfig, rank: int) -> dict[str, int]:
-    """params, grads (one buffer per parameter) and optimizer state (momentum buffers)."""
+    """params, grads (one buffer per parameter) and optimizer state (momentum buffers).
+    dp_shard: the padded pieces and their gradients, the state of the pieces' real
+    elements (fsdp stage 3's over each tensor shard)."""
     item = ITEMSIZE[cfg.train.dtype]
+    if _dp_sharded(cfg):
+        flats, d = _dp_flats(cfg, rank), _mesh(cfg).coords(rank).dp
+        piece = sum(f.piece for f in flats) * item
+        real = sum(f.valid(d) for f in flats) * item
+        return {"params_bytes": piece, "grads_bytes": piece,
+                "optimizer_bytes": real if cfg.train.momentum else 0}
     p = sum(l.params for l in stage_layers(cfg, rank)) * item
     return {"params_bytes": p, "grads_bytes": p,
             "optimizer_bytes": p if cfg.train.momentum else 0}
@@ -620,6 +643,22 @@ def _pipeline_moments(cfg: RunConfig, rank: int) -> dict[str, int]:
     return {"backward": backward, "hand-off": hand_off}
 
 
+def dp_shard_buffer_bytes(cfg: RunConfig, rank: int) -> int:
+    """dp_shard: what a backward holds beyond the plain mesh's — fsdp stage 3's terms over
+    the rank's tensor shards (plans/fsdp.py): the gathered layers (the largest P·c·b when
+    resharding, else every shard's) and the unsharded gradient being reduce-scattered,
+    added to the pipeline's backward moment. An estimate, neither floor nor ceiling
+    (docs/cost-model.md): it leaves out a keeping forward's layers held for the other
+    micro-batches in flight and the collectives' own buffers, and the pipeline moment's
+    largest transient is not always alive next to these buffers."""
+    from partition.plans.fsdp import gathered_bytes, grad_buffer_bytes
+
+    flats, item = _dp_flats(cfg, rank), ITEMSIZE[cfg.train.dtype]
+    return (gathered_bytes(flats, zero_stage=3, itemsize=item,
+                           reshard_after_forward=cfg.strategy.reshard_after_forward)
+            + grad_buffer_bytes(flats, zero_stage=3, itemsize=item))
+
+
 def peak_terms(cfg: RunConfig, rank: int) -> dict[str, Any]:
     """The closed-form training peak and its terms: `state`, `input` (the data batch),
     `kept`, and outside a pipeline `loss_gradient` and `transient`; `moments`, the live
@@ -632,6 +671,9 @@ def peak_terms(cfg: RunConfig, rank: int) -> dict[str, Any]:
     if _runs_pipeline(cfg):
         for k, v in _pipeline_moments(cfg, rank).items():
             moments[k] = x + v
+        if _dp_sharded(cfg):
+            terms["step_buffers"] = dp_shard_buffer_bytes(cfg, rank)
+            moments["backward"] += terms["step_buffers"]
     else:
         last = stage_layers(cfg, rank)[-1].index == cfg.spec.num_layers - 1
         terms["loss_gradient"] = _loss_gradient(cfg, rank) if last else 0
@@ -660,10 +702,10 @@ def independent_estimate(cfg: RunConfig) -> int:
 
 
 def closed_forms_cover(cfg: RunConfig) -> bool:
-    """Whether `formula` has closed forms for this config: not yet for a hybrid mesh's
-    sharded data dimension (strategy.dp_shard=true), whose bytes and memory the dry run
-    predicts alone."""
-    return not (cfg.strategy.name == "hybrid" and cfg.strategy.dp_shard)
+    """Whether `formula` has closed forms for this config: every strategy now (a hybrid
+    mesh's sharded data dimension too, its training peak an estimate:
+    `dp_shard_buffer_bytes`)."""
+    return True
 
 
 def formula(cfg: RunConfig, rank: int) -> dict[str, Any]:
@@ -722,6 +764,9 @@ def optimizer_state_bytes(cfg: RunConfig, rank: int) -> int:
     if cfg.strategy.name == "fsdp":  # the real elements of the rank's pieces
         _, shards = _fsdp_plan(cfg)
         p = sum(s.valid(rank) for s in shards) * ITEMSIZE[cfg.train.dtype]
+    elif _dp_sharded(cfg):  # the same, of the pieces of its tensor shards
+        d = _mesh(cfg).coords(rank).dp
+        p = sum(f.valid(d) for f in _dp_flats(cfg, rank)) * ITEMSIZE[cfg.train.dtype]
     else:
         p = sum(l.params for l in stage_layers(cfg, rank)) * ITEMSIZE[cfg.train.dtype]
     if cfg.train.optimizer in ("adam", "adamw"):
@@ -871,6 +916,7 @@ def formula_deviation(cfg: RunConfig) -> list[dict[str, Any]]:
             continue
         f = formula(cfg, d.rank)
         moment = ("floor (plans/fsdp.py)" if cfg.strategy.name == "fsdp"
+                  else "estimate (dp_shard)" if _dp_sharded(cfg)
                   else peak_terms(cfg, d.rank)["moment"])
         row: dict[str, Any] = {"rank": d.rank, "count": d.count, "moment": moment}
         for k in _DEVIATION_KEYS:

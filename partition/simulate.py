@@ -10,7 +10,8 @@ the last of them arrives. Durations come from a calibration at the run's own sha
     pipeline_ops    the action lists of a schedule (plans/schedule.py): F/B/I/W per stage and
                     micro-batch, a transfer between stages on different ranks, then the
                     update and the J reduction; one pipeline per (dp, tp) coordinate of a
-                    hybrid mesh, with comm ops after actions and before the update
+                    hybrid mesh, with comm ops before and after actions and before the
+                    update
     step_ops        one training step of any strategy, from the ranks' calibrated times
     hybrid_ops      a dp × pp × tp mesh's step; fsdp_rank_ops one fsdp rank's
     simulate        the timeline of any ops
@@ -22,7 +23,8 @@ definition the measured timeline uses.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Any
 
 from partition.plans.schedule import Action, Message, Schedule, needs
@@ -56,12 +58,22 @@ class Timeline:
     spans: list[Span]
     world: int
 
-    @property
+    # Once per timeline (the spans are not changed after `simulate`): every rank's idle
+    # fraction reads both, and a 1024-rank mesh has a million spans.
+    @cached_property
     def step_time(self) -> float:
         return max((s.end for s in self.spans), default=0.0)
 
+    @cached_property
+    def _compute(self) -> dict[int, float]:
+        out: dict[int, float] = {}
+        for s in self.spans:
+            if s.kind == "compute":
+                out[s.rank] = out.get(s.rank, 0.0) + (s.end - s.start)
+        return out
+
     def compute(self, rank: int) -> float:
-        return sum(s.end - s.start for s in self.spans if s.rank == rank and s.kind == "compute")
+        return self._compute.get(rank, 0.0)
 
     def idle_fraction(self, rank: int) -> float:
         t = self.step_time
@@ -136,6 +148,7 @@ def simulate(ops: list[Op], world: int) -> Timeline:
 def pipeline_ops(s: Schedule, *, compute: Callable[[Action], float],
                  transfer: Callable[[Message], float], tail: Callable[[int], float] | None = None,
                  metric: float = 0.0, lines: Sequence[Sequence[int]] | None = None,
+                 before: Callable[[int, Action], list[Op]] | None = None,
                  after: Callable[[int, Action], list[Op]] | None = None,
                  pre_tail: Callable[[int], list[Op]] | None = None,
                  compute_on: Callable[[int, Action], float] | None = None) -> list[Op]:
@@ -146,9 +159,12 @@ def pipeline_ops(s: Schedule, *, compute: Callable[[Action], float],
 
     A hybrid mesh runs one such pipeline per (dp, tp) coordinate: `lines` lists each
     pipeline's global ranks (index = schedule rank; default one pipeline on ranks
-    0..world−1); `after(rank, action)` gives the comm ops the action makes once its compute
-    is done (a tensor-sharded stage's tp collectives: the action ends, for whoever needs its
-    output, with its last one); `pre_tail(rank)` the ops before the update (the dp gradient
+    0..world−1); `before(rank, action)` gives the comm ops the action makes before its
+    compute, once its input is there (a dp-sharded stage's weight gathers: the action
+    starts with the first, which waits for what the action needs); `after(rank, action)`
+    the comm ops it makes once its compute is done (a tensor-sharded stage's tp
+    collectives, a dp-sharded one's gradient reduce-scatters: the action ends, for whoever
+    needs its output, with its last one); `pre_tail(rank)` the ops before the update (the dp gradient
     all-reduce); `compute_on(rank, action)`, where given, the action's duration on that
     global rank (else `compute(action)`)."""
     lines = [tuple(range(s.world))] if lines is None else [tuple(l) for l in lines]
@@ -156,18 +172,22 @@ def pipeline_ops(s: Schedule, *, compute: Callable[[Action], float],
     def extra(r: int, a: Action) -> list[Op]:
         return after(r, a) if after is not None else []
 
+    def first(r: int, a: Action) -> list[Op]:
+        return before(r, a) if before is not None else []
+
     def before_tail(r: int) -> list[Op]:
         return pre_tail(r) if pre_tail is not None else []
 
     # Lay the ops out rank by rank first, so that every action's last op is known.
     last: dict[tuple[int, int, str, int], int] = {}  # (line, stage, kind, mb) -> its last op
     made: dict[tuple[int, Action], list[Op]] = {}
+    lead: dict[tuple[int, Action], list[Op]] = {}
     at = 0
     for n, line in enumerate(lines):
         for p, r in enumerate(line):
             for a in s.ranks[p]:
-                made[(r, a)] = extra(r, a)
-                at += 1 + len(made[(r, a)])
+                lead[(r, a)], made[(r, a)] = first(r, a), extra(r, a)
+                at += len(lead[(r, a)]) + 1 + len(made[(r, a)])
                 last[(n, a.stage, a.kind, a.mb)] = at - 1
             at += len(before_tail(r)) + (2 if tail is not None else 1)
 
@@ -190,6 +210,13 @@ def pipeline_ops(s: Schedule, *, compute: Callable[[Action], float],
                 if a.kind == "W":
                     deps.append((last[(n, a.stage, "I", a.mb)], 0.0))
                 took = compute_on(r, a) if compute_on is not None else compute(a)
+                # the action's first op waits for its input (the runner receives, then
+                # gathers, then computes)
+                pre = lead[(r, a)]
+                if pre:
+                    pre = [replace(pre[0], deps=pre[0].deps + tuple(deps)), *pre[1:]]
+                    deps = []
+                ops += pre
                 ops.append(Op(r, "compute", str(a), took, tuple(deps),
                               args={"stage": a.stage, "kind": a.kind, "mb": a.mb}))
                 ops += made[(r, a)]
@@ -332,24 +359,34 @@ def hybrid_ops(cfg, times: list[dict[str, float]], links: Links, *, schedule=Non
                metric: float) -> list[Op]:
     """A dp × pp × tp mesh's step (plans/mesh.py): per (dp, tp) coordinate the pipeline of
     its pp group — the schedule over mesh.pp, each action's compute from its rank's
-    `action_times` (without its tp collectives), the transfers between stages as
+    `action_times` (without its tp or dp collectives), the transfers between stages as
     point-to-point messages of one micro-batch of the replica's rows — where every action
     of a tensor-sharded stage is followed by its tp collectives (`stage_tp_calls`: the
     forward's after F, the backward's after B or I), each synchronised across the tp
     group; then the dp gradient all-reduce synchronised across the dp group, the update,
     and J over every rank.
 
-    The action's compute is one op, its collectives after it: where a stage's layers make
-    several collectives, their order against the compute is not kept, but every tp rank
-    waits the same, so the action's end (when its output is handed on) is the same."""
-    from partition.plans.mesh import hybrid_calls, replica_rows, resolve_mesh, stage_tp_calls
+    dp_shard (`stage_dp_calls`, each synchronised across the dp group): an F starts with
+    its stage's forward weight gathers, a B or I with its backward ones (none with
+    reshard_after_forward=false: the forward's are held), and a B or W ends with its
+    gradient reduce-scatters; no all-reduce before the update.
+
+    The action's compute is one op, its collectives before or after it: where a stage's
+    layers make several collectives, their order against the compute is not kept, but
+    every rank of the group waits the same, so the action's end (when its output is
+    handed on) is the same."""
+    from partition.plans.mesh import (
+        hybrid_calls,
+        replica_rows,
+        resolve_mesh,
+        stage_dp_calls,
+        stage_shards,
+        stage_tp_calls,
+    )
     from partition.plans.schedule import load_schedule
     from partition.plans.stages import plan_stages
 
     st = cfg.strategy
-    if st.dp_shard:
-        raise ValueError("no simulation for strategy.dp_shard=true yet (the data dimension "
-                         "as fsdp)")
     mesh = resolve_mesh(world=cfg.world_size, dp=st.dp, pp=st.pp, tp=st.tp)
     M, dims = cfg.train.microbatches, cfg.model.dims
     item = ITEM[cfg.train.dtype]
@@ -364,33 +401,55 @@ def hybrid_ops(cfg, times: list[dict[str, float]], links: Links, *, schedule=Non
         return links.p2p(mb * dims[plan[max(m.from_stage, m.to_stage)][0]] * citem)
 
     tp_calls: dict[tuple[int, int], list] = {}  # (tp coordinate, stage) -> one micro-batch's
+    dp_calls: dict[tuple[int, int], list] = {}  # the same, dp_shard's (gradients: master dtype)
 
-    def after(r: int, a: Action) -> list[Op]:
-        if a.kind == "W":  # the weight gradient is local
-            return []
+    def stage_calls(r: int, a: Action) -> tuple[list, list]:
         c = mesh.coords(r)
         key = (c.tp, a.stage)
         if key not in tp_calls:
             start, end = plan[a.stage]
             tp_calls[key] = stage_tp_calls(st.layout, dims, start, end, tp=mesh.tp, rank=c.tp,
                                            rows=mb, itemsize=citem)
+            shards = stage_shards(st.layout, dims, start, end, tp=mesh.tp, rank=c.tp)
+            dp_calls[key] = stage_dp_calls(cfg.spec, shards, dp=mesh.dp, itemsize=item,
+                                           reshard_after_forward=st.reshard_after_forward
+                                           ) if st.dp_shard else []
+        return tp_calls[key], dp_calls[key]
+
+    def comm_ops(r: int, a: Action, dim: str, calls: list, pick) -> list[Op]:  # noqa: ANN001
+        group = mesh.group(r, dim)
+        return [_comm_op(r, call, links.collective(call.wire, mesh.size(dim)),
+                         f"{dim}{group}:{a}:{k}") for k, call in enumerate(calls) if pick(call)]
+
+    def before(r: int, a: Action) -> list[Op]:
+        if a.kind == "W":  # the weight gradient needs no weights
+            return []
         phase = "forward" if a.kind == "F" else "backward"
-        group = mesh.group(r, "tp")
-        return [_comm_op(r, call, links.collective(call.wire, mesh.tp), f"tp{group}:{a}:{k}")
-                for k, call in enumerate(tp_calls[key]) if call.phase == phase]
+        return comm_ops(r, a, "dp", stage_calls(r, a)[1],
+                        lambda c: c.role == "weight_gather" and c.phase == phase)
+
+    def after(r: int, a: Action) -> list[Op]:
+        tp, dp = stage_calls(r, a)
+        phase = "forward" if a.kind == "F" else "backward"
+        out = [] if a.kind == "W" else comm_ops(r, a, "tp", tp, lambda c: c.phase == phase)
+        if a.kind in ("B", "W"):  # the weight gradient is complete
+            out += comm_ops(r, a, "dp", dp, lambda c: c.role == "weight_grad")
+        return out
 
     def pre_tail(r: int) -> list[Op]:
         calls = hybrid_calls(cfg.spec, mesh, sched, plan, layout=st.layout, rank=r,
-                             batch=cfg.train.batch_size, micro=M, itemsize=item)["dp"]
+                             batch=cfg.train.batch_size, micro=M, itemsize=item,
+                             dp_shard=st.dp_shard,
+                             reshard_after_forward=st.reshard_after_forward)["dp"]
         group = mesh.group(r, "dp")
         return [_comm_op(r, call, links.collective(call.wire, mesh.dp), f"dp{group}:{k}")
-                for k, call in enumerate(calls)]
+                for k, call in enumerate(calls) if call.phase == "update"]
 
     lines = [tuple(mesh.rank_of(dp=d, pp=p, tp=t) for p in range(mesh.pp))
              for d in range(mesh.dp) for t in range(mesh.tp)]
     return pipeline_ops(sched, compute=lambda a: 0.0, transfer=transfer,
                         tail=lambda r: times[r]["update"], metric=metric, lines=lines,
-                        after=after, pre_tail=pre_tail,
+                        before=before, after=after, pre_tail=pre_tail,
                         compute_on=lambda r, a: times[r][f"s{a.stage}:{a.kind}"])
 
 

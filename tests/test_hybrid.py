@@ -484,6 +484,44 @@ def test_calibration_times_each_stage_alone_without_its_tp_collectives():
         assert all(not g.W.any() for st in runner.stages.values() for g in st.grads)
 
 
+@pytest.mark.parametrize("over", [
+    {"strategy.dp": 2, "strategy.tp": 2},
+    {"strategy.dp": 2, "strategy.pp": 2, "strategy.schedule": "1f1b",
+     "strategy.reshard_after_forward": False},
+    {"strategy.dp": 4},
+], ids=["dp2shardxtp2", "dp2shardxpp2-keep", "dp4shard"])
+def test_calibration_times_a_dp_sharded_stage_with_its_gathers_local(over):
+    """dp_shard: every rank times the F, B, I, W of each stage it holds and its update with
+    nothing crossing — the dp gathers and reduce-scatters are local copies, left to the
+    simulator as comm ops; the pieces are untouched, the gradient pieces zero, the step's
+    buffers let go."""
+    from partition.calibrate import action_times
+    from partition.dryrun import meta_dataset
+    from partition.model import init_weights
+    from partition.strategies import build_runner
+
+    cfg = _hybrid(**{**over, "strategy.dp_shard": True})
+    full = init_weights(cfg.spec, cfg.seed)
+    mesh = resolve_mesh(world=4, dp=cfg.strategy.dp, pp=cfg.strategy.pp, tp=cfg.strategy.tp)
+    for r in range(4):
+        ledger = Ledger()
+        comm = Comm(rank=r, world_size=4, ledger=ledger, transport=_Refuses())
+        runner = build_runner(cfg, Topology(r, 4, r, torch.device("cpu"), "none"), comm,
+                              meta_dataset(cfg), full)
+        sharded = [st.sharded for st in runner.stages.values()]
+        before = [p.clone() for sh in sharded for p in sh.pieces]
+        times = action_times(cfg, runner)
+        stage = mesh.coords(r).pp
+        assert set(times) == {f"s{stage}:{k}" for k in "FBIW"} | {"update", "peak_flops_per_s"}
+        assert all(v >= 0 for v in times.values()) and times[f"s{stage}:F"] > 0
+        assert ledger.records == []
+        assert all(torch.equal(a, p) for a, p in zip(before, [p for sh in sharded
+                                                              for p in sh.pieces]))
+        assert all(not g.any() for sh in sharded for g in sh.grad_pieces)
+        assert all(not st.held and not st.kept for st in runner.stages.values())
+        assert runner.buffers._bufs == {}
+
+
 def test_calibration_keys_follow_the_ranks_virtual_stages():
     from partition.calibrate import local_action_times
 
@@ -526,6 +564,31 @@ def test_a_hybrid_run_predicts_its_step_by_simulation(tmp_path):
     with open(tmp_path / "result.json") as f:
         assert simulated_from_result(json.load(f)).step_time == pred["step_time_s"]
     assert (tmp_path / "timeline.png").stat().st_size > 10_000
+
+
+def test_a_dp_sharded_run_predicts_its_step_by_simulation(tmp_path):
+    """A real dp=2 (shard) × tp=2 run: its result.json has the simulated step (the dp
+    gathers and reduce-scatters around each action), the simulated idle fraction next to
+    the measured one, and a replayable simulation."""
+    import json
+
+    from partition.launch import run
+    from partition.timeline import simulated_from_result
+
+    cfg = _hybrid(**{"strategy.tp": 2, "strategy.dp_shard": True, "train.steps": 4,
+                     "train.warmup_steps": 1})
+    res = run(cfg, str(tmp_path))
+    assert res["status"] == "ok", res["error"]
+    pred = res["predicted"]
+    assert pred["step_time_s"] > 0 and pred["not_simulated"] is None
+    idle = res["train"]["idle_fraction"]
+    assert idle["simulated"] == pred["idle_fraction"] and 0 <= idle["simulated"] <= 1
+    assert idle["measured"] is not None
+    for mine in res["ranks"]:
+        assert set(mine["action_times"]) == {"s0:F", "s0:B", "s0:I", "s0:W", "update",
+                                             "peak_flops_per_s"}
+    with open(tmp_path / "result.json") as f:
+        assert simulated_from_result(json.load(f)).step_time == pred["step_time_s"]
 
 
 def test_predict_shows_bytes_per_dimension():

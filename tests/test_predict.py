@@ -110,3 +110,12 @@ def test_a_sharded_1024_rank_mesh_is_predicted(tmp_path):
     last = pred["ranks"][1023]  # dp 7, pp 7, tp 15: pieces 8 (of 64) and 3 (of 20, none real)
     assert last["memory"]["params_bytes"] == (8 + 3) * 4
     assert {"dp", "pp", "tp", "world"} == set(last["comm"]["by_dim"])
+    assert pred["step_time_s"] > 0 and pred["not_simulated"] is None  # simulated, dp_shard too
+
+
+def test_a_sharded_data_dimension_prints_a_simulated_step(tmp_path, capsys):
+    pred = _predict(tmp_path, "strategy=hybrid", "world_size=4", "strategy.tp=2",
+                    "strategy.dp_shard=true", "model.dims=[16,12,12,4]", "train.batch_size=8")
+    assert pred["step_time_s"] > 0 and pred["not_simulated"] is None
+    out = capsys.readouterr().out
+    assert "simulated step " in out and "idle fraction" in out

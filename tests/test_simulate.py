@@ -132,22 +132,87 @@ def test_hybrid_tp_collectives_follow_their_actions_with_the_plans_wire_bytes():
         assert sa == sb
 
 
-def test_hybrid_with_a_sharded_data_dimension_is_not_simulated_and_says_so():
-    from dataclasses import replace
+def _sharded(**kw):
+    return _hybrid(**{"strategy.dp": 2, "strategy.pp": 2, "strategy.dp_shard": True,
+                      "strategy.balance": [2, 2], **kw})
 
-    from partition.costs import CostParams
+
+GATHER, SCATTER = "all_gather weight_gather", "reduce_scatter weight_grad"
+
+
+@pytest.mark.parametrize(("keep", "step", "rank0"), [
+    # resharded: 2 gathers before every F and every B, 2 reduce-scatters after every B.
+    # Rank 1 (stage 1): F0 waits for 0F0 (ends 2): gathers [2, 3], compute [3, 4]; F1
+    # [4, 6]; B0 gathers [6, 7], compute [7, 8], reduce-scatters [8, 9] — only then is dx
+    # handed down; B1 [9, 12]. Rank 0: B0 from 9 to 12, B1 from 12 to 15; J [15, 15.5].
+    (True, 15.5, [(GATHER, 0.0), (GATHER, 0.5), ("0F0", 1.0), (GATHER, 2.0), (GATHER, 2.5),
+                  ("0F1", 3.0), (GATHER, 9.0), (GATHER, 9.5), ("0B0", 10.0), (SCATTER, 11.0),
+                  (SCATTER, 11.5), (GATHER, 12.0), (GATHER, 12.5), ("0B1", 13.0),
+                  (SCATTER, 14.0), (SCATTER, 14.5), ("update", 15.0)]),
+    # reshard_after_forward=false: B gathers nothing. Rank 1: B0 [6, 8], B1 [8, 10];
+    # rank 0: B0 [8, 10], B1 [10, 12]; J [12, 12.5].
+    (False, 12.5, [(GATHER, 0.0), (GATHER, 0.5), ("0F0", 1.0), (GATHER, 2.0), (GATHER, 2.5),
+                   ("0F1", 3.0), ("0B0", 8.0), (SCATTER, 9.0), (SCATTER, 9.5), ("0B1", 10.0),
+                   (SCATTER, 11.0), (SCATTER, 11.5), ("update", 12.0)]),
+])
+def test_dp_shard_gathers_before_each_action_and_reduce_scatters_after(keep, step, rank0):
+    """dp=2 (shard) × pp=2, GPipe at M=2, two layers (two dp-sharded shards) per stage, unit
+    F and B, every collective 0.5 (α only), free transfers: each layer's gathers before
+    the action, its reduce-scatters after the backward, in step across the dp pair, and no
+    dp all-reduce before the update."""
     from partition.simulate import Links, step_ops
+
+    cfg = _sharded(**{"strategy.reshard_after_forward": keep})
+    tl = simulate(step_ops(cfg, _units(cfg, "FB"), Links(0.0, INF, 0.5, INF)), 4)
+    assert tl.step_time == step
+    assert [(s.label, s.start) for s in tl.rank_spans(0)][:-1] == rank0
+    assert tl.idle_fraction(0) == pytest.approx(1 - 4 / step)
+    assert not [s for s in tl.spans if s.label == "all_reduce weight_grad"]
+    for a, b in ((0, 2), (1, 3)):  # the dp pairs (same stage) meet in every collective
+        assert [(s.label, s.start) for s in tl.rank_spans(a)] == [
+            (s.label, s.start) for s in tl.rank_spans(b)]
+
+
+def test_dp_shard_wire_bytes_are_the_mesh_plans_and_w_reduce_scatters():
+    """dp=2 (shard) × pp=2 on zb1p: an F or I starts with its gathers, a W ends with its
+    reduce-scatters; with β = 1 B/s every dp op takes its wire bytes, and a rank's dp ops
+    are exactly the mesh plan's dp calls (hybrid_calls, the one source), wire for wire."""
+    from partition.plans.mesh import hybrid_calls, resolve_mesh
+    from partition.plans.schedule import load_schedule
+    from partition.plans.stages import plan_stages
+    from partition.simulate import Links, step_ops
+
+    cfg = _sharded(**{"strategy.schedule": "zb1p"})
+    ops = step_ops(cfg, _units(cfg), Links(0.0, INF, 0.0, 1.0))
+    mesh = resolve_mesh(world=4, dp=2, pp=2, tp=1)
+    sched = load_schedule("zb1p", world=2, micro=2)
+    plan = plan_stages(cfg.spec, 2, [2, 2])
+    for r in range(4):
+        mine = [o for o in ops if o.rank == r]
+        calls = hybrid_calls(cfg.spec, mesh, sched, plan, layout="megatron", rank=r,
+                             batch=16, micro=2, itemsize=8, dp_shard=True)["dp"]
+        dp = [o for o in mine if o.sync and o.sync.startswith("dp")]
+        assert sorted((o.label, o.duration) for o in dp) == sorted(
+            (f"{c.op} {c.role}", float(c.wire)) for c in calls)
+        for i, o in enumerate(mine):  # what sits around each action
+            if o.kind != "compute" or o.label == "update":
+                continue
+            kind, nxt = o.args["kind"], [x.label for x in mine[i + 1:i + 3]]
+            prev = [x.label for x in mine[max(0, i - 2):i]]
+            assert (prev == [GATHER] * 2) == (kind in "FI"), (r, o.label, prev)
+            assert (nxt == [SCATTER] * 2) == (kind == "W"), (r, o.label, nxt)
+    simulate(ops, 4)  # and it plays to the end
+
+
+def test_dp_shard_is_simulated_through_the_timeline_block():
+    from partition.costs import CostParams
     from partition.timeline import simulated_block, simulation
 
-    plain = _hybrid(**{"strategy.dp": 2, "strategy.tp": 2})
-    cfg = replace(plain, strategy=replace(plain.strategy, dp_shard=True))  # not buildable yet
-    times = [{"s0:F": 1.0, "s0:B": 1.0, "s0:I": 0.5, "s0:W": 0.5, "update": 0.0}] * 4
-    with pytest.raises(ValueError, match="no simulation for strategy.dp_shard=true"):
-        step_ops(cfg, times, Links(0, INF, 0, INF))
+    cfg = _sharded(**{"strategy.tp": 1})
+    times = _units(cfg)
     params = CostParams.from_config(cfg)
-    assert simulated_block(cfg, times, params) is None
-    assert simulation(cfg, times, params)[1].startswith("no simulation for strategy.dp_shard")
-    assert simulated_block(plain, times, params)["step_time_s"] > 0
+    assert simulation(cfg, times, params)[1] is None
+    assert simulated_block(cfg, times, params)["step_time_s"] > 0
 
 
 @pytest.mark.parametrize(("zero", "want"), [

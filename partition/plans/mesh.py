@@ -165,6 +165,19 @@ def dp_flat_shards(spec: NetShape, shards: list[LayerShard], *, dp: int) -> list
     return out
 
 
+def stage_dp_calls(spec: NetShape, shards: list[LayerShard], *, dp: int, itemsize: int,
+                   reshard_after_forward: bool) -> list[Call]:
+    """dp_shard: the dp collectives of one micro-batch through a stage whose tensor shards
+    are `shards` — fsdp stage 3's calls (plans/fsdp.py) over the dp group, in its order:
+    every shard's forward gather, then from the top each shard's backward gather (unless
+    reshard_after_forward=false) and its gradient's reduce-scatter. Every micro-batch runs
+    each of the stage's layers forward and backward once, in whatever order the schedule
+    puts them, so a step makes these M times. None at dp = 1."""
+    return [Call(k.role, k.phase, k.op, k.payload, k.received, k.wire)
+            for k in fsdp_calls(dp_flat_shards(spec, shards, dp=dp), zero_stage=3, micro=1,
+                                itemsize=itemsize, reshard_after_forward=reshard_after_forward)]
+
+
 def replica_rows(batch: int, mesh: Mesh, rank: int) -> tuple[int, int]:
     """The rows of the step's batch that `rank`'s data-parallel replica takes."""
     return row_share(batch, mesh.dp, mesh.coords(rank).dp)
@@ -201,12 +214,8 @@ def hybrid_calls(spec: NetShape, mesh: Mesh, schedule: Schedule,
         out["tp"] += stage_tp_calls(layout, dims, start, end, tp=mesh.tp, rank=c.tp, rows=mb,
                                     itemsize=b) * micro
         if dp_shard:
-            # Every micro-batch runs each of the stage's layers forward and backward once,
-            # in whatever order the schedule puts them: fsdp's calls over the dp group.
-            out["dp"] += [Call(k.role, k.phase, k.op, k.payload, k.received, k.wire)
-                          for k in fsdp_calls(dp_flat_shards(spec, shards, dp=mesh.dp),
-                                              zero_stage=3, micro=micro, itemsize=b,
-                                              reshard_after_forward=reshard_after_forward)]
+            out["dp"] += stage_dp_calls(spec, shards, dp=mesh.dp, itemsize=b,
+                                        reshard_after_forward=reshard_after_forward) * micro
     if mesh.dp > 1 and not dp_shard:
         out["dp"].append(collective("weight_grad", "update", "all_reduce", params * b, mesh.dp))
     if mesh.world > 1:
