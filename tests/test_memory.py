@@ -406,13 +406,17 @@ def test_limit_between_pipeline_and_single(tmp_path):
     fe = res["prediction_error"]["formula_max_abs"]  # the closed forms against the run
     assert fe["comm"] == 0.0 and fe["state"] == 0.0 and fe["peak"] <= PEAK_TOL
     # Tensor (megatron) at P = 2 fits too: W¹ and W² halved, the last layer replicated.
-    res = run(make_config(strategy="tensor", world_size=2, **SMALL_DEVICE, memory_limit=limit),
-              str(tmp_path / "tensor"))
+    tcfg = make_config(strategy="tensor", world_size=2, **SMALL_DEVICE, memory_limit=limit)
+    res = run(tcfg, str(tmp_path / "tensor"))
     assert res["status"] == "ok"
     err = res["prediction_error"]["max_abs"]
-    assert err["comm"] == 0.0 and err["state"] == 0.0 and err["peaks"] <= PEAK_TOL
+    assert err["comm"] == 0.0 and err["state"] == 0.0
+    for r in res["ranks"]:  # the peak: the dry run's, or over it by gloo's late buffers
+        check_memory_collectives(r["memory"], res["predicted"]["ranks"][r["rank"]]["memory"],
+                                 late=late_collective_bytes(tcfg, r["rank"]))
+        check_formula(tcfg, r["rank"], r["memory"], late=late_collective_bytes(tcfg, r["rank"]))
     fe = res["prediction_error"]["formula_max_abs"]
-    assert fe["comm"] == 0.0 and fe["state"] == 0.0 and fe["peak"] <= PEAK_TOL
+    assert fe["comm"] == 0.0 and fe["state"] == 0.0
     assert max(r["memory"]["peak_bytes"] for r in res["ranks"]) <= limit
 
 
