@@ -296,6 +296,9 @@ def action_times(cfg: Any, runner: Any) -> dict[str, float]:
                 time_stage(st, runner.mb_rows, f"s{s}:", kinds="BIW")
         if getattr(runner, "dp_shard", False):
             runner.buffers.release()  # the scratch gathers' buffers: the step makes its own
+    read = _inputs_reader(cfg, runner, device, dtype=dtype, master=master)
+    if read is not None:
+        out["inputs"] = _median_s(read, device)
     if layers:
         from dataclasses import replace
 
@@ -320,6 +323,28 @@ def action_times(cfg: Any, runner: Any) -> dict[str, float]:
 
         out["update"] = _median_s(update, device)
     return {k: max(v, 0.0) for k, v in out.items()}
+
+
+def _inputs_reader(cfg: Any, runner: Any, device: torch.device, *, dtype: torch.dtype,
+                   master: torch.dtype) -> Any:
+    """The rank's read of its rows of a step's batch, as its runner does it first thing in a
+    step (a gather of rows from the dataset: outside every compute span, and on a stage-0
+    rank a good part of the step); None where the dataset is not loaded (a dry run's meta
+    rows, `experiments.predict`)."""
+    data = runner.data
+    if data.X.device.type == "meta":
+        return None
+    if hasattr(runner, "_inputs"):  # a pipeline (or hybrid) rank: stage 0's X, the last's y
+        return lambda: runner._inputs(0)
+    t = cfg.train
+    lo, hi = getattr(runner, "rows", None) or (0, t.batch_size)  # data, fsdp: the rank's share
+
+    def read() -> None:
+        idx = data.rows(0, t.batch_size, shuffle=cfg.data.shuffle, seed=cfg.seed)[lo:hi]
+        data.X[idx].to(device=device, dtype=dtype)
+        data.targets(idx, device=device, dtype=master)
+
+    return read
 
 
 # Beyond this many bytes of weights, `experiments.predict` does not build the ranks for real.

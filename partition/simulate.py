@@ -151,7 +151,8 @@ def pipeline_ops(s: Schedule, *, compute: Callable[[Action], float],
                  before: Callable[[int, Action], list[Op]] | None = None,
                  after: Callable[[int, Action], list[Op]] | None = None,
                  pre_tail: Callable[[int], list[Op]] | None = None,
-                 compute_on: Callable[[int, Action], float] | None = None) -> list[Op]:
+                 compute_on: Callable[[int, Action], float] | None = None,
+                 head: Callable[[int], list[Op]] | None = None) -> list[Op]:
     """The ops of one pipeline step: every rank's actions in its order, each waiting for what
     it needs (the producing action's end, plus `transfer` when the stages are on different
     ranks; B/I also wait for their F, W for its I), then per rank the update (`tail(rank)`)
@@ -166,7 +167,8 @@ def pipeline_ops(s: Schedule, *, compute: Callable[[Action], float],
     collectives, a dp-sharded one's gradient reduce-scatters: the action ends, for whoever
     needs its output, with its last one); `pre_tail(rank)` the ops before the update (the dp gradient
     all-reduce); `compute_on(rank, action)`, where given, the action's duration on that
-    global rank (else `compute(action)`)."""
+    global rank (else `compute(action)`); `head(rank)` the ops a rank runs before its
+    first action (`inputs_ops`: reading its rows of the batch)."""
     lines = [tuple(range(s.world))] if lines is None else [tuple(l) for l in lines]
 
     def extra(r: int, a: Action) -> list[Op]:
@@ -178,6 +180,9 @@ def pipeline_ops(s: Schedule, *, compute: Callable[[Action], float],
     def before_tail(r: int) -> list[Op]:
         return pre_tail(r) if pre_tail is not None else []
 
+    def start(r: int) -> list[Op]:
+        return head(r) if head is not None else []
+
     # Lay the ops out rank by rank first, so that every action's last op is known.
     last: dict[tuple[int, int, str, int], int] = {}  # (line, stage, kind, mb) -> its last op
     made: dict[tuple[int, Action], list[Op]] = {}
@@ -185,6 +190,7 @@ def pipeline_ops(s: Schedule, *, compute: Callable[[Action], float],
     at = 0
     for n, line in enumerate(lines):
         for p, r in enumerate(line):
+            at += len(start(r))
             for a in s.ranks[p]:
                 lead[(r, a)], made[(r, a)] = first(r, a), extra(r, a)
                 at += len(lead[(r, a)]) + 1 + len(made[(r, a)])
@@ -199,6 +205,7 @@ def pipeline_ops(s: Schedule, *, compute: Callable[[Action], float],
     ops: list[Op] = []
     for n, line in enumerate(lines):
         for p, r in enumerate(line):
+            ops += start(r)
             for a in s.ranks[p]:
                 deps: list[tuple[int, float]] = []
                 msg = needs(a, s.stages)
@@ -264,6 +271,13 @@ class Links:
 ITEM = {"float32": 4, "float64": 8}
 
 
+def inputs_ops(rank: int, t: dict[str, float]) -> list[Op]:
+    """Reading the rank's rows of the step's batch (`inputs`, timed at start-up: a gather of
+    rows from the dataset, outside every compute span), before anything else it does."""
+    return [Op(rank, "other", "inputs", t["inputs"], args={"kind": "inputs"})] if t.get(
+        "inputs") else []
+
+
 def step_ops(cfg, times: list[dict[str, float]], links: Links, *, schedule=None) -> list[Op]:  # noqa: ANN001
     """One training step of `cfg`'s strategy as ops, from each rank's `calibrate.action_times`.
 
@@ -294,10 +308,11 @@ def step_ops(cfg, times: list[dict[str, float]], links: Links, *, schedule=None)
 
         return pipeline_ops(schedule, compute=lambda a: times[schedule.stage_rank[a.stage]][
             f"s{a.stage}:{a.kind}"], transfer=transfer, tail=lambda r: times[r]["update"],
-            metric=metric)
+            metric=metric, head=lambda r: inputs_ops(r, times[r]))
     ops: list[Op] = []
     for r in range(P):
         t = times[r]
+        ops += inputs_ops(r, t)
         if name in ("single", "data"):
             for m in range(M):
                 ops.append(Op(r, "compute", f"F{m}", t["F"], args={"kind": "F", "mb": m}))
@@ -450,7 +465,8 @@ def hybrid_ops(cfg, times: list[dict[str, float]], links: Links, *, schedule=Non
     return pipeline_ops(sched, compute=lambda a: 0.0, transfer=transfer,
                         tail=lambda r: times[r]["update"], metric=metric, lines=lines,
                         before=before, after=after, pre_tail=pre_tail,
-                        compute_on=lambda r, a: times[r][f"s{a.stage}:{a.kind}"])
+                        compute_on=lambda r, a: times[r][f"s{a.stage}:{a.kind}"],
+                        head=lambda r: inputs_ops(r, times[r]))
 
 
 def fsdp_rank_ops(cfg, rank: int, t: dict[str, float], links: Links) -> list[Op]:  # noqa: ANN001

@@ -159,7 +159,7 @@ def write_trace(run_dir: str, records: list[Any]) -> str | None:
 
 
 _COLOURS = {"F": "#4c72b0", "B": "#55a868", "I": "#dd8452", "W": "#8172b2", "update": "#999999",
-            "loss": "#c44e52"}
+            "loss": "#c44e52", "inputs": "#e5c07b"}
 WAIT = "wait"  # a Box's kind for a wait in communication (drawn hatched)
 # A micro-batch label needs about this share of the time axis per character to be read.
 LABEL_SHARE_PER_CHAR = 0.006
@@ -173,7 +173,7 @@ class Box:
     rank: int
     x0: float
     width: float
-    kind: str  # F, B, I, W, update, loss (compute), or WAIT
+    kind: str  # F, B, I, W, update, loss (compute), inputs (reading the batch), or WAIT
     mb: int | None = None
 
 

@@ -9,18 +9,19 @@ communication call, split where the backend lets us see it into posting and *wai
 member arrived). perf_counter is CLOCK_MONOTONIC, shared by every process of one host.
 
 `chrome_trace` writes the trace event format that Perfetto and chrome://tracing open:
-`traceEvents` of `ph: "X"` events, `pid` = rank, `tid` 0 for compute and 1 for comm.
+`traceEvents` of `ph: "X"` events, `pid` = rank, `tid` 0 for compute, 1 for comm and 2 for
+reading the step's batch (`inputs`).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-TIDS = {"compute": 0, "comm": 1}
+TIDS = {"compute": 0, "comm": 1, "other": 2}  # other: reading the batch (inputs_span)
 
 
 @dataclass
@@ -70,6 +71,13 @@ def maybe_span(tracer: Tracer | None, name: str, tid: str = "compute", **args: A
         yield
 
 
+def inputs_span(tracer: Tracer | None) -> AbstractContextManager[None]:
+    """Around a runner's read of its rows of the step's batch: neither compute nor
+    communication (tid `other`), but on a stage-0 rank a good part of the step, so the
+    timeline shows it and the simulator has it (calibrate's `inputs`)."""
+    return maybe_span(tracer, "inputs", "other", kind="inputs")
+
+
 def traced_steps(setting: str | tuple[int, ...], *, steps: int, warmup: int,
                  probed: set[int] = frozenset()) -> set[int] | None:
     """`trace.steps` as a set of step numbers (None = all). `last` is the last steady step
@@ -91,7 +99,7 @@ def chrome_trace(per_rank: list[tuple[int, list[dict[str, Any]]]], *,
     for rank, spans in per_rank:
         events.append({"name": "process_name", "ph": "M", "pid": rank,
                        "args": {"name": f"rank {rank}"}})
-        for tid, name in ((0, "compute"), (1, "comm")):
+        for name, tid in TIDS.items():
             events.append({"name": "thread_name", "ph": "M", "pid": rank, "tid": tid,
                            "args": {"name": name}})
         for s in spans:

@@ -245,3 +245,30 @@ def test_fsdp_layers_meet_the_plans_collectives(zero, want):
     tl = simulate(ops, 2)
     comm = sum(float(c.wire) for c in calls) + 2 * 1 * 24 // 2  # + J's all-reduce
     assert tl.step_time == pytest.approx(4.75 + comm)
+
+
+def test_reading_the_batch_comes_first_and_is_not_compute():
+    """GPipe P=2 M=2 with unit actions (6 units) and stage 0's rank reading its rows for 2
+    units first: stage 0 starts at 2, stage 1 (a 0.5 read of y, done meanwhile) waits for it,
+    the step takes 8; the reads are idle time, not compute (rank 0: 4 of 8 computing)."""
+    from conftest import make_config
+
+    from partition.simulate import Links, step_ops
+
+    cfg = make_config(strategy="pipeline", world_size=2, **{
+        "train.microbatches": 2, "model.dims": [8, 6, 4], "train.batch_size": 4})
+    sched = named_schedule("gpipe", world=2, micro=2)
+    times = [{"s0:F": 1.0, "s0:B": 1.0, "update": 0.0, "inputs": 2.0},
+             {"s1:F": 1.0, "s1:B": 1.0, "update": 0.0, "inputs": 0.5}]
+    tl = simulate(step_ops(cfg, times, Links(0.0, INF, 0.0, INF), schedule=sched), 2)
+    assert tl.step_time == 8.0
+    first = [tl.rank_spans(r)[0] for r in range(2)]
+    assert [(s.label, s.kind, s.start, s.end) for s in first] == [
+        ("inputs", "other", 0.0, 2.0), ("inputs", "other", 0.0, 0.5)]
+    assert tl.compute(0) == 4.0 and tl.idle_fraction(0) == 0.5
+    # data parallel: each rank's read before its F
+    cfg = make_config(strategy="data", world_size=2, **{"model.dims": [8, 6, 4],
+                                                        "train.batch_size": 4})
+    times = [{"F": 1.0, "B": 1.0, "update": 0.0, "inputs": 0.25}] * 2
+    ops = step_ops(cfg, times, Links(0.0, INF, 0.0, INF))
+    assert [o.label for o in ops if o.rank == 0][:3] == ["inputs", "F0", "B0"]

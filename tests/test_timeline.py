@@ -49,12 +49,16 @@ def test_trace_json_holds_every_action_once_per_rank(pipeline_run):
     with open(os.path.join(folder, "trace.json")) as f:
         trace = json.load(f)
     xs = [e for e in trace["traceEvents"] if e["ph"] == "X"]
-    assert {e["pid"] for e in xs} == {0, 1} and {e["tid"] for e in xs} == {0, 1}
+    assert {e["pid"] for e in xs} == {0, 1} and {e["tid"] for e in xs} == {0, 1, 2}
     sched = named_schedule("1f1b", world=2, micro=3)
     step = res["ranks"][0]["timing"]["traced_step"]
     assert step == 2  # steps 0..3, probed {1, 3}: the last quiet steady step
     for r in range(2):
         mine = [e for e in xs if e["pid"] == r and e["args"]["step"] == step]
+        # each rank reads its rows (stage 0 X, the last stage y) once, first, on tid 2
+        other = [e for e in mine if e["tid"] == 2]
+        assert [e["name"] for e in other] == ["inputs"]
+        assert other[0]["ts"] <= min(e["ts"] for e in mine if e["tid"] == 0 and e["name"] != "step")
         compute = [e for e in mine if e["tid"] == 0 and e["name"] not in ("step", "update")]
         assert [e["name"] for e in compute] == [str(a) for a in sched.ranks[r]]
         assert all(e["args"]["mb"] == a.mb and e["args"]["stage"] == a.stage
@@ -84,7 +88,8 @@ def test_result_explains_idle_time(pipeline_run):
         t = r["timing"]
         assert t["idle_fraction"] == pytest.approx(1 - t["traced_compute_s"] / t["traced_step_s"])
         assert 0 < t["mfu"] < 10  # FLOP/s ÷ the calibrated matmul rate
-        assert set(r["action_times"]) >= {"update", "peak_flops_per_s"}
+        # every rank reads its rows (the stage-0 rank X, the last y): `inputs` is timed
+        assert set(r["action_times"]) >= {"update", "peak_flops_per_s", "inputs"}
     assert os.path.getsize(os.path.join(folder, "timeline.png")) > 10_000
 
 

@@ -36,7 +36,7 @@ from partition.strategies.base import (
 )
 from partition.strategies.stage import Stage
 from partition.topology import Topology
-from partition.trace import maybe_span
+from partition.trace import inputs_span, maybe_span
 
 
 def flat_grads(layers: list[Layer]) -> tuple[torch.Tensor, list[Grads]]:
@@ -87,7 +87,8 @@ class DataRunner:
         B, M = self.cfg.train.batch_size, self.cfg.train.microbatches
         st = self.stage
         st.start_step()
-        X, y = self._my_rows(step)
+        with inputs_span(self.tracer):
+            X, y = self._my_rows(step)
         loss_total, correct = 0.0, 0
         # tensor_split: exactly M pieces, as even as possible (config keeps them non-empty)
         for m, (xm, ym) in enumerate(zip(X.tensor_split(M), y.tensor_split(M), strict=True)):

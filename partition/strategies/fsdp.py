@@ -57,7 +57,7 @@ from partition.plans.split import split_evenly
 from partition.strategies.base import StepOut, build_optimizer, reduce_metric, sq_norm
 from partition.strategies.data import flat_grads
 from partition.topology import Topology
-from partition.trace import maybe_span
+from partition.trace import inputs_span, maybe_span
 
 
 def flat_layer(full: dict[str, torch.Tensor], shard: FlatShard, *, dtype: torch.dtype,
@@ -379,7 +379,8 @@ class FsdpRunner:
         for g in self.grad_pieces if self.zero_stage != 1 else [self.flat_grad]:
             g.zero_()
         self.buffers.release()
-        X, y = self._my_rows(step)
+        with inputs_span(self.tracer):
+            X, y = self._my_rows(step)
         if self.probe is not None:
             self.probe.inputs(X)
         loss_total, correct = 0.0, 0

@@ -24,7 +24,7 @@ from partition.strategies.base import (
 )
 from partition.strategies.stage import Stage
 from partition.topology import Topology
-from partition.trace import maybe_span
+from partition.trace import inputs_span, maybe_span
 
 
 class SingleRunner:
@@ -49,7 +49,8 @@ class SingleRunner:
 
     def step(self, step: int, *, want_grads: bool) -> StepOut:
         B, M = self.cfg.train.batch_size, self.cfg.train.microbatches
-        X, y = self._batch(step)
+        with inputs_span(self.tracer):
+            X, y = self._batch(step)
         st = self.stage
         st.start_step()
         loss_total, correct_total = 0.0, 0

@@ -49,7 +49,7 @@ from partition.strategies.base import (
 )
 from partition.strategies.stage import Stage
 from partition.topology import Topology
-from partition.trace import maybe_span
+from partition.trace import inputs_span, maybe_span
 
 _PHASE = {"activation": "forward", "activation_grad": "backward"}
 
@@ -207,7 +207,8 @@ class PipelineRunner:
     def step(self, step: int, *, want_grads: bool) -> StepOut:
         for st in self.stages.values():
             st.start_step()
-        self._inputs(step)
+        with inputs_span(self.tracer):
+            self._inputs(step)
         self._loss, self._correct, self._in_flight_max = 0.0, 0, 0
         self._dloss: dict[int, torch.Tensor] = {}
         self._run()

@@ -48,7 +48,7 @@ from partition.strategies.base import (
     state_bytes,
 )
 from partition.topology import Topology
-from partition.trace import maybe_span
+from partition.trace import inputs_span, maybe_span
 
 
 class TensorShards:
@@ -268,8 +268,10 @@ class TensorRunner(TensorShards):
         for g in self.grads:
             for x in g.tensors():
                 x.zero_()
-        X, y = self.data.batch(step, B, shuffle=self.cfg.data.shuffle, seed=self.cfg.seed,
-                               dtype=self.cdtype, device=self.topo.device, y_dtype=self.dtype)
+        with inputs_span(self.tracer):
+            X, y = self.data.batch(step, B, shuffle=self.cfg.data.shuffle, seed=self.cfg.seed,
+                                   dtype=self.cdtype, device=self.topo.device,
+                                   y_dtype=self.dtype)
         if self.probe is not None:
             self.probe.inputs(X, y)
         loss_total, correct = 0.0, 0
