@@ -228,3 +228,23 @@ class TorchRunner:
                     t = local(buf)
                     opt += t.numel() * t.element_size()
         return state_bytes(self.layers, opt)
+
+
+class RowShareRunner(TorchRunner):
+    """A torch engine whose ranks each train on their share of the batch's rows (DDP,
+    FSDP2): the forward with the loss as one span, the backward (its collectives inside,
+    where torch runs them) as another."""
+
+    def _mine(self, t: torch.Tensor) -> torch.Tensor:
+        return t.tensor_split(self.topo.world_size)[self.topo.rank]
+
+    def _train(self, X: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
+        xs, ys = self._mine(X), self._mine(y)
+        self.observer.phase = "forward"
+        with self.marks("F", kind="F"):  # the forward (FSDP2: each layer's all-gather), the loss
+            o = self.model(xs)
+            total = loss_sum(self.spec, o, ys)
+        self.observer.phase = "backward"
+        with self.marks("B", kind="B"):  # DDP's bucket all-reduces, FSDP2's reduce-scatters
+            (total * (self.topo.world_size / self.B)).backward()
+        return float(total.detach()), hits(self.spec, o, ys)

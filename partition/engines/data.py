@@ -19,12 +19,10 @@ from partition.comm import Comm
 from partition.config import RunConfig
 from partition.data import Dataset
 from partition.engines.common import (
-    TorchRunner,
+    RowShareRunner,
     as_layer,
     build_linear,
-    hits,
     layer_stack,
-    loss_sum,
     make_sgd,
 )
 from partition.engines.observe import SeenOp
@@ -39,7 +37,7 @@ def data_role(s: SeenOp) -> tuple[str, str]:
     return "metadata", s.phase
 
 
-class TorchDataRunner(TorchRunner):
+class TorchDataRunner(RowShareRunner):
     def __init__(self, cfg: RunConfig, topo: Topology, comm: Comm, data: Dataset,
                  full: dict[str, torch.Tensor]) -> None:
         super().__init__(cfg, topo, comm, data)
@@ -50,20 +48,6 @@ class TorchDataRunner(TorchRunner):
         self.model = DDP(module, gradient_as_bucket_view=True)
         self.layers = [as_layer(l, lin) for l, lin in enumerate(self.linears)]
         self.opt = make_sgd(self.linears, cfg)
-
-    def _mine(self, t: torch.Tensor) -> torch.Tensor:
-        return t.tensor_split(self.topo.world_size)[self.topo.rank]
-
-    def _train(self, X: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
-        xs, ys = self._mine(X), self._mine(y)
-        self.observer.phase = "forward"
-        with self.marks("F", kind="F"):  # the forward with the loss, as one span
-            o = self.model(xs)
-            total = loss_sum(self.spec, o, ys)
-        self.observer.phase = "backward"
-        with self.marks("B", kind="B"):  # DDP's bucket all-reduces run (and are waited) inside
-            (total * (self.topo.world_size / self.B)).backward()
-        return float(total.detach()), hits(self.spec, o, ys)
 
     def _sq_share(self) -> float:
         # Every rank holds the full weights: count them once.

@@ -25,12 +25,10 @@ from partition.comm import Comm
 from partition.config import RunConfig
 from partition.data import Dataset
 from partition.engines.common import (
-    TorchRunner,
+    RowShareRunner,
     as_layer,
     build_linear,
-    hits,
     layer_stack,
-    loss_sum,
     make_sgd,
 )
 from partition.engines.observe import SeenOp
@@ -38,7 +36,7 @@ from partition.plans.fsdp import chunk_range
 from partition.topology import Topology
 
 
-class TorchFsdpRunner(TorchRunner):
+class TorchFsdpRunner(RowShareRunner):
     def __init__(self, cfg: RunConfig, topo: Topology, comm: Comm, data: Dataset,
                  full: dict[str, torch.Tensor]) -> None:
         super().__init__(cfg, topo, comm, data)
@@ -56,20 +54,6 @@ class TorchFsdpRunner(TorchRunner):
         for layer in self.layers:
             assert layer.W.shape[0] == layer.rows[1] - layer.rows[0], (layer.W.shape, layer.rows)
         self.opt = make_sgd(self.linears, cfg)
-
-    def _mine(self, t: torch.Tensor) -> torch.Tensor:
-        return t.tensor_split(self.topo.world_size)[self.topo.rank]
-
-    def _train(self, X: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
-        xs, ys = self._mine(X), self._mine(y)
-        self.observer.phase = "forward"
-        with self.marks("F", kind="F"):  # with each layer's all-gather, and the loss
-            o = self.model(xs)
-            total = loss_sum(self.spec, o, ys)
-        self.observer.phase = "backward"
-        with self.marks("B", kind="B"):  # with the all-gathers and reduce-scatters
-            (total * (self.topo.world_size / self.B)).backward()
-        return float(total.detach()), hits(self.spec, o, ys)
 
     def role_of(self, s: SeenOp) -> tuple[str, str]:
         if s.op == "all_gather":
