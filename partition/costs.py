@@ -701,18 +701,8 @@ def independent_estimate(cfg: RunConfig) -> int:
     return 2 * p + B * dims[0] * item + 2 * B * hidden * item + B * top * item
 
 
-def closed_forms_cover(cfg: RunConfig) -> bool:
-    """Whether `formula` has closed forms for this config: every strategy now (a hybrid
-    mesh's sharded data dimension too, its training peak an estimate:
-    `dp_shard_buffer_bytes`)."""
-    return True
-
-
 def formula(cfg: RunConfig, rank: int) -> dict[str, Any]:
     """`predicted.formula.ranks[]`: the closed forms for one rank."""
-    if not closed_forms_cover(cfg):
-        raise ValueError("no closed forms for strategy=hybrid with strategy.dp_shard=true "
-                         "(the dry run predicts it)")
     if cfg.strategy.name == "fsdp":
         out = fsdp_formula(cfg, rank)
         if cfg.train.optimizer != "sgd":  # Adam's two moments instead of momentum's one
@@ -1034,8 +1024,7 @@ def predict(cfg: RunConfig, *, device: str = "cpu", params: CostParams | None = 
                       "in_flight_max": c.in_flight_max,
                       "layers": [{"index": l.index, "n_in": l.n_in, "n_out": l.n_out}
                                  for l in c.layers]})
-    has_formula = (bool(costs and costs[0].layers) or cfg.strategy.name == "fsdp") and (
-        closed_forms_cover(cfg))
+    has_formula = bool(costs and costs[0].layers) or cfg.strategy.name == "fsdp"
     return {
         "source": "dry run",
         "ranks": ranks,

@@ -287,7 +287,6 @@ def test_dp_shard_closed_forms_equal_the_dry_run_but_the_peak(case):
           "model.bias": True, "model.weight_decay": 0.01, "strategy.dp_shard": True,
           **DP_SHARD_CASES[case]}
     cfg = make_config(strategy="hybrid", world_size=4, **kw)
-    assert costs.closed_forms_cover(cfg)
     for row in costs.formula_deviation(cfg):
         assert row["moment"] == "estimate (dp_shard)"
         exact = {k: v for k, v in row.items() if isinstance(v, tuple) and k != "peak_bytes"}
