@@ -682,15 +682,16 @@ class Answer:
         self._lock = threading.Lock()
         self._done = False
 
-    def write(self, *, primary: bool) -> dict[str, Any] | None:
-        """result.json if this rank is the one to write it (then also returned), else None.
-        Safe to call from the main thread and the SIGTERM watcher: the first call decides."""
+    def write(self, *, primary: bool) -> tuple[dict[str, Any] | None, bool]:
+        """(result.json, fresh): the result if this rank is the one that wrote it, else None;
+        fresh only for the call that wrote it, so the summary is printed once. Safe to call
+        from the main thread and the SIGTERM watcher: the first call decides."""
         with self._lock:
             if self._done or self.run_dir is None:
-                return self.result
+                return self.result, False
             self._done = True
             if not self._mine(primary=primary):
-                return None
+                return None, False
             # Peers may still be alive: a silent one is hung only if some rank timed out.
             err = diagnose(self.run_dir, ranks=self.cfg.ranks, timeout_s=self.cfg.timeout_s,
                            stopped=False)
@@ -698,7 +699,7 @@ class Answer:
                 self.cfg, self.run_dir, [], seconds=time.perf_counter() - self.t0,
                 status=run_status(err), error=err.as_dict() if err else None,
             ) | {"path": self.run_dir}
-            return self.result
+            return self.result, True
 
     def _mine(self, *, primary: bool) -> bool:
         try:
@@ -807,10 +808,11 @@ def torchrun_rank(cfg: RunConfig, choose_dir: Callable[[], str], *,
     answer = Answer(cfg, topo.rank, t0)
 
     def failed(*, primary: bool) -> str:
-        result = answer.write(primary=primary)
+        result, fresh = answer.write(primary=primary)
         if result is None:
             return "failed"
-        report(result)
+        if fresh:  # the main thread and the SIGTERM watcher may both get here
+            report(result)
         return result["status"]
 
     def on_term() -> int:

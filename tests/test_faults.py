@@ -390,6 +390,22 @@ def check_torchrun_fault(tmp_path, strategy: str, rank: int, kind: str) -> dict:
     return res
 
 
+def test_answer_reports_once(tmp_path, monkeypatch):
+    """The main thread and the SIGTERM watcher may both answer: only the first call that
+    wrote result.json gets it as fresh, so the summary line is printed once (CI saw two)."""
+    from partition.launch import Answer
+
+    monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)  # rank 0 answers
+    answer = Answer(make_config(strategy="pipeline", world_size=2, **{"model.dims": [6, 5, 3]}),
+                    rank=0, t0=time.perf_counter())
+    answer.run_dir = str(tmp_path)
+    first, fresh = answer.write(primary=False)
+    again, fresh_again = answer.write(primary=True)
+    assert (fresh, fresh_again) == (True, False)
+    assert again is first and first["status"] == "failed"
+    assert (tmp_path / "result.json").exists()
+
+
 TORCHRUN_ALL = [(s, r, k) for s in ("pipeline", "tensor", "data") for r in (0, 1) for k in KINDS]
 # Rank 0 dying, rank 0 hanging, and rank 1 dying while rank 0 writes (the race in issue 19).
 TORCHRUN_FIRST = [("pipeline", 0, "exit"), ("tensor", 0, "hang"), ("tensor", 1, "exit")]
