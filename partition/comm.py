@@ -125,6 +125,7 @@ class Pending:
     role: str
     phase: str
     seconds: float
+    seq: int = 0  # its place among this step's posted sends (or receives) to (from) its peer
 
 
 class Transport:
@@ -187,6 +188,18 @@ class Comm:
         # global ranks); every record names the global peer and the dimension.
         self.dim = dim
         self.members = members
+        # Per step, how many sends (receives) were posted to (from) each peer: the k-th
+        # posted send of a rank to a peer is matched with that peer's k-th posted receive
+        # from it (gloo and NCCL match in posting order), so the trace can pair them.
+        self._seq: dict[tuple[str, int], int] = {}
+        self._seq_step: int | None = None
+
+    def _next_seq(self, kind: str, peer: int) -> int:
+        if self._seq_step != self.ledger.step:
+            self._seq, self._seq_step = {}, self.ledger.step
+        k = self._seq.get((kind, peer), 0)
+        self._seq[(kind, peer)] = k + 1
+        return k
 
     def sub(self, *, dim: str, members: tuple[int, ...], group: Any) -> Comm:
         """This rank's Comm on one mesh dimension: same ledger and device, its own group
@@ -203,10 +216,11 @@ class Comm:
         return self.members[peer] if self.members is not None else peer
 
     def _span(self, name: str, t0: float, t1: float, *, role: str, nbytes: int,
-              peer: int | None = None, waiting: bool = False) -> None:
+              peer: int | None = None, waiting: bool = False, seq: int | None = None) -> None:
         if self.tracer is not None:
+            extra = {} if seq is None else {"seq": seq}
             self.tracer.add(name, "comm", t0, t1, role=role, bytes=nbytes, peer=peer,
-                            waiting=waiting)
+                            waiting=waiting, **extra)
 
     # ------------------------------------------------------------ recording
 
@@ -247,11 +261,12 @@ class Comm:
         """Start sending `t`; it must stay alive until `wait_send` (the runtime keeps it)."""
         t = t.contiguous()
         dst = self._global(dst)
+        seq = self._next_seq("send", dst)
         t0 = time.perf_counter()
         work = self.transport.isend(t, dst)
         t1 = time.perf_counter()
-        self._span(f"send {role}", t0, t1, role=role, nbytes=nbytes(t), peer=dst)
-        return Pending(work, t, dst, role, phase, t1 - t0)
+        self._span(f"send {role}", t0, t1, role=role, nbytes=nbytes(t), peer=dst, seq=seq)
+        return Pending(work, t, dst, role, phase, t1 - t0, seq)
 
     def wait_send(self, p: Pending) -> None:
         t0 = time.perf_counter()
@@ -260,18 +275,20 @@ class Comm:
         n = nbytes(p.tensor)
         self._rec("send", p.role, p.phase, peer=p.peer, sent=n, received=0, collective=0,
                   wire=n, seconds=p.seconds + t1 - t0)
-        self._span(f"wait send {p.role}", t0, t1, role=p.role, nbytes=n, peer=p.peer, waiting=True)
+        self._span(f"wait send {p.role}", t0, t1, role=p.role, nbytes=n, peer=p.peer, waiting=True,
+                   seq=p.seq)
 
     def post_recv(self, shape: tuple[int, ...], dtype: torch.dtype, src: int, *, role: str,
                   phase: str) -> Pending:
         """Post a receive into a new buffer; `wait_recv` returns it filled."""
         t = torch.empty(shape, dtype=dtype, device=self.device)
         src = self._global(src)
+        seq = self._next_seq("recv", src)
         t0 = time.perf_counter()
         work = self.transport.irecv(t, src)
         t1 = time.perf_counter()
-        self._span(f"post recv {role}", t0, t1, role=role, nbytes=nbytes(t), peer=src)
-        return Pending(work, t, src, role, phase, t1 - t0)
+        self._span(f"post recv {role}", t0, t1, role=role, nbytes=nbytes(t), peer=src, seq=seq)
+        return Pending(work, t, src, role, phase, t1 - t0, seq)
 
     def wait_recv(self, p: Pending) -> torch.Tensor:
         t0 = time.perf_counter()
@@ -280,7 +297,7 @@ class Comm:
         self._rec("recv", p.role, p.phase, peer=p.peer, sent=0, received=nbytes(p.tensor),
                   collective=0, wire=0, seconds=p.seconds + t1 - t0)
         self._span(f"wait recv {p.role}", t0, t1, role=p.role, nbytes=nbytes(p.tensor),
-                   peer=p.peer, waiting=True)
+                   peer=p.peer, waiting=True, seq=p.seq)
         return p.tensor
 
     # ------------------------------------------------------------ collectives

@@ -377,8 +377,9 @@ def write_timeline(cfg: RunConfig, run_dir: str, records: list[RankRecord]) -> N
     step = meas[0]["step"]
     spans = [(r.rank, [s for s in r.spans if s["step"] == step])
              for r in sorted(records, key=lambda r: r.rank)]
-    times = [r.action_times for r in sorted(records, key=lambda r: r.rank)]
-    sim = timeline.simulated_block(cfg, times, cost_params(cfg, records)) if all(times) else None
+    params = cost_params(cfg, records)
+    times = timeline.run_times(cfg, records, params)
+    sim = timeline.simulated_block(cfg, times.times, params) if times else None
     what = cfg.strategy.name + (f" {cfg.strategy.schedule}" if cfg.strategy.name == "pipeline" else "")
     title = (f"{what}, P={cfg.ranks}, B={cfg.train.batch_size}, M={cfg.train.microbatches}: "
              + timeline.step_text(step, meas[0]["step_s"], sim["step_time_s"] if sim else None))

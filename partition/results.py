@@ -17,7 +17,7 @@ from partition import costs
 from partition.boundaries import boundaries
 from partition.config import RunConfig
 from partition.topology import intra_op_threads
-from partition.timeline import measured, stage_imbalance
+from partition.timeline import RunTimes, measured, run_times, simulation, stage_imbalance
 
 RESULT_FILE = "result.json"
 WEIGHTS_FILE = "weights.npz"
@@ -162,8 +162,11 @@ def build_result(cfg: RunConfig, records: list[Any], *, seconds: float,
 
     # A step ends when the slowest rank ends it: per step, the max over ranks.
     step_times = [max(ts) for ts in zip(*(r.step_s for r in records))] if records else []
+    # The simulator's durations: each action as the run's own steps took it, else as timed
+    # at start-up (timeline.step_times); both are kept per rank.
+    times = run_times(cfg, records, cost_params(cfg, records)) if records else None
     ranks = []
-    for r in records:
+    for i, r in enumerate(records):
         st = steady(r.step_s)
         comp = steady(r.compute_s)
         cm = steady(r.comm_s)
@@ -184,11 +187,13 @@ def build_result(cfg: RunConfig, records: list[Any], *, seconds: float,
             "in_flight_max": r.in_flight_max,
             "memory_steps_equal": getattr(r, "memory_steps_equal", True),
             "calibration": getattr(r, "calibration", None),
-            # seconds of each compute action at this run's shapes (the simulator's input;
-            # `cost.profile=<this result.json>` reuses them)
-            "action_times": getattr(r, "action_times", None),
+            # seconds of each compute action at this run's shapes, the simulator's input
+            # (`cost.profile=<this result.json>` reuses them): as the run's steps took them
+            # where they timed it, else as timed at start-up (`startup_action_times`)
+            "action_times": times.times[i] if times else getattr(r, "action_times", None),
+            "startup_action_times": getattr(r, "action_times", None),
         })
-    predicted = predicted_block(cfg, records)
+    predicted = predicted_block(cfg, records, times=times)
     # Idle fraction per rank = 1 − compute inside the step / step time, from the traced
     # step's spans; MFU = the rank's FLOP/s in its compute ÷ its calibrated matmul rate.
     meas = measured(records)
@@ -264,17 +269,27 @@ def cost_params(cfg: RunConfig, records: list[Any]) -> costs.CostParams:
         flops_per_s=statistics.median(c["flops_per_s"] for c in cals), source="calibrated")
 
 
-def predicted_block(cfg: RunConfig, records: list[Any]) -> dict[str, Any]:
-    """`predicted`: the cost model for this config, on the device the ranks ran on."""
+def predicted_block(cfg: RunConfig, records: list[Any], *, times: RunTimes | None = None
+                    ) -> dict[str, Any]:
+    """`predicted`: the cost model for this config, on the device the ranks ran on; `times`
+    (`timeline.run_times`): the simulator's durations, with beside them every sampled
+    step's simulated and measured step (`sampled_steps`) and the step the start-up times
+    alone simulate (`startup_step_time_s`)."""
     device = records[0].device.split(":")[0] if records and records[0].device else (
         "cuda" if cfg.device == "cuda" else "cpu")
-    times = [r.action_times for r in sorted(records, key=lambda r: r.rank)]
+    params = cost_params(cfg, records)
     try:
-        return costs.predict(cfg, device=device, params=cost_params(cfg, records),
-                             times=times if all(times) else None)
+        out = costs.predict(cfg, device=device, params=params,
+                            times=times.times if times else None)
     except ValueError as e:  # a strategy the model does not know yet
         return {"ranks": [], "bubble_fraction": costs.bubble_fraction(cfg),
                 "flops_per_step": None, "step_time_s": None, "error": str(e)}
+    # the same simulator on the durations timed alone at start-up (what experiments.predict
+    # has): how far that timing alone is from the run
+    start = simulation(cfg, times.startup, params)[0] if times else None
+    out["startup_step_time_s"] = start["step_time_s"] if start else None
+    out["sampled_steps"] = times.replays if times else []
+    return out
 
 
 def load_results(folders: Iterable[str]) -> list[dict[str, Any]]:

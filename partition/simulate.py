@@ -13,6 +13,9 @@ the last of them arrives. Durations come from a calibration at the run's own sha
                     hybrid mesh, with comm ops before and after actions and before the
                     update
     step_ops        one training step of any strategy, from the ranks' calibrated times
+    time_key        which of those times an op (or a measured span) is
+    as_measured     the ops with the durations a run's own steps measured (collectives, the
+                    runtime's time between actions)
     hybrid_ops      a dp × pp × tp mesh's step; fsdp_rank_ops one fsdp rank's
     simulate        the timeline of any ops
 
@@ -27,7 +30,31 @@ from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any
 
-from partition.plans.schedule import Action, Message, Schedule, needs
+from partition.plans.schedule import Action, Message, Schedule, comm_program, eager_sends, needs
+
+
+def time_key(args: dict[str, Any]) -> str | None:
+    """The `calibrate.action_times` key an op is timed by, read off its args (kind, and
+    stage or layer); a measured span with the same args (the runners name theirs alike)
+    maps to the same key, which is how a run's own steps time the simulator's ops."""
+    kind = args.get("kind")
+    if kind in ("loss", "update", "inputs"):
+        return kind
+    if kind not in ("F", "B", "I", "W"):
+        return None
+    if "stage" in args:
+        return f"s{args['stage']}:{kind}"
+    return f"{kind}{args['layer']}" if "layer" in args else kind
+
+
+def key_uses(ops: Sequence[Op], world: int) -> list[dict[str, int]]:
+    """Per rank, how many of its ops each action key times in one step."""
+    out: list[dict[str, int]] = [{} for _ in range(world)]
+    for op in ops:
+        key = time_key(op.args) if op.kind != "comm" else None
+        if key is not None:
+            out[op.rank][key] = out[op.rank].get(key, 0) + 1
+    return out
 
 
 @dataclass(frozen=True)
@@ -35,12 +62,15 @@ class Op:
     """One thing a rank does: compute, or its part of a communication."""
 
     rank: int
-    kind: str  # compute | comm
+    kind: str  # compute | comm | other (reading the batch) | runtime | post | transfer
     label: str  # e.g. "0F1", "update", "all_reduce metric"
     duration: float
     deps: tuple[tuple[int, float], ...] = ()  # (index of an op in the flat list, lag)
     sync: str | None = None  # a collective: ops with the same key start together
     args: dict = field(default_factory=dict, compare=False, hash=False)
+    # where it runs, one op at a time in list order: its rank (None), or a link's name (a
+    # message's transfer: one connection carries one message at a time, in send order)
+    stream: tuple | None = None
 
 
 @dataclass(frozen=True)
@@ -80,53 +110,86 @@ class Timeline:
         return 1.0 - self.compute(rank) / t if t > 0 else 0.0
 
     def rank_spans(self, rank: int) -> list[Span]:
-        return [s for s in self.spans if s.rank == rank]
+        """What the rank itself does: not a message's transfer (its link's), nor the marks
+        of a posted receive or a completed send (no time of their own)."""
+        return [s for s in self.spans if s.rank == rank and s.kind not in ("transfer", "post")]
+
+
+def as_measured(ops: list[Op], times: list[dict[str, float]]) -> list[Op]:
+    """`ops` with what the run's own steps measured, where its times have it: a collective
+    lasts its "coll:<label>" seconds (instead of α + wire/β), a message's transfer its
+    "xfer:<role>" seconds (instead of α + n/β), and after each action the
+    rank spends its "after:<key>" seconds (posting, sending, the runtime between actions)
+    in an op of kind "runtime" of its own (neither compute nor a wait). Dependencies are
+    re-pointed to the ops' new places."""
+    where: list[int] = []
+    out: list[Op] = []
+    for op in ops:
+        t = times[op.rank]
+        if op.kind == "comm" and op.sync is not None and f"coll:{op.label}" in t:
+            op = replace(op, duration=t[f"coll:{op.label}"])
+        elif op.kind == "transfer" and f"xfer:{op.args.get('role')}" in t:
+            op = replace(op, duration=t[f"xfer:{op.args['role']}"])
+        where.append(len(out))
+        out.append(op)
+        key = time_key(op.args) if op.kind != "comm" else None
+        extra = t.get(f"after:{key}", 0.0) if key is not None else 0.0
+        if extra > 0:
+            out.append(Op(op.rank, "runtime", f"after {op.label}", extra, args={"after": key}))
+    return [replace(o, deps=tuple((where[j], lag) for j, lag in o.deps)) if o.deps else o
+            for o in out]
 
 
 def simulate(ops: list[Op], world: int) -> Timeline:
-    """Play the ops: each rank in its own order, deps and collectives honoured."""
-    per_rank: list[list[int]] = [[] for _ in range(world)]
+    """Play the ops: each stream (a rank, a link) in its own order, deps and collectives
+    honoured."""
+    streams: dict[Any, list[int]] = {r: [] for r in range(world)}
     for i, op in enumerate(ops):
-        per_rank[op.rank].append(i)
+        streams.setdefault(op.rank if op.stream is None else op.stream, []).append(i)
+    keys = list(streams)
+    where = {i: k for k in keys for i in streams[k]}
     members: dict[str, list[int]] = {}
     for i, op in enumerate(ops):
         if op.sync is not None:
             members.setdefault(op.sync, []).append(i)
     end: dict[int, float] = {}
     start: dict[int, float] = {}
-    free = [0.0] * world
-    pos = [0] * world
+    free = dict.fromkeys(keys, 0.0)
+    pos = dict.fromkeys(keys, 0)
 
     def ready(i: int) -> float | None:
-        t = free[ops[i].rank]
+        t = free[where[i]]
         for d, lag in ops[i].deps:
             if d not in end:
                 return None
             t = max(t, end[d] + lag)
         return t
 
+    def at_turn(j: int) -> bool:
+        k = where[j]
+        return pos[k] < len(streams[k]) and streams[k][pos[k]] == j
+
     remaining = len(ops)
     while remaining:
         moved = False
-        for r in range(world):
-            while pos[r] < len(per_rank[r]):
-                i = per_rank[r][pos[r]]
+        for k in keys:
+            queue = streams[k]
+            while pos[k] < len(queue):
+                i = queue[pos[k]]
                 op = ops[i]
                 if op.sync is None:
                     t = ready(i)
                     if t is None:
                         break
                     start[i], end[i] = t, t + op.duration
-                    free[r] = end[i]
-                    pos[r] += 1
+                    free[k] = end[i]
+                    pos[k] += 1
                     remaining -= 1
                     moved = True
                     continue
                 group = members[op.sync]
-                # every member must be at its turn (the next op of its rank) and ready
-                if not all(per_rank[ops[j].rank][pos[ops[j].rank]] == j
-                           if pos[ops[j].rank] < len(per_rank[ops[j].rank]) else False
-                           for j in group):
+                # every member must be at its turn (the next op of its stream) and ready
+                if not all(at_turn(j) for j in group):
                     break
                 times = [ready(j) for j in group]
                 if any(x is None for x in times):
@@ -134,12 +197,12 @@ def simulate(ops: list[Op], world: int) -> Timeline:
                 t = max(times)  # type: ignore[type-var]
                 for j in group:
                     start[j], end[j] = t, t + ops[j].duration
-                    free[ops[j].rank] = end[j]
-                    pos[ops[j].rank] += 1
+                    free[where[j]] = end[j]
+                    pos[where[j]] += 1
                     remaining -= 1
                 moved = True
         if not moved:
-            stuck = [ops[per_rank[r][pos[r]]].label for r in range(world) if pos[r] < len(per_rank[r])]
+            stuck = [ops[streams[k][pos[k]]].label for k in keys if pos[k] < len(streams[k])]
             raise ValueError(f"the plan cannot be simulated: ranks wait forever at {stuck}")
     spans = [Span(op.rank, op.kind, op.label, start[i], end[i], op.args) for i, op in enumerate(ops)]
     return Timeline(spans, world)
@@ -152,11 +215,19 @@ def pipeline_ops(s: Schedule, *, compute: Callable[[Action], float],
                  after: Callable[[int, Action], list[Op]] | None = None,
                  pre_tail: Callable[[int], list[Op]] | None = None,
                  compute_on: Callable[[int, Action], float] | None = None,
-                 head: Callable[[int], list[Op]] | None = None) -> list[Op]:
-    """The ops of one pipeline step: every rank's actions in its order, each waiting for what
-    it needs (the producing action's end, plus `transfer` when the stages are on different
-    ranks; B/I also wait for their F, W for its I), then per rank the update (`tail(rank)`)
-    and the J all-reduce (`metric`, a collective of every rank).
+                 head: Callable[[int], list[Op]] | None = None,
+                 rendezvous: bool = False) -> list[Op]:
+    """The ops of one pipeline step: every rank's program (`plans.schedule.comm_program`,
+    the runtime's own order of actions, posted receives, sends and waits), each action
+    waiting for what it needs (B/I also for their F, W for its I), then per rank the update
+    (`tail(rank)`) and the J all-reduce (`metric`, a collective of every rank).
+
+    A message between stages on different ranks is a transfer op (`transfer(message)`
+    seconds) on its link, the connection between the two ranks, which carries one message
+    at a time in send order; it starts when its action has ended and, with `rendezvous`,
+    once its receive is posted (gloo and NCCL move a message only into a posted receive,
+    and a send completes only when it has arrived: a sender that waits for its send
+    waits for that). Without `rendezvous` a message moves as soon as it is made.
 
     A hybrid mesh runs one such pipeline per (dp, tp) coordinate: `lines` lists each
     pipeline's global ranks (index = schedule rank; default one pipeline on ranks
@@ -170,69 +241,76 @@ def pipeline_ops(s: Schedule, *, compute: Callable[[Action], float],
     global rank (else `compute(action)`); `head(rank)` the ops a rank runs before its
     first action (`inputs_ops`: reading its rows of the batch)."""
     lines = [tuple(range(s.world))] if lines is None else [tuple(l) for l in lines]
-
-    def extra(r: int, a: Action) -> list[Op]:
-        return after(r, a) if after is not None else []
-
-    def first(r: int, a: Action) -> list[Op]:
-        return before(r, a) if before is not None else []
-
-    def before_tail(r: int) -> list[Op]:
-        return pre_tail(r) if pre_tail is not None else []
-
-    def start(r: int) -> list[Op]:
-        return head(r) if head is not None else []
-
-    # Lay the ops out rank by rank first, so that every action's last op is known.
-    last: dict[tuple[int, int, str, int], int] = {}  # (line, stage, kind, mb) -> its last op
-    made: dict[tuple[int, Action], list[Op]] = {}
-    lead: dict[tuple[int, Action], list[Op]] = {}
-    at = 0
-    for n, line in enumerate(lines):
-        for p, r in enumerate(line):
-            at += len(start(r))
-            for a in s.ranks[p]:
-                lead[(r, a)], made[(r, a)] = first(r, a), extra(r, a)
-                at += len(lead[(r, a)]) + 1 + len(made[(r, a)])
-                last[(n, a.stage, a.kind, a.mb)] = at - 1
-            at += len(before_tail(r)) + (2 if tail is not None else 1)
-
-    def producer(n: int, msg: Message) -> int:
-        kinds = "F" if msg.role == "activation" else "BI"
-        return next(last[(n, msg.from_stage, k, msg.mb)] for k in kinds
-                    if (n, msg.from_stage, k, msg.mb) in last)
-
+    programs = [comm_program(s, p, eager=eager_sends(s)) for p in range(s.world)]
     ops: list[Op] = []
+    wants: list[list[tuple[tuple, float]]] = []  # per op, its deps by name (resolved below)
+    named: dict[tuple, int] = {}
+
+    def emit(op: Op, deps: Sequence[tuple[tuple, float]] = (), name: tuple | None = None) -> None:
+        if name is not None:
+            named[name] = len(ops)
+        ops.append(op)
+        wants.append(list(deps))
+
+    def producer(n: int, msg: Message) -> tuple:
+        kinds = "F" if msg.role == "activation" else "BI"
+        return next((("act", n, Action(msg.from_stage, k, msg.mb)) for k in kinds
+                     if ("act", n, Action(msg.from_stage, k, msg.mb)) in named),
+                    ("act", n, Action(msg.from_stage, kinds[0], msg.mb)))
+
     for n, line in enumerate(lines):
         for p, r in enumerate(line):
-            ops += start(r)
-            for a in s.ranks[p]:
-                deps: list[tuple[int, float]] = []
-                msg = needs(a, s.stages)
-                if msg is not None:
-                    remote = s.stage_rank[msg.from_stage] != s.stage_rank[msg.to_stage]
-                    deps.append((producer(n, msg), transfer(msg) if remote else 0.0))
-                if a.kind in ("B", "I"):
-                    deps.append((last[(n, a.stage, "F", a.mb)], 0.0))
-                if a.kind == "W":
-                    deps.append((last[(n, a.stage, "I", a.mb)], 0.0))
-                took = compute_on(r, a) if compute_on is not None else compute(a)
-                # the action's first op waits for its input (the runner receives, then
-                # gathers, then computes)
-                pre = lead[(r, a)]
-                if pre:
-                    pre = [replace(pre[0], deps=pre[0].deps + tuple(deps)), *pre[1:]]
-                    deps = []
-                ops += pre
-                ops.append(Op(r, "compute", str(a), took, tuple(deps),
-                              args={"stage": a.stage, "kind": a.kind, "mb": a.mb}))
-                ops += made[(r, a)]
-            ops += before_tail(r)
+            for op in head(r) if head is not None else []:
+                emit(op)
+            for what, x in programs[p]:
+                if what == "post_recv":
+                    if rendezvous:  # the receive is there from now on: the message may move
+                        emit(Op(r, "post", f"post recv {x.role}", 0.0), name=("post", n, x))
+                elif what == "isend":  # the message moves on its link, in send order
+                    to = line[s.stage_rank[x.to_stage]]
+                    deps = [(("act", n, last), 0.0)] + ([(("post", n, x), 0.0)] if rendezvous else [])
+                    emit(Op(to, "transfer", f"{x.role} {x.from_stage}>{x.to_stage} mb {x.mb}",
+                            transfer(x), args={"role": x.role},
+                            stream=("link", n, p, s.stage_rank[x.to_stage])),
+                         deps, name=("xfer", n, x))
+                elif what == "wait_send":
+                    if rendezvous:  # a send completes once its message has arrived
+                        emit(Op(r, "post", f"wait send {x.role}", 0.0), [(("xfer", n, x), 0.0)])
+                elif what == "compute":
+                    a = last = x
+                    deps: list[tuple[tuple, float]] = []
+                    msg = needs(a, s.stages)
+                    if msg is not None:
+                        remote = s.stage_rank[msg.from_stage] != s.stage_rank[msg.to_stage]
+                        deps.append((("xfer", n, msg) if remote else producer(n, msg), 0.0))
+                    if a.kind in ("B", "I"):
+                        deps.append((("act", n, Action(a.stage, "F", a.mb)), 0.0))
+                    if a.kind == "W":
+                        deps.append((("act", n, Action(a.stage, "I", a.mb)), 0.0))
+                    took = compute_on(r, a) if compute_on is not None else compute(a)
+                    # the action's first op waits for its input (the runner receives, then
+                    # gathers, then computes)
+                    pre = before(r, a) if before is not None else []
+                    for j, op in enumerate(pre):
+                        emit(op, deps if j == 0 else [])
+                    emit(Op(r, "compute", str(a), took, (),
+                            args={"stage": a.stage, "kind": a.kind, "mb": a.mb}),
+                         [] if pre else deps)
+                    for op in after(r, a) if after is not None else []:
+                        emit(op)
+                    named[("act", n, a)] = len(ops) - 1  # what waits for the action waits for this
+            for op in pre_tail(r) if pre_tail is not None else []:
+                emit(op)
             if tail is not None:
-                ops.append(Op(r, "compute", "update", tail(r), args={"kind": "update"}))
-            ops.append(Op(r, "comm", "all_reduce metric", metric, sync="metric",
-                          args={"role": "metric"}))
-    return ops
+                emit(Op(r, "compute", "update", tail(r), args={"kind": "update"}))
+            emit(Op(r, "comm", "all_reduce metric", metric, sync="metric", args={"role": "metric"}))
+    # deps by name -> by place: a transfer and a posted receive may be laid out after what
+    # waits for them (another rank's ops come later in the list)
+    out = []
+    for op, deps in zip(ops, wants, strict=True):
+        resolved = tuple((named[d], lag) for d, lag in deps)
+        out.append(replace(op, deps=op.deps + resolved) if resolved else op)
+    return out
 
 
 UNIT = {"F": 1.0, "I": 1.0, "W": 1.0, "B": 2.0}  # equal F, I, W; B = I then W
@@ -257,6 +335,9 @@ class Links:
     p2p_beta: float
     coll_alpha: float
     coll_beta: float
+    # a message moves only into a posted receive, and a send completes when it has arrived
+    # (gloo, NCCL); free communication has no such wait either
+    rendezvous: bool = True
 
     def p2p(self, nbytes: int) -> float:
         return self.p2p_alpha + nbytes / self.p2p_beta
@@ -265,7 +346,7 @@ class Links:
         return 0.0 if group <= 1 else self.coll_alpha + wire / self.coll_beta
 
     def free(self) -> Links:
-        return Links(0.0, float("inf"), 0.0, float("inf"))
+        return Links(0.0, float("inf"), 0.0, float("inf"), rendezvous=False)
 
 
 ITEM = {"float32": 4, "float64": 8}
@@ -308,7 +389,7 @@ def step_ops(cfg, times: list[dict[str, float]], links: Links, *, schedule=None)
 
         return pipeline_ops(schedule, compute=lambda a: times[schedule.stage_rank[a.stage]][
             f"s{a.stage}:{a.kind}"], transfer=transfer, tail=lambda r: times[r]["update"],
-            metric=metric, head=lambda r: inputs_ops(r, times[r]))
+            metric=metric, head=lambda r: inputs_ops(r, times[r]), rendezvous=links.rendezvous)
     ops: list[Op] = []
     for r in range(P):
         t = times[r]
@@ -466,7 +547,7 @@ def hybrid_ops(cfg, times: list[dict[str, float]], links: Links, *, schedule=Non
                         tail=lambda r: times[r]["update"], metric=metric, lines=lines,
                         before=before, after=after, pre_tail=pre_tail,
                         compute_on=lambda r, a: times[r][f"s{a.stage}:{a.kind}"],
-                        head=lambda r: inputs_ops(r, times[r]))
+                        head=lambda r: inputs_ops(r, times[r]), rendezvous=links.rendezvous)
 
 
 def fsdp_rank_ops(cfg, rank: int, t: dict[str, float], links: Links) -> list[Op]:  # noqa: ANN001

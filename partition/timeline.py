@@ -23,13 +23,16 @@ import statistics
 from dataclasses import dataclass
 from typing import Any
 
-from partition.simulate import Links, Timeline, simulate, step_ops
+from partition.simulate import Links, Timeline, as_measured, key_uses, simulate, step_ops
 from partition.trace import chrome_trace, compute_seconds, read_trace, step_spans
 
 TRACE_FILE = "trace.json"
 TIMELINE_FILE = "timeline.png"
 
 PerRank = list[tuple[int, list[dict[str, Any]]]]  # (rank, its spans), rank order
+# keys of a rank's times that are no action: a collective's measured seconds, the runtime's
+# time after an action, a message's transfer (simulate.as_measured)
+MEASURED_PREFIXES = ("coll:", "after:", "xfer:")
 
 
 def _last_traced(spans: list[dict[str, Any]]) -> int | None:
@@ -76,19 +79,149 @@ def _schedule(cfg: Any):  # noqa: ANN202
                          virtual=cfg.strategy.virtual_stages)
 
 
-def simulate_step(cfg: Any, times: list[dict[str, float]], links: Links) -> Timeline:
-    return simulate(step_ops(cfg, times, links, schedule=_schedule(cfg)), cfg.ranks)
+def simulate_step(cfg: Any, times: list[dict[str, float]], links: Links, *,
+                  measured: bool = True) -> Timeline:
+    """The simulated step; `measured`: with the collectives and the runtime's time between
+    actions as the run's steps measured them, where `times` has them (`as_measured`)."""
+    ops = step_ops(cfg, times, links, schedule=_schedule(cfg))
+    return simulate(as_measured(ops, times) if measured else ops, cfg.ranks)
+
+
+def step_times(cfg: Any, startup: list[dict[str, float]],
+               actions: list[dict[str, float] | None],
+               collectives: list[dict[str, list[float]] | None],
+               transfers: dict[str, float] | None = None) -> list[dict[str, float]]:
+    """Each rank's durations as one of the run's own steps took them: an action key's
+    seconds in that step (`Tracer.step_samples`) ÷ the number of ops it times in the
+    simulated step, the same for the runtime's time after it ("after:<key>"), and each
+    collective's seconds per call ("coll:<name>", `collective_times`) and each message's
+    transfer ("xfer:<role>", `transfer_times`). A key the step did not time keeps its
+    start-up value (`calibrate.action_times`; a transfer, α + n/β).
+
+    Timed in place, an action pays what timing it alone in a loop at start-up misses: on
+    the 2-core development machine the first matmul after a few ms of other work (a wait,
+    the runtime's Python) runs up to ~0.3 ms slower than the same matmul back to back, a
+    near-doubling of the small actions of a pipeline step (docs/benchmarks.md)."""
+    uses = key_uses(step_ops(cfg, startup, Links(0.0, 1.0, 0.0, 1.0), schedule=_schedule(cfg)),
+                    cfg.ranks)
+    coll = collective_times(collectives)
+    out = []
+    for t, got, u in zip(startup, actions, uses, strict=True):
+        per_use = {}
+        for k, v in (got or {}).items():
+            n = u.get(k.removeprefix("after:"))
+            if n:
+                per_use[k] = v / n
+        out.append({**t, **per_use, **coll, **(transfers or {})})
+    return out
+
+
+def collective_times(per_rank: list[dict[str, list[float]] | None]) -> dict[str, float]:
+    """"coll:<name>": a collective's seconds per call in one step. Call by call the least
+    over the ranks (the member that arrived last waited least: its time is the call's
+    own), the mean over the step's calls of that name."""
+    out: dict[str, float] = {}
+    names = {n for d in per_rank if d for n in d}
+    for n in sorted(names):
+        calls = [d[n] for d in per_rank if d and n in d]
+        k = min(len(c) for c in calls)
+        if k:
+            out[f"coll:{n}"] = sum(min(c[i] for c in calls) for i in range(k)) / k
+    return out
+
+
+WAITED_S = 50e-6  # a receive waited for longer than this: its message arrived when it ended
+
+
+def transfer_times(per_rank: list[list[list[Any]] | None],
+                   offsets: list[float]) -> dict[str, float]:
+    """"xfer:<role>": a message's transfer in one step, from the moment it could move (its
+    send posted and its receive posted, whichever came last) to its arrival; the median
+    over the step's messages of that role whose receiver was waiting for them (only then
+    is the end of the wait the arrival). Each rank's events are `Tracer.step_messages`',
+    on its own clock: `offsets` (its clock minus rank 0's) put them on one."""
+    sends: dict[tuple[int, int, int], float] = {}  # (from, to, seq) -> isend posted
+    posts: dict[tuple[int, int, int], float] = {}  # (from, to, seq) -> receive posted
+    waits: list[tuple[tuple[int, int, int], str, float, float]] = []
+    for rank, (events, off) in enumerate(zip(per_rank, offsets, strict=True)):
+        for what, peer, seq, role, t0, t1 in events or []:
+            if what == "send":
+                sends[(rank, peer, seq)] = t1 - off
+            elif what == "post":
+                posts[(peer, rank, seq)] = t1 - off
+            else:
+                waits.append(((peer, rank, seq), role, t0 - off, t1 - off))
+    took: dict[str, list[float]] = {}
+    for key, role, t0, t1 in waits:
+        if t1 - t0 > WAITED_S and key in sends and key in posts:
+            took.setdefault(role, []).append(max(0.0, t1 - max(sends[key], posts[key])))
+    return {f"xfer:{role}": statistics.median(v) for role, v in sorted(took.items())}
+
+
+@dataclass(frozen=True)
+class RunTimes:
+    """A run's durations for the simulator, per rank: `times`, those of the sampled step
+    whose replay is nearest the replays' median (what `predicted` is simulated from), and
+    `startup`, timed alone at start-up; `replays`, per sampled step its number, its
+    simulated step and its measured one (the slowest rank's)."""
+
+    times: list[dict[str, float]]
+    startup: list[dict[str, float]]
+    replays: list[dict[str, float]]
+
+
+def run_times(cfg: Any, records: list[Any], params: Any) -> RunTimes | None:
+    """Each sampled step of the run replayed: every rank's ops at the durations that step
+    measured, simulated; the median replay's durations are the run's. One step's durations
+    on every rank together, so that what slowed a step (a stall, a late rank) is replayed
+    as it happened: the median of the sums of medians would be no step at all, and a
+    synchronised step is as slow as its slowest path. None where some rank has no action
+    times (engine=torch); the start-up times alone where no step was sampled."""
+    rs = sorted(records, key=lambda r: r.rank)
+    startup = [r.action_times for r in rs]
+    if len(startup) != cfg.ranks or not all(startup):
+        return None
+    actions = [getattr(r, "step_action_s", None) or [] for r in rs]
+    colls = [getattr(r, "step_collectives", None) or [] for r in rs]
+    msgs = [getattr(r, "step_messages", None) or [] for r in rs]
+    offsets = [((r.clock or {}).get("offset_s") or 0.0) for r in rs]
+    n = min(len(a) for a in actions)
+    links = links_of(params)
+
+    def at(xs: list[Any], j: int) -> Any:  # noqa: ANN401
+        return xs[j] if j < len(xs) else None
+
+    try:
+        samples = [step_times(cfg, startup, [a[j] for a in actions], [at(c, j) for c in colls],
+                              transfer_times([at(m, j) for m in msgs], offsets))
+                   for j in range(n)]
+        replays = [simulate_step(cfg, s, links).step_time for s in samples]
+    except (KeyError, ValueError):  # a plan the simulator cannot lay out: its own error later
+        return RunTimes(startup, startup, [])
+    if not samples:
+        return RunTimes(startup, startup, [])
+    mid = statistics.median(replays)
+    near = min(range(n), key=lambda j: (abs(replays[j] - mid), j))
+    steps = rs[0].sampled_steps[:n]
+    return RunTimes(samples[near], startup, [
+        {"step": s, "simulated_s": x, "measured_s": max(r.step_s[s] for r in rs)}
+        for s, x in zip(steps, replays, strict=True)])
 
 
 def _equalised(cfg: Any, times: list[dict[str, float]]) -> list[dict[str, float]]:
-    """Every rank's actions at the mean duration of their kind: equal stages."""
+    """Every rank's actions at the mean duration of their kind: equal stages (what the runs'
+    steps measured besides the actions, `MEASURED_PREFIXES`, is left as it is)."""
+    def kind(k: str) -> str:
+        return k.split(":")[-1] if ":" in k else k
+
     keys: dict[str, list[float]] = {}
     for t in times:
         for k, v in t.items():
-            kind = k.split(":")[-1] if ":" in k else k
-            keys.setdefault(kind, []).append(v)
+            if not k.startswith(MEASURED_PREFIXES):
+                keys.setdefault(kind(k), []).append(v)
     mean = {k: statistics.mean(v) for k, v in keys.items()}
-    return [{k: mean[k.split(":")[-1] if ":" in k else k] for k in t} for t in times]
+    return [{k: v if k.startswith(MEASURED_PREFIXES) else mean[kind(k)] for k, v in t.items()}
+            for t in times]
 
 
 def simulated_block(cfg: Any, times: list[dict[str, float]], params: Any) -> dict[str, Any] | None:
@@ -104,8 +237,10 @@ def simulation(cfg: Any, times: list[dict[str, float]] | None,
     links = links_of(params)
     try:
         tl = simulate_step(cfg, times, links)
-        free = simulate_step(cfg, times, links.free())
-        equal = simulate_step(cfg, _equalised(cfg, times), links.free())
+        # the causes: communication free (and the runtime's time between actions, mostly
+        # posting and sending, with it), then stages equal too
+        free = simulate_step(cfg, times, links.free(), measured=False)
+        equal = simulate_step(cfg, _equalised(cfg, times), links.free(), measured=False)
     except ValueError as e:  # a strategy (or setting) without a simulation, a stuck plan
         return None, str(e)
     except KeyError as e:  # an action the calibration does not cover
@@ -137,7 +272,10 @@ def timeline_spans(tl: Timeline) -> PerRank:
     out = []
     for r in range(tl.world):
         step = {"name": "step", "tid": "compute", "t0": 0.0, "t1": tl.step_time, "args": {}}
-        out.append((r, [step] + [{"name": s.label, "tid": s.kind, "t0": s.start, "t1": s.end,
+        # the runtime's time between actions is drawn as the measured side's non-waiting
+        # calls are: a comm span that is no wait (blank)
+        out.append((r, [step] + [{"name": s.label, "tid": "comm" if s.kind == "runtime" else s.kind,
+                                  "t0": s.start, "t1": s.end,
                                   "args": {**s.args, "waiting": s.kind == "comm"}}
                                  for s in tl.rank_spans(r)]))
     return out

@@ -21,6 +21,10 @@ from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from partition.simulate import time_key
+
+# the comm spans of a posted message (comm.py's names, up to the role) and what each says
+MESSAGE_EVENTS = (("send ", "send"), ("post recv ", "post"), ("wait recv ", "wait"))
 TIDS = {"compute": 0, "comm": 1, "other": 2}  # other: reading the batch (inputs_span)
 
 
@@ -37,6 +41,22 @@ class Tracer:
     step: int | None = None
     spans: list[dict[str, Any]] = field(default_factory=list)
     compute_s: float = 0.0  # compute spans of the current step, traced or not
+    # The sampled steps: what the simulator's ops took in the run's own steps (step_samples,
+    # step_collectives). Per action key (`simulate.time_key`) a span's own time, less the
+    # collectives inside it (a hybrid stage's tp collectives are ops of their own); per
+    # "after:<key>" the rank's time from that action's end to the next action's start but
+    # for the waits the simulator plays itself (a posted receive's wait and a send's: a
+    # message's transfer; a collective: a synchronised op): posting, sending, the runtime's
+    # Python; per collective name, each call's seconds in order (the launcher takes, call
+    # by call, the least over the ranks: the one that arrived last waited least).
+    sampled: set[int] = field(default_factory=set)
+    sums: dict[int, dict[str, float]] = field(default_factory=dict)
+    colls: dict[int, dict[str, list[float]]] = field(default_factory=dict)
+    # per sampled step, each posted message's events: [what, peer, seq, role, t0, t1] with
+    # what = send (its isend), post (its receive posted) or wait (its receive waited for)
+    msgs: dict[int, list[list[Any]]] = field(default_factory=dict)
+    _waits: list[tuple[float, float]] = field(default_factory=list)  # since the last action
+    _last: tuple[str, float] | None = None  # the last action's key and end
 
     @property
     def on(self) -> bool:
@@ -44,13 +64,58 @@ class Tracer:
 
     def begin(self, step: int) -> None:
         self.step, self.compute_s = step, 0.0
+        self._waits.clear()
+        self._last = None
 
     def add(self, name: str, tid: str, t0: float, t1: float, **args: Any) -> None:
         if tid == "compute" and name != "step":
             self.compute_s += t1 - t0
+        if self.step in self.sampled and name != "step":
+            self._sample(name, tid, t0, t1, args)
         if self.on:
             self.spans.append({"name": name, "tid": tid, "t0": t0, "t1": t1, "step": self.step,
                                "args": args})
+
+    def _sample(self, name: str, tid: str, t0: float, t1: float, args: dict[str, Any]) -> None:
+        if tid == "comm":  # spans are added as they end: a call inside an action comes first
+            what = next((w for prefix, w in MESSAGE_EVENTS if name.startswith(prefix)), None)
+            if what is not None and "seq" in args:
+                self.msgs.setdefault(self.step, []).append(
+                    [what, args["peer"], args["seq"], args["role"], t0, t1])
+            collective = args.get("peer") is None
+            if collective:
+                self.colls.setdefault(self.step, {}).setdefault(name, []).append(t1 - t0)
+            if collective or name.startswith(("wait recv", "recv ", "wait send")):
+                self._waits.append((t0, t1))
+            return
+        key = time_key(args)
+        if key is None:
+            return
+        sums = self.sums.setdefault(self.step, {})
+        inner = sum(b - a for a, b in self._waits if a >= t0 and b <= t1)
+        sums[key] = sums.get(key, 0.0) + (t1 - t0 - inner)
+        if self._last is not None:
+            k, end = self._last
+            waited = sum(b - a for a, b in self._waits if a >= end and b <= t0)
+            sums["after:" + k] = sums.get("after:" + k, 0.0) + max(0.0, t0 - end - waited)
+        self._waits.clear()
+        self._last = (key, t1)
+
+    def step_collectives(self) -> list[dict[str, list[float]]] | None:
+        """Per sampled step (in `step_samples`' order), per collective name its calls' seconds."""
+        return [self.colls.get(step, {}) for step in sorted(self.sums)] or None
+
+    def sampled_steps(self) -> list[int]:
+        """The sampled steps that ran, in order (`step_samples` and `step_collectives`)."""
+        return sorted(self.sums)
+
+    def step_messages(self) -> list[list[list[Any]]] | None:
+        """Per sampled step (in `step_samples`' order), its posted messages' events."""
+        return [self.msgs.get(step, []) for step in sorted(self.sums)] or None
+
+    def step_samples(self) -> list[dict[str, float]] | None:
+        """Per sampled step (in order), per action key its seconds in that step."""
+        return [d for _, d in sorted(self.sums.items())] or None
 
     @contextmanager
     def span(self, name: str, tid: str = "compute", **args: Any) -> Iterator[None]:
@@ -88,6 +153,15 @@ def traced_steps(setting: str | tuple[int, ...], *, steps: int, warmup: int,
         quiet = [s for s in range(warmup, steps) if s not in probed]
         return {quiet[-1] if quiet else steps - 1}
     return {s for s in setting if s < steps}
+
+
+def sampled_steps(*, steps: int, traced: set[int] | None, probed: set[int]) -> set[int]:
+    """The steps whose action durations feed the simulator: all but step 0 (the first step
+    pays one-time costs: fresh allocations, first calls), the probed ones (the memory probe
+    slows every op it sees) and the traced ones (the step drawn and compared is left out of
+    what the simulator is given; with `trace.steps=all`, the last)."""
+    left_out = {steps - 1} if traced is None else traced
+    return {s for s in range(1, steps) if s not in probed and s not in left_out}
 
 
 def chrome_trace(per_rank: list[tuple[int, list[dict[str, Any]]]], *,

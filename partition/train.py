@@ -23,7 +23,7 @@ from partition.reference import reference_grads
 from partition.strategies import build_runner
 from partition.strategies.base import Runner, saved_layers
 from partition.topology import Topology, rank_threads
-from partition.trace import Tracer, traced_steps
+from partition.trace import Tracer, sampled_steps, traced_steps
 from partition.weights import Shard, initial_weights, layer_shards
 
 
@@ -59,7 +59,14 @@ class RankRecord:
     calibration: dict[str, Any] | None = None  # cost.calibrate: this rank's micro-benchmark
     in_flight_max: int = 0
     spans: list[dict[str, Any]] = field(default_factory=list)  # trace.Tracer's, traced steps
-    action_times: dict[str, float] | None = None  # calibrate.action_times: the simulator's input
+    action_times: dict[str, float] | None = None  # calibrate.action_times, timed at start-up
+    sampled_steps: list[int] = field(default_factory=list)  # steps timed for the simulator
+    # per sampled step, per action key the seconds that step spent in it (Tracer.step_samples)
+    step_action_s: list[dict[str, float]] | None = None
+    # per sampled step, per collective name its calls' seconds (Tracer.step_collectives)
+    step_collectives: list[dict[str, list[float]]] | None = None
+    # per sampled step, its posted messages' events (Tracer.step_messages)
+    step_messages: list[list[list[Any]]] | None = None
     clock: dict[str, Any] | None = None  # calibrate.clock_offset: this clock minus rank 0's
     sends: list[dict[str, Any]] = field(default_factory=list)  # one steady step's stage crossings
     grad_rel_err: float | None = None
@@ -167,8 +174,8 @@ def _run_rank(cfg: RunConfig, topo: Topology, comm: Comm | None, ledger: Ledger,
     # must be enforced on CPU): the other steps run unprobed, so the median step time
     # carries none of the probe's cost (about 20 µs per tensor op, see README).
     recorded = {min(t.warmup_steps, t.steps - 1), t.steps - 1}
-    tracer = Tracer(traced_steps(cfg.trace.steps, steps=t.steps, warmup=t.warmup_steps,
-                                 probed=recorded))
+    traced = traced_steps(cfg.trace.steps, steps=t.steps, warmup=t.warmup_steps, probed=recorded)
+    tracer = Tracer(traced, sampled=sampled_steps(steps=t.steps, traced=traced, probed=recorded))
     attach_tracer(runner, comm, tracer)
     from partition.calibrate import action_times
 
@@ -264,6 +271,10 @@ def _run_rank(cfg: RunConfig, topo: Topology, comm: Comm | None, ledger: Ledger,
     rec.memory_steps_equal = len({m.peak_bytes for m in measured}) <= 1
     rec.shards = layer_shards(saved_layers(runner))
     rec.spans = tracer.spans
+    rec.sampled_steps = tracer.sampled_steps()
+    rec.step_action_s = tracer.step_samples()
+    rec.step_collectives = tracer.step_collectives()
+    rec.step_messages = tracer.step_messages()
     return rec
 
 

@@ -171,10 +171,10 @@ def test_the_checked_in_benchmarks_file_has_both_sections():
 # ---------------------------------------------------------------- the timeline suite
 
 
-def _figs(step, sim, idle, sim_idle):
+def _figs(step, sim, idle, sim_idle, startup=None):
     from partition.bench_timeline import RunFigures
 
-    return RunFigures(step, sim, tuple(idle), tuple(sim_idle))
+    return RunFigures(step, sim, startup, tuple(idle), tuple(sim_idle))
 
 
 def test_figures_read_result_jsons_own_keys():
@@ -182,10 +182,10 @@ def test_figures_read_result_jsons_own_keys():
 
     result = {"train": {"step_time_s": {"median": 0.01, "min": 0.009, "max": 0.02}},
               "ranks": [{"timing": {"idle_fraction": 0.4}}, {"timing": {"idle_fraction": 0.8}}],
-              "predicted": {"step_time_s": 0.008,
+              "predicted": {"step_time_s": 0.008, "startup_step_time_s": 0.006,
                             "ranks": [{"timing": {"idle_fraction": 0.1}},
                                       {"timing": {"idle_fraction": 0.75}}]}}
-    assert figures(result) == _figs(0.01, 0.008, [0.4, 0.8], [0.1, 0.75])
+    assert figures(result) == _figs(0.01, 0.008, [0.4, 0.8], [0.1, 0.75], startup=0.006)
     # A strategy the simulator does not cover: no step, no ranks.
     bare = {"train": {"step_time_s": {"median": 0.01}}, "ranks": [{"timing": {}}],
             "predicted": {"step_time_s": None, "ranks": []}}
@@ -195,9 +195,9 @@ def test_figures_read_result_jsons_own_keys():
 def test_step_time_error_is_the_medians_and_the_target_decides():
     from partition.bench_timeline import SimRow, mark, step_table, within
 
-    row = SimRow("pipeline gpipe", 2, [_figs(0.010, 0.011, [0.5, 0.5], [0.5, 0.5]),
-                                       _figs(0.012, 0.012, [0.5, 0.5], [0.5, 0.5]),
-                                       _figs(0.008, 0.010, [0.5, 0.5], [0.5, 0.5])])
+    row = SimRow("pipeline gpipe", 2, [_figs(0.010, 0.011, [0.5, 0.5], [0.5, 0.5], 0.006),
+                                       _figs(0.012, 0.012, [0.5, 0.5], [0.5, 0.5], 0.007),
+                                       _figs(0.008, 0.010, [0.5, 0.5], [0.5, 0.5], 0.005)])
     assert (row.measured_s, row.simulated_s) == (0.010, 0.011)
     assert round(row.step_error, 12) == 0.1
     assert [round(e, 12) for e in row.step_errors] == [0.1, 0.0, 0.25]
@@ -205,20 +205,22 @@ def test_step_time_error_is_the_medians_and_the_target_decides():
     assert not within(None, 0.15) and (mark(True), mark(False)) == ("✓", "✗")
     lines = step_table([row], cores=2).splitlines()
     assert lines[0] == ("| case | P | measured ms/step | simulated ms/step | simulated ÷ measured "
-                        "− 1 | per run [min, max] | within 15 % |")
-    assert lines[2] == "| pipeline gpipe | 2 | 10.00 | 11.00 | **+10.0 %** | [+0.0 %, +25.0 %] | ✓ |"
+                        "− 1 | per run [min, max] | within 15 % | from start-up timing alone |")
+    # the start-up column: the medians' error of the simulation on start-up timing, 6 ÷ 10 − 1
+    assert lines[2] == ("| pipeline gpipe | 2 | 10.00 | 11.00 | **+10.0 %** | [+0.0 %, +25.0 %] | "
+                        "✓ | -40.0 % |")
     slow = SimRow("tensor", 2, [_figs(0.010, 0.0125, [], [])] * 3)
     assert step_table([slow], cores=2).splitlines()[2] == (
-        "| tensor | 2 | 10.00 | 12.50 | **+25.0 %** | [+25.0 %, +25.0 %] | ✗ |")
+        "| tensor | 2 | 10.00 | 12.50 | **+25.0 %** | [+25.0 %, +25.0 %] | ✗ | n/a |")
     # More ranks than cores: the row says so (the target holds for P <= cores).
-    assert step_table([slow], cores=1).splitlines()[2].endswith("| ✗ ⚠ P=2 > 1 cores |")
+    assert step_table([slow], cores=1).splitlines()[2].endswith("| ✗ ⚠ P=2 > 1 cores | n/a |")
     unsim = SimRow("fsdp", 2, [_figs(0.019, None, [0.9, 0.9], [])] * 3)
     assert unsim.step_error is None and unsim.idle_error(0) is None
     assert step_table([unsim], cores=2).splitlines()[2] == (
-        "| fsdp | 2 | 19.00 | not simulated | n/a | n/a | ✗ |")
+        "| fsdp | 2 | 19.00 | not simulated | n/a | n/a | ✗ | n/a |")
     skipped = SimRow("pipeline zbv", 4, skip="needs 8 layers")
     assert step_table([skipped], cores=2).splitlines()[2] == (
-        "| pipeline zbv | 4 | skipped: needs 8 layers | | | | |")
+        "| pipeline zbv | 4 | skipped: needs 8 layers | | | | | |")
 
 
 def test_idle_fraction_per_rank_within_five_hundredths():

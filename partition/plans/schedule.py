@@ -40,6 +40,7 @@ from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import Any
 
 KINDS = ("F", "B", "I", "W")
 # One stage per rank here; the others (several stages per rank, the split backward) in
@@ -420,7 +421,7 @@ def eager_sends(s: Schedule) -> bool:
     `ReceiveOrder`) just before the action (or, lookahead, right after the previous
     action's sends); proved here by playing exactly that program.
     """
-    programs = [_program(s, r) for r in range(s.world)]
+    programs = [comm_program(s, r) for r in range(s.world)]
     posted: set[Message] = set()  # receives posted
     issued: set[Message] = set()  # sends posted
     pos = [0] * s.world
@@ -431,7 +432,9 @@ def eager_sends(s: Schedule) -> bool:
             prog = programs[r]
             while pos[r] < len(prog):
                 op, msg = prog[pos[r]]
-                if op == "post_recv":
+                if op == "compute":
+                    pass
+                elif op == "post_recv":
                     posted.add(msg)
                 elif op == "isend":
                     issued.add(msg)
@@ -444,11 +447,16 @@ def eager_sends(s: Schedule) -> bool:
     return all(pos[r] == len(programs[r]) for r in range(s.world))
 
 
-def _program(s: Schedule, rank: int) -> list[tuple[str, Message]]:
-    """The runtime's communication program for `rank` in eager mode (see runtime.py)."""
-    ops: list[tuple[str, Message]] = []
+def comm_program(s: Schedule, rank: int, *, eager: bool = True) -> list[tuple[str, Any]]:
+    """The runtime's program for `rank` (runner.py's `_run`): ("compute", action) and its
+    communication — ("post_recv" | "wait_recv" | "isend" | "wait_send", message). Each
+    action's receive is posted (after the same peer's earlier messages, `ReceiveOrder`)
+    just before it, or right after the previous action's sends; with `eager`, each send
+    is waited for right after that, else every send at the end of the step."""
+    ops: list[tuple[str, Any]] = []
     acts = s.ranks[rank]
     order = ReceiveOrder.of(s, rank)
+    late: list[Message] = []
 
     def remote_need(a: Action) -> Message | None:
         n = needs(a, s.stages)
@@ -459,6 +467,7 @@ def _program(s: Schedule, rank: int) -> list[tuple[str, Message]]:
         if n is not None:
             ops += [("post_recv", m) for m in order.upto(n)]
             ops.append(("wait_recv", n))
+        ops.append(("compute", a))
         p = produces(a, s.stages)
         out = p if p is not None and s.stage_rank[p.to_stage] != rank else None
         if out is not None:
@@ -468,8 +477,11 @@ def _program(s: Schedule, rank: int) -> list[tuple[str, Message]]:
             if nxt is not None:
                 ops += [("post_recv", m) for m in order.upto(nxt)]
         if out is not None:
-            ops.append(("wait_send", out))
-    return ops
+            if eager:
+                ops.append(("wait_send", out))
+            else:
+                late.append(out)
+    return ops + [("wait_send", m) for m in late]
 
 
 # ---------------------------------------------------------------- reading a schedule
