@@ -33,6 +33,9 @@ from typing import Any
 from partition.plans.schedule import Action, Message, Schedule, comm_program, eager_sends, needs
 
 
+START = "start"  # the key of a step's start: "after:start" is the runtime before its first op
+
+
 def time_key(args: dict[str, Any]) -> str | None:
     """The `calibrate.action_times` key an op is timed by, read off its args (kind, and
     stage or layer); a measured span with the same args (the runners name theirs alike)
@@ -47,12 +50,22 @@ def time_key(args: dict[str, Any]) -> str | None:
     return f"{kind}{args['layer']}" if "layer" in args else kind
 
 
+def op_keys(args: dict[str, Any]) -> tuple[str, ...]:
+    """The keys a measured step times an op (or a span with the same args) by: its
+    `time_key`, and with a micro-batch that key "@<mb>" too — the one occurrence, so that
+    a replay puts what one action took (a stall, a slow start) where it happened."""
+    key = time_key(args)
+    if key is None:
+        return ()
+    mb = args.get("mb")
+    return (key, f"{key}@{mb}") if isinstance(mb, int) and mb >= 0 else (key,)
+
+
 def key_uses(ops: Sequence[Op], world: int) -> list[dict[str, int]]:
-    """Per rank, how many of its ops each action key times in one step."""
+    """Per rank, how many of its ops each action key (`op_keys`) times in one step."""
     out: list[dict[str, int]] = [{} for _ in range(world)]
     for op in ops:
-        key = time_key(op.args) if op.kind != "comm" else None
-        if key is not None:
+        for key in op_keys(op.args) if op.kind != "comm" else ():
             out[op.rank][key] = out[op.rank].get(key, 0) + 1
     return out
 
@@ -119,23 +132,37 @@ def as_measured(ops: list[Op], times: list[dict[str, float]]) -> list[Op]:
     """`ops` with what the run's own steps measured, where its times have it: a collective
     lasts its "coll:<label>" seconds (instead of α + wire/β), a message's transfer its
     "xfer:<role>" seconds (instead of α + n/β), and after each action the
-    rank spends its "after:<key>" seconds (posting, sending, the runtime between actions)
-    in an op of kind "runtime" of its own (neither compute nor a wait). Dependencies are
+    rank spends its "after:<key>" seconds (posting, sending, the runtime between actions;
+    "after:start" before its first) in an op of kind "runtime" of its own (neither compute
+    nor a wait); a rank that began the step "late:start" seconds after another begins it
+    with an op of kind "late". Dependencies are
     re-pointed to the ops' new places."""
     where: list[int] = []
     out: list[Op] = []
+    begun: set[int] = set()
     for op in ops:
         t = times[op.rank]
+        if op.stream is None and op.rank not in begun:  # the runtime before the first action
+            begun.add(op.rank)
+            if t.get(f"late:{START}", 0.0) > 0:  # the rank began the step after another
+                out.append(Op(op.rank, "late", "late start", t[f"late:{START}"]))
+            if t.get(f"after:{START}", 0.0) > 0:
+                out.append(Op(op.rank, "runtime", f"after {START}", t[f"after:{START}"],
+                              args={"after": START}))
         if op.kind == "comm" and op.sync is not None and f"coll:{op.label}" in t:
             op = replace(op, duration=t[f"coll:{op.label}"])
         elif op.kind == "transfer" and f"xfer:{op.args.get('role')}" in t:
             op = replace(op, duration=t[f"xfer:{op.args['role']}"])
+        keys = op_keys(op.args) if op.kind not in ("comm", "transfer", "post") else ()
+        own = next((k for k in reversed(keys) if k in t and "@" in k), None)
+        if own is not None:  # this very action as the step took it
+            op = replace(op, duration=t[own])
         where.append(len(out))
         out.append(op)
-        key = time_key(op.args) if op.kind != "comm" else None
-        extra = t.get(f"after:{key}", 0.0) if key is not None else 0.0
-        if extra > 0:
-            out.append(Op(op.rank, "runtime", f"after {op.label}", extra, args={"after": key}))
+        after = next((f"after:{k}" for k in reversed(keys) if f"after:{k}" in t), None)
+        if after is not None and t[after] > 0:
+            out.append(Op(op.rank, "runtime", f"after {op.label}", t[after],
+                          args={"after": after.removeprefix("after:")}))
     return [replace(o, deps=tuple((where[j], lag) for j, lag in o.deps)) if o.deps else o
             for o in out]
 

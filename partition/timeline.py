@@ -23,7 +23,7 @@ import statistics
 from dataclasses import dataclass
 from typing import Any
 
-from partition.simulate import Links, Timeline, as_measured, key_uses, simulate, step_ops
+from partition.simulate import START, Links, Timeline, as_measured, key_uses, simulate, step_ops
 from partition.trace import chrome_trace, compute_seconds, read_trace, step_spans
 
 TRACE_FILE = "trace.json"
@@ -31,8 +31,8 @@ TIMELINE_FILE = "timeline.png"
 
 PerRank = list[tuple[int, list[dict[str, Any]]]]  # (rank, its spans), rank order
 # keys of a rank's times that are no action: a collective's measured seconds, the runtime's
-# time after an action, a message's transfer (simulate.as_measured)
-MEASURED_PREFIXES = ("coll:", "after:", "xfer:")
+# time after an action, a message's transfer, how late the rank began (simulate.as_measured)
+MEASURED_PREFIXES = ("coll:", "after:", "xfer:", "late:")
 
 
 def _last_traced(spans: list[dict[str, Any]]) -> int | None:
@@ -109,7 +109,8 @@ def step_times(cfg: Any, startup: list[dict[str, float]],
     for t, got, u in zip(startup, actions, uses, strict=True):
         per_use = {}
         for k, v in (got or {}).items():
-            n = u.get(k.removeprefix("after:"))
+            action = k.removeprefix("after:")
+            n = 1 if action == START else u.get(action)  # a step starts once
             if n:
                 per_use[k] = v / n
         out.append({**t, **per_use, **coll, **(transfers or {})})
@@ -191,10 +192,23 @@ def run_times(cfg: Any, records: list[Any], params: Any) -> RunTimes | None:
     def at(xs: list[Any], j: int) -> Any:  # noqa: ANN401
         return xs[j] if j < len(xs) else None
 
+    starts = [getattr(r, "step_starts", None) or [] for r in rs]
+
+    def late(j: int) -> list[dict[str, float]]:
+        """Each rank's start of step j after the first rank's ("late:start")."""
+        t = [at(s, j) for s in starts]
+        if any(x is None for x in t):
+            return [{} for _ in rs]
+        t = [x - off for x, off in zip(t, offsets, strict=True)]
+        return [{f"late:{START}": x - min(t)} for x in t]
+
+    def sample(j: int) -> list[dict[str, float]]:
+        times = step_times(cfg, startup, [a[j] for a in actions], [at(c, j) for c in colls],
+                           transfer_times([at(m, j) for m in msgs], offsets))
+        return [{**t, **d} for t, d in zip(times, late(j), strict=True)]
+
     try:
-        samples = [step_times(cfg, startup, [a[j] for a in actions], [at(c, j) for c in colls],
-                              transfer_times([at(m, j) for m in msgs], offsets))
-                   for j in range(n)]
+        samples = [sample(j) for j in range(n)]
         replays = [simulate_step(cfg, s, links).step_time for s in samples]
     except (KeyError, ValueError):  # a plan the simulator cannot lay out: its own error later
         return RunTimes(startup, startup, [])
@@ -267,17 +281,20 @@ def stage_imbalance(rows: list[dict[str, Any]]) -> float | None:
 
 def timeline_spans(tl: Timeline) -> PerRank:
     """A simulated timeline in the measured spans' form (for drawing), with a `step` span
-    per rank from 0: every rank starts the simulated step at 0, and the drawing puts each
-    rank's step start at its left edge."""
+    per rank from its start: 0, or the end of its late start (a replayed step's rank that
+    began after another); the drawing puts each rank's step start at its left edge, as
+    the measured side's."""
     out = []
     for r in range(tl.world):
-        step = {"name": "step", "tid": "compute", "t0": 0.0, "t1": tl.step_time, "args": {}}
+        mine = tl.rank_spans(r)
+        begin = max((s.end for s in mine if s.kind == "late"), default=0.0)
+        step = {"name": "step", "tid": "compute", "t0": begin, "t1": tl.step_time, "args": {}}
         # the runtime's time between actions is drawn as the measured side's non-waiting
         # calls are: a comm span that is no wait (blank)
         out.append((r, [step] + [{"name": s.label, "tid": "comm" if s.kind == "runtime" else s.kind,
                                   "t0": s.start, "t1": s.end,
                                   "args": {**s.args, "waiting": s.kind == "comm"}}
-                                 for s in tl.rank_spans(r)]))
+                                 for s in mine if s.kind != "late"]))
     return out
 
 

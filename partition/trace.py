@@ -21,7 +21,7 @@ from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from partition.simulate import time_key
+from partition.simulate import START, op_keys
 
 # the comm spans of a posted message (comm.py's names, up to the role) and what each says
 MESSAGE_EVENTS = (("send ", "send"), ("post recv ", "post"), ("wait recv ", "wait"))
@@ -55,8 +55,9 @@ class Tracer:
     # per sampled step, each posted message's events: [what, peer, seq, role, t0, t1] with
     # what = send (its isend), post (its receive posted) or wait (its receive waited for)
     msgs: dict[int, list[list[Any]]] = field(default_factory=dict)
+    begun: dict[int, float] = field(default_factory=dict)  # per sampled step, when it began
     _waits: list[tuple[float, float]] = field(default_factory=list)  # since the last action
-    _last: tuple[str, float] | None = None  # the last action's key and end
+    _last: tuple[tuple[str, ...], float] | None = None  # the last action's keys and end
 
     @property
     def on(self) -> bool:
@@ -65,13 +66,20 @@ class Tracer:
     def begin(self, step: int) -> None:
         self.step, self.compute_s = step, 0.0
         self._waits.clear()
-        self._last = None
+        # the runtime's time before the first action counts as after "start"
+        now = time.perf_counter()
+        self._last = ((START,), now) if step in self.sampled else None
+        if step in self.sampled:
+            self.begun[step] = now
 
     def add(self, name: str, tid: str, t0: float, t1: float, **args: Any) -> None:
         if tid == "compute" and name != "step":
             self.compute_s += t1 - t0
-        if self.step in self.sampled and name != "step":
-            self._sample(name, tid, t0, t1, args)
+        if self.step in self.sampled:
+            if name == "step":  # the step's end: what followed the last action
+                self._gap(t1)
+            else:
+                self._sample(name, tid, t0, t1, args)
         if self.on:
             self.spans.append({"name": name, "tid": tid, "t0": t0, "t1": t1, "step": self.step,
                                "args": args})
@@ -88,18 +96,26 @@ class Tracer:
             if collective or name.startswith(("wait recv", "recv ", "wait send")):
                 self._waits.append((t0, t1))
             return
-        key = time_key(args)
-        if key is None:
+        keys = op_keys(args)
+        if not keys:
             return
         sums = self.sums.setdefault(self.step, {})
         inner = sum(b - a for a, b in self._waits if a >= t0 and b <= t1)
-        sums[key] = sums.get(key, 0.0) + (t1 - t0 - inner)
+        for k in keys:
+            sums[k] = sums.get(k, 0.0) + (t1 - t0 - inner)
+        self._gap(t0)
+        self._last = (keys, t1)
+
+    def _gap(self, until: float) -> None:
+        """The runtime's time from the last action's end to `until`, but for modeled waits."""
         if self._last is not None:
-            k, end = self._last
-            waited = sum(b - a for a, b in self._waits if a >= end and b <= t0)
-            sums["after:" + k] = sums.get("after:" + k, 0.0) + max(0.0, t0 - end - waited)
+            keys, end = self._last
+            waited = sum(b - a for a, b in self._waits if a >= end and b <= until)
+            sums = self.sums.setdefault(self.step, {})
+            for k in keys:
+                sums["after:" + k] = sums.get("after:" + k, 0.0) + max(0.0, until - end - waited)
         self._waits.clear()
-        self._last = (key, t1)
+        self._last = None
 
     def step_collectives(self) -> list[dict[str, list[float]]] | None:
         """Per sampled step (in `step_samples`' order), per collective name its calls' seconds."""
@@ -108,6 +124,10 @@ class Tracer:
     def sampled_steps(self) -> list[int]:
         """The sampled steps that ran, in order (`step_samples` and `step_collectives`)."""
         return sorted(self.sums)
+
+    def step_starts(self) -> list[float] | None:
+        """Per sampled step (in `step_samples`' order), when this rank began it."""
+        return [self.begun[step] for step in sorted(self.sums)] or None
 
     def step_messages(self) -> list[list[list[Any]]] | None:
         """Per sampled step (in `step_samples`' order), its posted messages' events."""

@@ -67,6 +67,7 @@ class RankRecord:
     step_collectives: list[dict[str, list[float]]] | None = None
     # per sampled step, its posted messages' events (Tracer.step_messages)
     step_messages: list[list[list[Any]]] | None = None
+    step_starts: list[float] | None = None  # when it began each sampled step (perf_counter)
     clock: dict[str, Any] | None = None  # calibrate.clock_offset: this clock minus rank 0's
     sends: list[dict[str, Any]] = field(default_factory=list)  # one steady step's stage crossings
     grad_rel_err: float | None = None
@@ -275,6 +276,7 @@ def _run_rank(cfg: RunConfig, topo: Topology, comm: Comm | None, ledger: Ledger,
     rec.step_action_s = tracer.step_samples()
     rec.step_collectives = tracer.step_collectives()
     rec.step_messages = tracer.step_messages()
+    rec.step_starts = tracer.step_starts()
     return rec
 
 

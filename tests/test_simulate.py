@@ -273,3 +273,89 @@ def test_reading_the_batch_comes_first_and_is_not_compute():
     times = [{"F": 1.0, "B": 1.0, "update": 0.0, "inputs": 0.25}] * 2
     ops = step_ops(cfg, times, Links(0.0, INF, 0.0, INF))
     assert [o.label for o in ops if o.rank == 0][:3] == ["inputs", "F0", "B0"]
+
+
+# ---------------------------------------------------------------- messages on their links
+
+
+def test_a_message_moves_only_into_a_posted_receive():
+    """GPipe P=2 M=2, unit actions but stage 1's F (3), transfers 0.5. Rendezvous: rank 1
+    posts the receive of micro-batch 1 only after 1F0 (at 4.5), so that message moves
+    [4.5, 5] although 0F1 made it at 2.5, and rank 0's eager wait for that send holds it
+    until 5; the gradients likewise move once rank 0 has posted them. Step 12; without the
+    rendezvous each message moves as soon as it is made: step 11."""
+    s = named_schedule("gpipe", world=2, micro=2)
+
+    def play(rendezvous: bool):
+        return simulate(pipeline_ops(s, compute=lambda a: 3.0 if (a.stage, a.kind) == (1, "F")
+                                     else 1.0, transfer=lambda m: 0.5, rendezvous=rendezvous), 2)
+
+    tl = play(True)
+    assert tl.step_time == 12.0
+    assert [(x.label, x.start) for x in tl.rank_spans(0) if x.kind == "compute"] == [
+        ("0F0", 0.0), ("0F1", 1.5), ("0B0", 9.5), ("0B1", 11.0)]
+    assert [(x.label, x.start) for x in tl.rank_spans(1) if x.kind == "compute"] == [
+        ("1F0", 1.5), ("1F1", 5.0), ("1B0", 8.0), ("1B1", 9.5)]
+    assert [(x.label, x.start, x.end) for x in tl.spans if x.kind == "transfer"] == [
+        ("activation 0>1 mb 0", 1.0, 1.5), ("activation 0>1 mb 1", 4.5, 5.0),
+        ("activation_grad 1>0 mb 0", 9.0, 9.5), ("activation_grad 1>0 mb 1", 10.5, 11.0)]
+    assert play(False).step_time == 11.0
+    # transfers are their links', not the ranks' own time
+    assert tl.compute(0) == 4.0 and not [x for x in tl.rank_spans(1) if x.kind == "transfer"]
+
+
+def test_one_link_carries_one_message_at_a_time_in_send_order():
+    """Two messages on one link, the second made while the first still moves: it waits."""
+    s = named_schedule("gpipe", world=2, micro=2)
+    tl = simulate(pipeline_ops(s, compute=lambda a: 0.5 if a.stage == 0 else 1.0,
+                               transfer=lambda m: 2.0), 2)
+    moves = [(x.start, x.end) for x in tl.spans if x.kind == "transfer"
+             and x.label.startswith("activation ")]
+    assert moves == [(0.5, 2.5), (2.5, 4.5)]  # 0F1 ends at 1.0; the link is busy until 2.5
+
+
+def test_every_op_is_timed_by_the_key_of_its_args():
+    """time_key reads back, from each op, the key step_ops timed it by (distinct values)."""
+    from partition.simulate import Links, step_ops, time_key
+    from conftest import make_config
+
+    for strategy, kw in (("pipeline", {"strategy.schedule": "zb1p", "train.microbatches": 2}),
+                         ("tensor", {}), ("data", {"train.microbatches": 2}), ("fsdp", {})):
+        cfg = make_config(strategy=strategy, world_size=2, **{
+            "model.dims": [8, 6, 4], "train.batch_size": 8, **kw})
+        keys = (["s0:F", "s0:B", "s0:I", "s0:W", "s1:F", "s1:B", "s1:I", "s1:W"]
+                + [f"{k}{l}" for k in "FB" for l in range(2)] + ["F", "B", "loss", "update",
+                                                                  "inputs"])
+        times = [{k: 1.0 + i / 64 + r / 8 for i, k in enumerate(keys)} for r in range(2)]
+        sched = named_schedule("zb1p", world=2, micro=2) if strategy == "pipeline" else None
+        ops = step_ops(cfg, times, Links(0.0, INF, 0.0, INF), schedule=sched)
+        timed = [o for o in ops if o.kind in ("compute", "other")]
+        assert timed and all(o.duration == times[o.rank][time_key(o.args)] for o in timed)
+
+
+def test_a_replay_takes_what_the_step_measured():
+    """as_measured: a collective lasts its measured "coll:" seconds, a transfer its
+    "xfer:", the runtime's "after:" time follows each action (the occurrence's own where
+    measured, "@mb"), a late rank begins with its "late:start"; deps follow the ops."""
+    from partition.simulate import as_measured
+
+    s = named_schedule("gpipe", world=2, micro=1)
+    ops = pipeline_ops(s, compute=lambda a: 1.0, transfer=lambda m: 0.5, metric=9.0,
+                       rendezvous=True)
+    t0 = {"after:s0:F": 0.25, "after:s0:B@0": 0.5, "after:s0:B": 7.0, "coll:all_reduce metric": 0.125,
+          "xfer:activation": 0.75, "xfer:activation_grad": 0.25}
+    t1 = {**t0, "late:start": 2.0, "s1:F@0": 3.0}
+    tl = simulate(as_measured(ops, [t0, t1]), 2)
+    # rank 1 begins at 2 and posts its receive then: 0F0's activation (made at 1) moves
+    # [2, 2.75]; 1F0 takes 3 as measured; 1B0 [5.75, 6.75]
+    r1 = [(x.label, x.start, x.end) for x in tl.rank_spans(1) if x.kind == "compute"]
+    assert r1 == [("1F0", 2.75, 5.75), ("1B0", 5.75, 6.75)]
+    # rank 0: 0F0 [0, 1], its runtime [1, 1.25] (the gradient's receive posted at its end);
+    # the gradient moves [6.75, 7]; 0B0 [7, 8] and its own runtime (0.5, not the key's 7);
+    # then J, 0.125 as measured, once both are there
+    r0 = [(x.kind, x.label, x.start, x.end) for x in tl.rank_spans(0)
+          if x.kind in ("compute", "runtime", "comm")]
+    assert r0 == [("compute", "0F0", 0.0, 1.0), ("runtime", "after 0F0", 1.0, 1.25),
+                  ("compute", "0B0", 7.0, 8.0), ("runtime", "after 0B0", 8.0, 8.5),
+                  ("comm", "all_reduce metric", 8.5, 8.625)]
+    assert tl.step_time == 8.625

@@ -110,3 +110,105 @@ def test_simulated_step_near_measured_on_the_seed(tmp_path, schedule):
     res = run(cfg, str(tmp_path))
     measured = res["ranks"][0]["timing"]["traced_step_s"]
     assert abs(res["predicted"]["step_time_s"] - measured) / measured < 0.30
+
+
+# ---------------------------------------------------------------- the sampled steps
+
+
+def test_a_sampled_step_times_actions_the_runtime_between_them_and_its_calls():
+    """A stage-1 rank's step by hand: its read [0, 1]; the receive posted [1, 1.5] and
+    waited for [1.5, 3] (a wait the simulator plays: left out of the runtime's time);
+    1F0 [3, 5]; its send [5, 5.25]; 1B0 [6, 8] holding a collective [6.5, 7] (the
+    simulator's own op: left out of the action); the step ends at 9."""
+    tr = Tracer(set(), sampled={1})
+    tr.begin(0)  # not sampled: nothing kept
+    tr.add("F0", "compute", 0.0, 1.0, kind="F", layer=0)
+    tr.begin(1)
+    p2p = {"peer": 0, "seq": 0, "bytes": 8}
+    tr.add("inputs", "other", 0.0, 1.0, kind="inputs")
+    tr.add("post recv activation", "comm", 1.0, 1.5, role="activation", waiting=False, **p2p)
+    tr.add("wait recv activation", "comm", 1.5, 3.0, role="activation", waiting=True, **p2p)
+    tr.add("1F0", "compute", 3.0, 5.0, stage=1, kind="F", mb=0)
+    tr.add("send activation_grad", "comm", 5.0, 5.25, role="activation_grad", waiting=False, **p2p)
+    tr.add("all_reduce partial_output", "comm", 6.5, 7.0, role="partial_output", bytes=8,
+           peer=None, waiting=True)
+    tr.add("1B0", "compute", 6.0, 8.0, stage=1, kind="B", mb=0)
+    tr.add("step", "compute", 0.0, 9.0)
+    (got,) = tr.step_samples()
+    assert tr.sampled_steps() == [1]
+    assert got == {"after:start": 0.0, "inputs": 1.0, "after:inputs": 0.5, "s1:F": 2.0,
+                   "s1:F@0": 2.0, "after:s1:F": 1.0, "after:s1:F@0": 1.0, "s1:B": 1.5,
+                   "s1:B@0": 1.5, "after:s1:B": 1.0, "after:s1:B@0": 1.0}
+    assert tr.step_collectives() == [{"all_reduce partial_output": [0.5]}]
+    assert tr.step_messages() == [[["post", 0, 0, "activation", 1.0, 1.5],
+                                   ["wait", 0, 0, "activation", 1.5, 3.0],
+                                   ["send", 0, 0, "activation_grad", 5.0, 5.25]]]
+    assert tr.spans == []  # sampling keeps no spans
+
+
+def test_a_transfer_is_timed_from_when_it_could_move_to_its_arrival():
+    """Message 0 (rank 0 -> 1): sent at 1.0, its receive posted at 0.5 and waited for
+    [0.6, 1.4]: it took 0.4. Message 1: its receiver did not wait (1 µs): no reading.
+    Rank 1's clock runs 10 s ahead of rank 0's (its offset)."""
+    from partition.timeline import transfer_times
+
+    r0 = [["send", 1, 0, "activation", 0.9, 1.0], ["send", 1, 1, "activation", 2.0, 2.1]]
+    r1 = [["post", 0, 0, "activation", 10.4, 10.5], ["wait", 0, 0, "activation", 10.6, 11.4],
+          ["post", 0, 1, "activation", 11.5, 11.6], ["wait", 0, 1, "activation", 12.5, 12.500001]]
+    assert transfer_times([r0, r1], [0.0, 10.0]) == {"xfer:activation": pytest.approx(0.4)}
+    assert transfer_times([r0, None], [0.0, 0.0]) == {}
+
+
+def test_a_collective_is_timed_by_the_member_that_waited_least():
+    from partition.timeline import collective_times
+
+    got = collective_times([{"all_reduce metric": [3.0, 1.0]}, {"all_reduce metric": [0.5, 2.0]},
+                            None])
+    assert got == {"coll:all_reduce metric": pytest.approx((0.5 + 1.0) / 2)}
+
+
+def test_a_steps_sums_become_each_ops_duration():
+    """GPipe P=2, M=2: a key's seconds in the step ÷ the ops it times (2 F, 2 B per rank);
+    an occurrence ("@1") and "after:start" time one op; what the step did not time keeps
+    its start-up value."""
+    from partition.timeline import step_times
+
+    cfg = make_config(strategy="pipeline", world_size=2, **{
+        "train.microbatches": 2, "model.dims": [8, 6, 4], "train.batch_size": 4})
+    startup = [{"s0:F": 1.0, "s0:B": 1.0, "update": 0.5, "inputs": 0.25},
+               {"s1:F": 1.0, "s1:B": 1.0, "update": 0.5, "inputs": 0.25}]
+    got = step_times(cfg, startup, [{"s0:F": 3.0, "s0:F@1": 2.0, "after:s0:B": 0.5,
+                                     "after:start": 0.125}, None],
+                     [{"all_reduce metric": [0.25]}, {"all_reduce metric": [0.5]}],
+                     {"xfer:activation": 0.1})
+    assert got[0] == {"s0:F": 1.5, "s0:F@1": 2.0, "s0:B": 1.0, "update": 0.5, "inputs": 0.25,
+                      "after:s0:B": 0.25, "after:start": 0.125,
+                      "coll:all_reduce metric": 0.25, "xfer:activation": 0.1}
+    assert got[1] == {**startup[1], "coll:all_reduce metric": 0.25, "xfer:activation": 0.1}
+
+
+def test_a_run_replays_its_sampled_steps(tmp_path):
+    """Steps 0..6 (probed 1 and 6, traced 5): steps 2, 3 and 4 are sampled; each is
+    replayed, and the prediction (and the result.json's action times, which the report
+    replays) is the one nearest the replays' median; the start-up times are kept beside."""
+    from partition.timeline import simulated_from_result
+
+    cfg = make_config(strategy="pipeline", world_size=2, **{
+        "strategy.schedule": "1f1b", "train.microbatches": 2, "train.batch_size": 16,
+        "train.steps": 7, "model.dims": [16, 12, 4], "train.dtype": "float32"})
+    res = run(cfg, str(tmp_path))
+    pred = res["predicted"]
+    samples = pred["sampled_steps"]
+    assert [x["step"] for x in samples] == [2, 3, 4]
+    sims = sorted(x["simulated_s"] for x in samples)
+    assert pred["step_time_s"] == sims[1]  # three replays: the median one
+    assert simulated_from_result(res).step_time == pred["step_time_s"]
+    lo, hi = res["train"]["step_time_s"]["min"], res["train"]["step_time_s"]["max"]
+    assert all(lo <= x["measured_s"] <= hi for x in samples)
+    for r in res["ranks"]:
+        t, start = r["action_times"], r["startup_action_times"]
+        assert not any(k.startswith(("after:", "coll:", "late:")) for k in start)
+        assert {"after:start", "coll:all_reduce metric", "late:start"} <= set(t)
+        assert set(start) <= set(t)
+    assert min(r["action_times"]["late:start"] for r in res["ranks"]) == 0.0
+    assert pred["startup_step_time_s"] > 0
