@@ -11,8 +11,10 @@ the Markdown section):
   step (`predicted.step_time_s`, the simulator on that run's calibration) against the
   measured (`train.step_time_s.median`); the error per run, then its median over the runs
   (target: within 15 %);
-- **idle fraction per rank**: the same runs, `predicted.ranks[].timing.idle_fraction`
-  against `ranks[].timing.idle_fraction` (target: within 0.05 absolute);
+- **idle fraction per rank**: the same runs, the traced step's measured idle fraction
+  (`ranks[].timing.idle_fraction`) against that step's replay
+  (`predicted.sampled_steps[]`, the entry of `ranks[].timing.traced_step`) (target: within
+  0.05 absolute);
 - **the trace's cost**: timing runs (run_rank's loop and clock, as the engine comparison
   times) alternated over four settings — no tracer at all, `trace.steps=[]` (the setting
   that turns tracing off: every action is still clocked for compute_s, no span is kept),
@@ -223,15 +225,21 @@ class RunFigures:
 
 
 def figures(result: dict[str, Any]) -> RunFigures:
+    """The run's figures; the simulated idle fractions are the replay of the step whose
+    measured idle fractions they are compared with (the traced one), where it was replayed."""
     pred = result.get("predicted") or {}
+    ranks = result.get("ranks") or []
+    traced = ((ranks[0].get("timing") or {}).get("traced_step") if ranks else None)
+    same = next((x.get("idle_fraction") for x in pred.get("sampled_steps") or []
+                 if x.get("step") == traced and traced is not None), None)
     return RunFigures(
         step_s=((result.get("train") or {}).get("step_time_s") or {}).get("median"),
         sim_step_s=pred.get("step_time_s"),
         startup_sim_step_s=pred.get("startup_step_time_s"),
         idle=tuple((r.get("timing") or {}).get("idle_fraction")
                    for r in result.get("ranks") or []),
-        sim_idle=tuple((r.get("timing") or {}).get("idle_fraction")
-                       for r in pred.get("ranks") or []))
+        sim_idle=tuple(same) if same is not None else tuple(
+            (r.get("timing") or {}).get("idle_fraction") for r in pred.get("ranks") or []))
 
 
 def _median(xs: list[float | None]) -> float | None:
@@ -661,19 +669,23 @@ def markdown(bench: TimelineBench, info: dict[str, Any], base: dict[str, Any],
         "(the memory probe and the ledger on; the ranks started once for the suite), each made "
         "into its result.json by `results.build_result`: measured is "
         "`train.step_time_s.median` (per step the slowest rank, the median after warm-up), "
-        "simulated `predicted.step_time_s` (the simulator on that run's calibration: its "
-        f"actions timed at start-up, α and β {links}), each the median over the runs; the error "
-        "is the medians' (what the target is held to), beside it the range of the runs' own "
-        "errors.",
+        "simulated `predicted.step_time_s` (the simulator replaying each of the run's steady "
+        "steps at the durations that step measured — its actions, the runtime between them, "
+        "its collectives and transfers —, the replay nearest the replays' median), each the "
+        "median over the runs; the error is the medians' (what the target is held to), beside "
+        "it the range of the runs' own errors. The last column simulates the same runs from "
+        f"their actions timed alone at start-up (α and β {links}): "
+        "`predicted.startup_step_time_s`, what `experiments.predict` has before any run.",
         "",
         step_table(bench.sim, cores=cores),
         "",
         f"### {IDLE_TITLE}",
         "",
-        "The same runs: measured is `ranks[].timing.idle_fraction` (1 − compute ÷ step time "
-        "in the traced step), simulated `predicted.ranks[].timing.idle_fraction`, each the "
-        "median over the runs; the difference is the medians', beside it the range of the "
-        "runs' own differences.",
+        "The same runs: measured is `ranks[].timing.idle_fraction` (1 − compute ÷ the rank's "
+        "step time in the traced step), simulated the same step's replay "
+        "(`predicted.sampled_steps[].idle_fraction` of the traced step), each the median over "
+        "the runs; the difference is the medians', beside it the range of the runs' own "
+        "differences.",
         "",
         idle_table(bench.sim, cores=cores),
         "",

@@ -118,8 +118,17 @@ class Timeline:
     def compute(self, rank: int) -> float:
         return self._compute.get(rank, 0.0)
 
+    @cached_property
+    def _began(self) -> dict[int, float]:
+        return {s.rank: s.end for s in self.spans if s.kind == "late"}
+
+    def rank_step(self, rank: int) -> float:
+        """The rank's own step: from its start (after a late start, where replayed) to the
+        step's end, as a rank's measured step runs from its own start."""
+        return self.step_time - self._began.get(rank, 0.0)
+
     def idle_fraction(self, rank: int) -> float:
-        t = self.step_time
+        t = self.rank_step(rank)
         return 1.0 - self.compute(rank) / t if t > 0 else 0.0
 
     def rank_spans(self, rank: int) -> list[Span]:

@@ -164,7 +164,8 @@ class RunTimes:
     """A run's durations for the simulator, per rank: `times`, those of the sampled step
     whose replay is nearest the replays' median (what `predicted` is simulated from), and
     `startup`, timed alone at start-up; `replays`, per sampled step its number, its
-    simulated step and its measured one (the slowest rank's)."""
+    simulated step, its measured one (the slowest rank's) and each rank's simulated idle
+    fraction."""
 
     times: list[dict[str, float]]
     startup: list[dict[str, float]]
@@ -209,7 +210,8 @@ def run_times(cfg: Any, records: list[Any], params: Any) -> RunTimes | None:
 
     try:
         samples = [sample(j) for j in range(n)]
-        replays = [simulate_step(cfg, s, links).step_time for s in samples]
+        played = [simulate_step(cfg, s, links) for s in samples]
+        replays = [tl.step_time for tl in played]
     except (KeyError, ValueError):  # a plan the simulator cannot lay out: its own error later
         return RunTimes(startup, startup, [])
     if not samples:
@@ -218,8 +220,9 @@ def run_times(cfg: Any, records: list[Any], params: Any) -> RunTimes | None:
     near = min(range(n), key=lambda j: (abs(replays[j] - mid), j))
     steps = rs[0].sampled_steps[:n]
     return RunTimes(samples[near], startup, [
-        {"step": s, "simulated_s": x, "measured_s": max(r.step_s[s] for r in rs)}
-        for s, x in zip(steps, replays, strict=True)])
+        {"step": s, "simulated_s": tl.step_time, "measured_s": max(r.step_s[s] for r in rs),
+         "idle_fraction": [tl.idle_fraction(q) for q in range(cfg.ranks)]}
+        for s, tl in zip(steps, played, strict=True)])
 
 
 def _equalised(cfg: Any, times: list[dict[str, float]]) -> list[dict[str, float]]:

@@ -175,13 +175,11 @@ def traced_steps(setting: str | tuple[int, ...], *, steps: int, warmup: int,
     return {s for s in setting if s < steps}
 
 
-def sampled_steps(*, steps: int, traced: set[int] | None, probed: set[int]) -> set[int]:
-    """The steps whose action durations feed the simulator: all but step 0 (the first step
-    pays one-time costs: fresh allocations, first calls), the probed ones (the memory probe
-    slows every op it sees) and the traced ones (the step drawn and compared is left out of
-    what the simulator is given; with `trace.steps=all`, the last)."""
-    left_out = {steps - 1} if traced is None else traced
-    return {s for s in range(1, steps) if s not in probed and s not in left_out}
+def sampled_steps(*, steps: int, warmup: int) -> set[int]:
+    """The steps whose durations feed the simulator: the steady ones, those
+    `train.step_time_s` is the median of — probed and traced steps too, since their
+    measured time counts there as well — but never step 0 (one-time costs)."""
+    return set(range(max(1, warmup), steps))
 
 
 def chrome_trace(per_rank: list[tuple[int, list[dict[str, Any]]]], *,

@@ -176,7 +176,7 @@ def _run_rank(cfg: RunConfig, topo: Topology, comm: Comm | None, ledger: Ledger,
     # carries none of the probe's cost (about 20 µs per tensor op, see README).
     recorded = {min(t.warmup_steps, t.steps - 1), t.steps - 1}
     traced = traced_steps(cfg.trace.steps, steps=t.steps, warmup=t.warmup_steps, probed=recorded)
-    tracer = Tracer(traced, sampled=sampled_steps(steps=t.steps, traced=traced, probed=recorded))
+    tracer = Tracer(traced, sampled=sampled_steps(steps=t.steps, warmup=t.warmup_steps))
     attach_tracer(runner, comm, tracer)
     from partition.calibrate import action_times
 

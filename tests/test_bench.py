@@ -186,6 +186,12 @@ def test_figures_read_result_jsons_own_keys():
                             "ranks": [{"timing": {"idle_fraction": 0.1}},
                                       {"timing": {"idle_fraction": 0.75}}]}}
     assert figures(result) == _figs(0.01, 0.008, [0.4, 0.8], [0.1, 0.75], startup=0.006)
+    # The traced step replayed: its idle fractions are the ones compared with it.
+    result["ranks"][0]["timing"]["traced_step"] = 8
+    result["predicted"]["sampled_steps"] = [
+        {"step": 7, "simulated_s": 0.007, "measured_s": 0.009, "idle_fraction": [0.0, 0.0]},
+        {"step": 8, "simulated_s": 0.011, "measured_s": 0.012, "idle_fraction": [0.3, 0.7]}]
+    assert figures(result) == _figs(0.01, 0.008, [0.4, 0.8], [0.3, 0.7], startup=0.006)
     # A strategy the simulator does not cover: no step, no ranks.
     bare = {"train": {"step_time_s": {"median": 0.01}}, "ranks": [{"timing": {}}],
             "predicted": {"step_time_s": None, "ranks": []}}
