@@ -531,8 +531,13 @@ def test_flops_bubble_and_in_flight():
 
 
 def test_step_time_is_simulated_from_action_times():
-    """GPipe, P = 2, M = 2, F = 1 ms, B = 2 ms, update 0.5 ms, by hand: rank 1's B1 ends at
-    7 ms + one transfer, rank 0's B1 at 9 ms + two, then the update and the J all-reduce."""
+    """GPipe, P = 2, M = 2, F = 1 ms, B = 2 ms, update 0.5 ms, by hand. GPipe waits for
+    each send at once, and a message moves only into a posted receive: 0F0 [0, 1], its
+    activation moves (rank 1 posted it first thing) and rank 0's wait ends at 1 + lag; 0F1
+    to 2 + lag, whose activation rank 1 posts after 1F0 (also ending at 2 + lag): 1F1 from
+    2 + 2·lag, 1B0 to 5 + 2·lag; its gradient (posted by rank 0 after 0F1) arrives at
+    5 + 3·lag, when 1B1 and 0B0 start; 0B0 ends at 7 + 3·lag and only then posts B1's
+    gradient: 0B1 from 7 + 4·lag to 9 + 4·lag; then the update and the J all-reduce."""
     cfg = make_config(strategy="pipeline", world_size=2, **{
         "model.dims": [64, 32, 10], "train.batch_size": 64, "train.microbatches": 2,
         "cost.alpha_s": 1e-4, "cost.beta_Bps": 1e9, "cost.collective_alpha_s": 2e-4,
@@ -542,7 +547,7 @@ def test_step_time_is_simulated_from_action_times():
     pred = costs.predict(cfg, times=times)
     lag = 1e-4 + 32 * 32 * 8 / 1e9  # one micro-batch of the 32-wide activation, float64
     metric = 2e-4 + 24 / 5e8  # 2(P−1)/P · 24 wire bytes
-    assert pred["step_time_s"] == pytest.approx(9.5e-3 + 2 * lag + metric)
+    assert pred["step_time_s"] == pytest.approx(9.5e-3 + 4 * lag + metric)
     r0, r1 = pred["ranks"]
     assert r0["timing"]["compute_s"] == pytest.approx(6.5e-3)
     assert r0["timing"]["idle_fraction"] == pytest.approx(1 - 6.5e-3 / pred["step_time_s"])

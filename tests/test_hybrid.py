@@ -557,8 +557,10 @@ def test_a_hybrid_run_predicts_its_step_by_simulation(tmp_path):
     assert set(res["train"]["idle_causes"]) == {"schedule", "imbalance", "communication"}
     for r, (mine, p) in enumerate(zip(res["ranks"], pred["ranks"], strict=True)):
         assert p["timing"]["step_s"] == pred["step_time_s"]
-        assert set(mine["action_times"]) == {f"s{r // 2}:{k}" for k in "FBIW"} | {
+        # timed at start-up; the simulated step's are those and what its steps measured
+        assert set(mine["startup_action_times"]) == {f"s{r // 2}:{k}" for k in "FBIW"} | {
             "update", "peak_flops_per_s", "inputs"}
+        assert set(mine["startup_action_times"]) < set(mine["action_times"])
         assert p["flops"] == p["flops_counted"] > 0
         assert pred["formula"]["ranks"][r]["peak_bytes"] == p["memory"]["peak_bytes"]
     with open(tmp_path / "result.json") as f:
@@ -585,8 +587,9 @@ def test_a_dp_sharded_run_predicts_its_step_by_simulation(tmp_path):
     assert idle["simulated"] == pred["idle_fraction"] and 0 <= idle["simulated"] <= 1
     assert idle["measured"] is not None
     for mine in res["ranks"]:
-        assert set(mine["action_times"]) == {"s0:F", "s0:B", "s0:I", "s0:W", "update",
-                                             "peak_flops_per_s", "inputs"}
+        assert set(mine["startup_action_times"]) == {"s0:F", "s0:B", "s0:I", "s0:W", "update",
+                                                     "peak_flops_per_s", "inputs"}
+        assert set(mine["startup_action_times"]) < set(mine["action_times"])
     with open(tmp_path / "result.json") as f:
         assert simulated_from_result(json.load(f)).step_time == pred["step_time_s"]
 
