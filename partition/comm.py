@@ -218,7 +218,10 @@ class Comm:
     def _span(self, name: str, t0: float, t1: float, *, role: str, nbytes: int,
               peer: int | None = None, waiting: bool = False, seq: int | None = None) -> None:
         if self.tracer is not None:
-            extra = {} if seq is None else {"seq": seq}
+            # a posted message's number (pairs its two ends); a collective's members (global
+            # ranks: which calls of other ranks are the same call)
+            extra = {"seq": seq} if seq is not None else {} if peer is not None else {
+                "group": list(self.members) if self.members else list(range(self.world_size))}
             self.tracer.add(name, "comm", t0, t1, role=role, bytes=nbytes, peer=peer,
                             waiting=waiting, **extra)
 

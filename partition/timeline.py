@@ -89,13 +89,13 @@ def simulate_step(cfg: Any, times: list[dict[str, float]], links: Links, *,
 
 def step_times(cfg: Any, startup: list[dict[str, float]],
                actions: list[dict[str, float] | None],
-               collectives: list[dict[str, list[float]] | None],
+               collectives: list[dict[str, float]] | None = None,
                transfers: dict[str, float] | None = None) -> list[dict[str, float]]:
     """Each rank's durations as one of the run's own steps took them: an action key's
     seconds in that step (`Tracer.step_samples`) ÷ the number of ops it times in the
     simulated step, the same for the runtime's time after it ("after:<key>"), and each
-    collective's seconds per call ("coll:<name>", `collective_times`) and each message's
-    transfer ("xfer:<role>", `transfer_times`). A key the step did not time keeps its
+    collective's seconds per call on each rank ("coll:<name>", `collective_times`) and
+    each message's transfer ("xfer:<role>", `transfer_times`). A key the step did not time keeps its
     start-up value (`calibrate.action_times`; a transfer, α + n/β).
 
     Timed in place, an action pays what timing it alone in a loop at start-up misses: on
@@ -104,9 +104,9 @@ def step_times(cfg: Any, startup: list[dict[str, float]],
     near-doubling of the small actions of a pipeline step (docs/benchmarks.md)."""
     uses = key_uses(step_ops(cfg, startup, Links(0.0, 1.0, 0.0, 1.0), schedule=_schedule(cfg)),
                     cfg.ranks)
-    coll = collective_times(collectives)
     out = []
-    for t, got, u in zip(startup, actions, uses, strict=True):
+    for t, got, u, coll in zip(startup, actions, uses, collectives or [{}] * len(startup),
+                               strict=True):
         per_use = {}
         for k, v in (got or {}).items():
             action = k.removeprefix("after:")
@@ -117,18 +117,27 @@ def step_times(cfg: Any, startup: list[dict[str, float]],
     return out
 
 
-def collective_times(per_rank: list[dict[str, list[float]] | None]) -> dict[str, float]:
-    """"coll:<name>": a collective's seconds per call in one step. Call by call the least
-    over the ranks (the member that arrived last waited least: its time is the call's
-    own), the mean over the step's calls of that name."""
-    out: dict[str, float] = {}
-    names = {n for d in per_rank if d for n in d}
-    for n in sorted(names):
-        calls = [d[n] for d in per_rank if d and n in d]
-        k = min(len(c) for c in calls)
-        if k:
-            out[f"coll:{n}"] = sum(min(c[i] for c in calls) for i in range(k)) / k
-    return out
+def collective_times(per_rank: list[list[list[Any]] | None],
+                     offsets: list[float]) -> list[dict[str, float]]:
+    """Per rank, "coll:<name>": its seconds in a collective of that name in one step, from
+    when the call's last member arrived (the simulator starts a collective's members
+    together, then) to when this rank left it — members may leave at different times —,
+    the mean over its calls. A call is the k-th of its name among the same members on each
+    of them (`Tracer.step_collectives`, clocks put on rank 0's by `offsets`)."""
+    calls: dict[tuple[str, tuple[int, ...]], dict[int, list[tuple[float, float]]]] = {}
+    for rank, (events, off) in enumerate(zip(per_rank, offsets, strict=True)):
+        for name, group, t0, t1 in events or []:
+            calls.setdefault((name, tuple(group)), {}).setdefault(rank, []).append(
+                (t0 - off, t1 - off))
+    took: list[dict[str, list[float]]] = [{} for _ in per_rank]
+    for (name, group), by_rank in calls.items():
+        if set(by_rank) != set(group):
+            continue  # a member's calls are missing: no line-up
+        for k in range(min(len(c) for c in by_rank.values())):
+            start = max(c[k][0] for c in by_rank.values())
+            for rank, c in by_rank.items():
+                took[rank].setdefault(name, []).append(max(0.0, c[k][1] - start))
+    return [{f"coll:{n}": statistics.mean(v) for n, v in sorted(d.items())} for d in took]
 
 
 WAITED_S = 50e-6  # a receive waited for longer than this: its message arrived when it ended
@@ -204,7 +213,8 @@ def run_times(cfg: Any, records: list[Any], params: Any) -> RunTimes | None:
         return [{f"late:{START}": x - min(t)} for x in t]
 
     def sample(j: int) -> list[dict[str, float]]:
-        times = step_times(cfg, startup, [a[j] for a in actions], [at(c, j) for c in colls],
+        times = step_times(cfg, startup, [a[j] for a in actions],
+                           collective_times([at(c, j) for c in colls], offsets),
                            transfer_times([at(m, j) for m in msgs], offsets))
         return [{**t, **d} for t, d in zip(times, late(j), strict=True)]
 

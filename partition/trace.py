@@ -47,11 +47,11 @@ class Tracer:
     # "after:<key>" the rank's time from that action's end to the next action's start but
     # for the waits the simulator plays itself (a posted receive's wait and a send's: a
     # message's transfer; a collective: a synchronised op): posting, sending, the runtime's
-    # Python; per collective name, each call's seconds in order (the launcher takes, call
-    # by call, the least over the ranks: the one that arrived last waited least).
+    # Python; each collective call with its members and clock readings (the launcher lines
+    # the members' calls up: a call starts when its last member arrives).
     sampled: set[int] = field(default_factory=set)
     sums: dict[int, dict[str, float]] = field(default_factory=dict)
-    colls: dict[int, dict[str, list[float]]] = field(default_factory=dict)
+    colls: dict[int, list[list[Any]]] = field(default_factory=dict)  # [name, group, t0, t1]
     # per sampled step, each posted message's events: [what, peer, seq, role, t0, t1] with
     # what = send (its isend), post (its receive posted) or wait (its receive waited for)
     msgs: dict[int, list[list[Any]]] = field(default_factory=dict)
@@ -91,8 +91,8 @@ class Tracer:
                 self.msgs.setdefault(self.step, []).append(
                     [what, args["peer"], args["seq"], args["role"], t0, t1])
             collective = args.get("peer") is None
-            if collective:
-                self.colls.setdefault(self.step, {}).setdefault(name, []).append(t1 - t0)
+            if collective and "group" in args:
+                self.colls.setdefault(self.step, []).append([name, args["group"], t0, t1])
             if collective or name.startswith(("wait recv", "recv ", "wait send")):
                 self._waits.append((t0, t1))
             return
@@ -117,9 +117,10 @@ class Tracer:
         self._waits.clear()
         self._last = None
 
-    def step_collectives(self) -> list[dict[str, list[float]]] | None:
-        """Per sampled step (in `step_samples`' order), per collective name its calls' seconds."""
-        return [self.colls.get(step, {}) for step in sorted(self.sums)] or None
+    def step_collectives(self) -> list[list[list[Any]]] | None:
+        """Per sampled step (in `step_samples`' order), its collective calls in order:
+        [name, members (global ranks), t0, t1]."""
+        return [self.colls.get(step, []) for step in sorted(self.sums)] or None
 
     def sampled_steps(self) -> list[int]:
         """The sampled steps that ran, in order (`step_samples` and `step_collectives`)."""

@@ -63,8 +63,8 @@ class RankRecord:
     sampled_steps: list[int] = field(default_factory=list)  # steps timed for the simulator
     # per sampled step, per action key the seconds that step spent in it (Tracer.step_samples)
     step_action_s: list[dict[str, float]] | None = None
-    # per sampled step, per collective name its calls' seconds (Tracer.step_collectives)
-    step_collectives: list[dict[str, list[float]]] | None = None
+    # per sampled step, its collective calls (Tracer.step_collectives)
+    step_collectives: list[list[list[Any]]] | None = None
     # per sampled step, its posted messages' events (Tracer.step_messages)
     step_messages: list[list[list[Any]]] | None = None
     step_starts: list[float] | None = None  # when it began each sampled step (perf_counter)

@@ -132,7 +132,7 @@ def test_a_sampled_step_times_actions_the_runtime_between_them_and_its_calls():
     tr.add("1F0", "compute", 3.0, 5.0, stage=1, kind="F", mb=0)
     tr.add("send activation_grad", "comm", 5.0, 5.25, role="activation_grad", waiting=False, **p2p)
     tr.add("all_reduce partial_output", "comm", 6.5, 7.0, role="partial_output", bytes=8,
-           peer=None, waiting=True)
+           peer=None, waiting=True, group=[0, 1])
     tr.add("1B0", "compute", 6.0, 8.0, stage=1, kind="B", mb=0)
     tr.add("step", "compute", 0.0, 9.0)
     (got,) = tr.step_samples()
@@ -140,7 +140,7 @@ def test_a_sampled_step_times_actions_the_runtime_between_them_and_its_calls():
     assert got == {"after:start": 0.0, "inputs": 1.0, "after:inputs": 0.5, "s1:F": 2.0,
                    "s1:F@0": 2.0, "after:s1:F": 1.0, "after:s1:F@0": 1.0, "s1:B": 1.5,
                    "s1:B@0": 1.5, "after:s1:B": 1.0, "after:s1:B@0": 1.0}
-    assert tr.step_collectives() == [{"all_reduce partial_output": [0.5]}]
+    assert tr.step_collectives() == [[["all_reduce partial_output", [0, 1], 6.5, 7.0]]]
     assert tr.step_messages() == [[["post", 0, 0, "activation", 1.0, 1.5],
                                    ["wait", 0, 0, "activation", 1.5, 3.0],
                                    ["send", 0, 0, "activation_grad", 5.0, 5.25]]]
@@ -160,12 +160,23 @@ def test_a_transfer_is_timed_from_when_it_could_move_to_its_arrival():
     assert transfer_times([r0, None], [0.0, 0.0]) == {}
 
 
-def test_a_collective_is_timed_by_the_member_that_waited_least():
+def test_a_collective_lasts_from_its_last_arrival_until_each_member_leaves():
+    """Two calls of the metric all-reduce on ranks 0 and 1 (rank 1's clock 10 s ahead):
+    call 0 starts when rank 1 arrives (2.0) and rank 0 leaves at 2.5, rank 1 at 3.0; call
+    1 starts at 5.0, both leave at 5.5. Per rank the mean over its calls. A tp all-reduce
+    of ranks 2 and 3 is another call; one whose member's calls are missing is left out."""
     from partition.timeline import collective_times
 
-    got = collective_times([{"all_reduce metric": [3.0, 1.0]}, {"all_reduce metric": [0.5, 2.0]},
-                            None])
-    assert got == {"coll:all_reduce metric": pytest.approx((0.5 + 1.0) / 2)}
+    g = [0, 1]
+    r0 = [["all_reduce metric", g, 1.0, 2.5], ["all_reduce metric", g, 4.0, 5.5]]
+    r1 = [["all_reduce metric", g, 12.0, 13.0], ["all_reduce metric", g, 15.0, 15.5]]
+    r2 = [["all_reduce partial_output", [2, 3], 1.0, 2.0]]
+    r3 = [["all_reduce partial_output", [2, 3], 1.5, 2.0], ["all_reduce weight_grad", [1, 3], 0, 1]]
+    got = collective_times([r0, r1, r2, r3], [0.0, 10.0, 0.0, 0.0])
+    assert got == [{"coll:all_reduce metric": pytest.approx((0.5 + 0.5) / 2)},
+                   {"coll:all_reduce metric": pytest.approx((1.0 + 0.5) / 2)},
+                   {"coll:all_reduce partial_output": pytest.approx(0.5)},
+                   {"coll:all_reduce partial_output": pytest.approx(0.5)}]
 
 
 def test_a_steps_sums_become_each_ops_duration():
@@ -180,12 +191,12 @@ def test_a_steps_sums_become_each_ops_duration():
                {"s1:F": 1.0, "s1:B": 1.0, "update": 0.5, "inputs": 0.25}]
     got = step_times(cfg, startup, [{"s0:F": 3.0, "s0:F@1": 2.0, "after:s0:B": 0.5,
                                      "after:start": 0.125}, None],
-                     [{"all_reduce metric": [0.25]}, {"all_reduce metric": [0.5]}],
+                     [{"coll:all_reduce metric": 0.25}, {"coll:all_reduce metric": 0.5}],
                      {"xfer:activation": 0.1})
     assert got[0] == {"s0:F": 1.5, "s0:F@1": 2.0, "s0:B": 1.0, "update": 0.5, "inputs": 0.25,
                       "after:s0:B": 0.25, "after:start": 0.125,
                       "coll:all_reduce metric": 0.25, "xfer:activation": 0.1}
-    assert got[1] == {**startup[1], "coll:all_reduce metric": 0.25, "xfer:activation": 0.1}
+    assert got[1] == {**startup[1], "coll:all_reduce metric": 0.5, "xfer:activation": 0.1}
 
 
 def test_a_run_replays_its_sampled_steps(tmp_path):
