@@ -249,6 +249,11 @@ def result_row(res: dict[str, Any]) -> dict[str, Any]:
         "time_s": step_s * steps_done if step_s is not None and steps_done else None,
         "bubble": num(tr.get("bubble_fraction_measured")),
         "pred_bubble": num(pred.get("bubble_fraction")),
+        # the simulated idle fraction and its split by cause (train.idle_causes)
+        "sim_idle": num(_get(res, "train.idle_fraction.simulated")),
+        "idle_schedule": num(_get(res, "train.idle_causes.schedule")),
+        "idle_imbalance": num(_get(res, "train.idle_causes.imbalance")),
+        "idle_comm": num(_get(res, "train.idle_causes.communication")),
         "steps": steps_done,
         "planned_examples": steps_cfg * B if isinstance(steps_cfg, int) and B else None,
         "examples": num(tr.get("examples_seen")),

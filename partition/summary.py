@@ -15,6 +15,8 @@ each is weighed on its own — does it fit, how long for the same examples, whic
 
 from __future__ import annotations
 
+from typing import Any
+
 import pandas as pd
 
 from partition.plots import over_cores
@@ -39,6 +41,21 @@ def _mem_text(r: pd.Series) -> str:
     if v is None:
         return MISSING_MEM
     return fmt_bytes(v) + (" predicted" if kind == "predicted" else "")
+
+
+CAUSES = (("idle_schedule", "the schedule"), ("idle_imbalance", "stage imbalance"),
+          ("idle_comm", "communication and the runtime between actions"))
+
+
+def _causes(r: Any) -> str:  # noqa: ANN401 - a results row
+    """"; simulated X: A on the schedule, B on …, C costs most" (train.idle_causes), or ""."""
+    parts = [(num(r.get(k)), what) for k, what in CAUSES]
+    sim = num(r.get("sim_idle"))
+    if sim is None or any(v is None for v, _ in parts):
+        return ""
+    most = max(parts, key=lambda p: p[0])[1]
+    split = ", ".join(f"{v:.0%} on {what}" for v, what in parts)
+    return f"; simulated {sim:.0%}: {split}, {most} costing most"
 
 
 def _ms(x: float | None) -> str:
@@ -229,7 +246,7 @@ def summarize(df: pd.DataFrame, *, timelines: str | None = None) -> list[str]:
             ideal = "(P−1)/(M+P−1)" if r["variant"] in ("gpipe", "1f1b") else \
                 "with equal stages and free communication"
             items.append(f"{run_label(r)} M={r['M']} spends {m} of a step not computing "
-                         f"(predicted bubble {ideal} = {p})")
+                         f"(predicted bubble {ideal} = {p}{_causes(r)})")
         seen = f" ({timelines}: each of these steps, measured above simulated)" if timelines else ""
         dis.append("**Bubble**: " + "; ".join(items) + seen + ".")
 

@@ -513,3 +513,16 @@ def test_compare_end_to_end_small(tmp_path):
     assert "Advantages of partitioning:" in p.stdout and "[compare] 5 cases in" in p.stdout
     p2 = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert p2.stdout.count("skipped: already done") == 5
+
+
+def test_the_bubble_line_names_the_costliest_cause():
+    """The summary's bubble explained by cause (train.idle_causes), the largest named."""
+    from partition.summary import _causes
+
+    row = {"sim_idle": 0.5, "idle_schedule": 0.2, "idle_imbalance": 0.25, "idle_comm": 0.05}
+    assert _causes(row) == ("; simulated 50%: 20% on the schedule, 25% on stage imbalance, "
+                            "5% on communication and the runtime between actions, stage "
+                            "imbalance costing most")
+    assert _causes({**row, "idle_comm": 0.3}).endswith(
+        "communication and the runtime between actions costing most")
+    assert _causes({**row, "sim_idle": None}) == ""  # not simulated: nothing to split

@@ -93,6 +93,7 @@ def test_report_draws_timelines_png_and_links_each_run(runs, tmp_path):
     assert f"- [pipeline gpipe P=2 M=2 ({PIPE})](../{PIPE}/timeline.png)" in md
     bubble = next(line for line in rep.summary if line.startswith("- **Bubble**"))
     assert bubble.endswith("(timelines.png: each of these steps, measured above simulated).")
+    assert "on the schedule" in bubble and "costing most" in bubble  # its idle time by cause
     assert [n for n in rep.notes if "timeline" in n] == [
         "no timeline for pipeline gpipe P=2 M=2 (03-pipeline-notrace): no trace.json in its folder",
         "no timeline for pipeline 1f1b P=2 M=4 (04-pipeline-oom): no trace.json in its folder "
