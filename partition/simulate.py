@@ -50,6 +50,12 @@ def time_key(args: dict[str, Any]) -> str | None:
     return f"{kind}{args['layer']}" if "layer" in args else kind
 
 
+def transfer_key(sender: int, receiver: int, seq: int) -> str:
+    """The key of one message's measured transfer: the `seq`-th message the sender posted to
+    the receiver in the step (global ranks; comm.py numbers them so)."""
+    return f"xfer:{sender}>{receiver}#{seq}"
+
+
 def op_keys(args: dict[str, Any]) -> tuple[str, ...]:
     """The keys a measured step times an op (or a span with the same args) by: its
     `time_key`, and with a micro-batch that key "@<mb>" too — the one occurrence, so that
@@ -160,8 +166,11 @@ def as_measured(ops: list[Op], times: list[dict[str, float]]) -> list[Op]:
                               args={"after": START}))
         if op.kind == "comm" and op.sync is not None and f"coll:{op.label}" in t:
             op = replace(op, duration=t[f"coll:{op.label}"])
-        elif op.kind == "transfer" and f"xfer:{op.args.get('role')}" in t:
-            op = replace(op, duration=t[f"xfer:{op.args['role']}"])
+        elif op.kind == "transfer":
+            own = transfer_key(op.args["from"], op.rank, op.args["seq"])
+            took = t.get(own, t.get(f"xfer:{op.args['role']}"))
+            if took is not None:  # this very message as the step moved it, else its role's
+                op = replace(op, duration=took)
         keys = op_keys(op.args) if op.kind not in ("comm", "transfer", "post") else ()
         own = next((k for k in reversed(keys) if k in t and "@" in k), None)
         if own is not None:  # this very action as the step took it
@@ -281,6 +290,7 @@ def pipeline_ops(s: Schedule, *, compute: Callable[[Action], float],
     ops: list[Op] = []
     wants: list[list[tuple[tuple, float]]] = []  # per op, its deps by name (resolved below)
     named: dict[tuple, int] = {}
+    sent: dict[tuple[int, int], int] = {}  # (sender, receiver) -> messages so far
 
     def emit(op: Op, deps: Sequence[tuple[tuple, float]] = (), name: tuple | None = None) -> None:
         if name is not None:
@@ -305,8 +315,10 @@ def pipeline_ops(s: Schedule, *, compute: Callable[[Action], float],
                 elif what == "isend":  # the message moves on its link, in send order
                     to = line[s.stage_rank[x.to_stage]]
                     deps = [(("act", n, last), 0.0)] + ([(("post", n, x), 0.0)] if rendezvous else [])
+                    seq = sent.get((r, to), 0)  # as comm.py numbers a rank's sends to a peer
+                    sent[(r, to)] = seq + 1
                     emit(Op(to, "transfer", f"{x.role} {x.from_stage}>{x.to_stage} mb {x.mb}",
-                            transfer(x), args={"role": x.role},
+                            transfer(x), args={"role": x.role, "from": r, "seq": seq},
                             stream=("link", n, p, s.stage_rank[x.to_stage])),
                          deps, name=("xfer", n, x))
                 elif what == "wait_send":

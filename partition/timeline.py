@@ -23,7 +23,16 @@ import statistics
 from dataclasses import dataclass
 from typing import Any
 
-from partition.simulate import START, Links, Timeline, as_measured, key_uses, simulate, step_ops
+from partition.simulate import (
+    START,
+    Links,
+    Timeline,
+    as_measured,
+    key_uses,
+    simulate,
+    step_ops,
+    transfer_key,
+)
 from partition.trace import chrome_trace, compute_seconds, read_trace, step_spans
 
 TRACE_FILE = "trace.json"
@@ -145,10 +154,11 @@ WAITED_S = 50e-6  # a receive waited for longer than this: its message arrived w
 
 def transfer_times(per_rank: list[list[list[Any]] | None],
                    offsets: list[float]) -> dict[str, float]:
-    """"xfer:<role>": a message's transfer in one step, from the moment it could move (its
-    send posted and its receive posted, whichever came last) to its arrival; the median
-    over the step's messages of that role whose receiver was waiting for them (only then
-    is the end of the wait the arrival). Each rank's events are `Tracer.step_messages`',
+    """A message's transfer in one step, from the moment it could move (its send posted and
+    its receive posted, whichever came last) to its arrival, for the messages whose
+    receiver was waiting for them (only then is the end of the wait the arrival): each
+    such message's own ("xfer:<from>><to>#<seq>", `transfer_key`) and, for the others, the
+    median of its role's ("xfer:<role>"). Each rank's events are `Tracer.step_messages`',
     on its own clock: `offsets` (its clock minus rank 0's) put them on one."""
     sends: dict[tuple[int, int, int], float] = {}  # (from, to, seq) -> isend posted
     posts: dict[tuple[int, int, int], float] = {}  # (from, to, seq) -> receive posted
@@ -162,10 +172,13 @@ def transfer_times(per_rank: list[list[list[Any]] | None],
             else:
                 waits.append(((peer, rank, seq), role, t0 - off, t1 - off))
     took: dict[str, list[float]] = {}
+    each: dict[str, float] = {}
     for key, role, t0, t1 in waits:
         if t1 - t0 > WAITED_S and key in sends and key in posts:
-            took.setdefault(role, []).append(max(0.0, t1 - max(sends[key], posts[key])))
-    return {f"xfer:{role}": statistics.median(v) for role, v in sorted(took.items())}
+            x = max(0.0, t1 - max(sends[key], posts[key]))
+            took.setdefault(role, []).append(x)
+            each[transfer_key(*key)] = x
+    return {**{f"xfer:{role}": statistics.median(v) for role, v in sorted(took.items())}, **each}
 
 
 @dataclass(frozen=True)

@@ -334,8 +334,9 @@ def test_every_op_is_timed_by_the_key_of_its_args():
 
 
 def test_a_replay_takes_what_the_step_measured():
-    """as_measured: a collective lasts its measured "coll:" seconds, a transfer its
-    "xfer:", the runtime's "after:" time follows each action (the occurrence's own where
+    """as_measured: a collective lasts its measured "coll:" seconds, a transfer its own
+    "xfer:<from>><to>#<seq>" where measured (the gradient's, 0.25, not its role's 9), else
+    its role's, the runtime's "after:" time follows each action (the occurrence's own where
     measured, "@mb"), a late rank begins with its "late:start"; deps follow the ops."""
     from partition.simulate import as_measured
 
@@ -343,7 +344,7 @@ def test_a_replay_takes_what_the_step_measured():
     ops = pipeline_ops(s, compute=lambda a: 1.0, transfer=lambda m: 0.5, metric=9.0,
                        rendezvous=True)
     t0 = {"after:s0:F": 0.25, "after:s0:B@0": 0.5, "after:s0:B": 7.0, "coll:all_reduce metric": 0.125,
-          "xfer:activation": 0.75, "xfer:activation_grad": 0.25}
+          "xfer:activation": 0.75, "xfer:activation_grad": 9.0, "xfer:1>0#0": 0.25}
     t1 = {**t0, "late:start": 2.0, "s1:F@0": 3.0}
     tl = simulate(as_measured(ops, [t0, t1]), 2)
     # rank 1 begins at 2 and posts its receive then: 0F0's activation (made at 1) moves
