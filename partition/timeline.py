@@ -157,8 +157,9 @@ def transfer_times(per_rank: list[list[list[Any]] | None],
     """A message's transfer in one step, from the moment it could move (its send posted and
     its receive posted, whichever came last) to its arrival, for the messages whose
     receiver was waiting for them (only then is the end of the wait the arrival): each
-    such message's own ("xfer:<from>><to>#<seq>", `transfer_key`) and, for the others, the
-    median of its role's ("xfer:<role>"). Each rank's events are `Tracer.step_messages`',
+    such message's own ("xfer:<from>><to>#<seq>", `transfer_key`) and the median of its
+    role's ("xfer:<role>"); a message that had arrived before its wait took at most until
+    then, and is given the least of that and its role's median. Each rank's events are `Tracer.step_messages`',
     on its own clock: `offsets` (its clock minus rank 0's) put them on one."""
     sends: dict[tuple[int, int, int], float] = {}  # (from, to, seq) -> isend posted
     posts: dict[tuple[int, int, int], float] = {}  # (from, to, seq) -> receive posted
@@ -173,12 +174,20 @@ def transfer_times(per_rank: list[list[list[Any]] | None],
                 waits.append(((peer, rank, seq), role, t0 - off, t1 - off))
     took: dict[str, list[float]] = {}
     each: dict[str, float] = {}
+    early: list[tuple[str, str, float]] = []  # arrived before its wait: at most this long
     for key, role, t0, t1 in waits:
-        if t1 - t0 > WAITED_S and key in sends and key in posts:
+        if key in sends and key in posts:
             x = max(0.0, t1 - max(sends[key], posts[key]))
-            took.setdefault(role, []).append(x)
-            each[transfer_key(*key)] = x
-    return {**{f"xfer:{role}": statistics.median(v) for role, v in sorted(took.items())}, **each}
+            if t1 - t0 > WAITED_S:
+                took.setdefault(role, []).append(x)
+                each[transfer_key(*key)] = x
+            else:
+                early.append((transfer_key(*key), role, x))
+    median = {role: statistics.median(v) for role, v in sorted(took.items())}
+    for k, role, bound in early:
+        if role in median:
+            each[k] = min(bound, median[role])
+    return {**{f"xfer:{role}": m for role, m in median.items()}, **each}
 
 
 @dataclass(frozen=True)

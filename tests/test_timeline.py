@@ -149,8 +149,9 @@ def test_a_sampled_step_times_actions_the_runtime_between_them_and_its_calls():
 
 def test_a_transfer_is_timed_from_when_it_could_move_to_its_arrival():
     """Message 0 (rank 0 -> 1): sent at 1.0, its receive posted at 0.5 and waited for
-    [0.6, 1.4]: it took 0.4. Message 1: its receiver did not wait (1 µs): no reading.
-    Rank 1's clock runs 10 s ahead of rank 0's (its offset)."""
+    [0.6, 1.4]: it took 0.4. Message 1: its receiver did not wait (1 µs): it had arrived
+    within 0.4 (+1 µs) of its send: the least of that and the role's median, 0.4. Rank 1's clock
+    runs 10 s ahead of rank 0's (its offset)."""
     from partition.timeline import transfer_times
 
     r0 = [["send", 1, 0, "activation", 0.9, 1.0], ["send", 1, 1, "activation", 2.0, 2.1]]
@@ -158,7 +159,11 @@ def test_a_transfer_is_timed_from_when_it_could_move_to_its_arrival():
           ["post", 0, 1, "activation", 11.5, 11.6], ["wait", 0, 1, "activation", 12.5, 12.500001]]
     # the role's median for any message, and this message's own
     assert transfer_times([r0, r1], [0.0, 10.0]) == {"xfer:activation": pytest.approx(0.4),
-                                                     "xfer:0>1#0": pytest.approx(0.4)}
+                                                     "xfer:0>1#0": pytest.approx(0.4),
+                                                     "xfer:0>1#1": pytest.approx(0.4)}
+    # its receive posted at 12.45 instead: at most 0.05 (+1 µs), less than the median
+    r1[2][5] = 12.45
+    assert transfer_times([r0, r1], [0.0, 10.0])["xfer:0>1#1"] == pytest.approx(0.05, abs=2e-6)
     assert transfer_times([r0, None], [0.0, 0.0]) == {}
 
 
