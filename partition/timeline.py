@@ -93,7 +93,9 @@ def simulate_step(cfg: Any, times: list[dict[str, float]], links: Links, *,
     """The simulated step; `measured`: with the collectives and the runtime's time between
     actions as the run's steps measured them, where `times` has them (`as_measured`)."""
     ops = step_ops(cfg, times, links, schedule=_schedule(cfg))
-    return simulate(as_measured(ops, times) if measured else ops, cfg.ranks)
+    # start-up times alone (experiments.predict) have nothing to replay: leave the ops be
+    replay = measured and any("@" in k or k.startswith(MEASURED_PREFIXES) for t in times for k in t)
+    return simulate(as_measured(ops, times) if replay else ops, cfg.ranks)
 
 
 def step_times(cfg: Any, startup: list[dict[str, float]],
