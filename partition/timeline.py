@@ -101,7 +101,8 @@ def simulate_step(cfg: Any, times: list[dict[str, float]], links: Links, *,
 def step_times(cfg: Any, startup: list[dict[str, float]],
                actions: list[dict[str, float] | None],
                collectives: list[dict[str, float]] | None = None,
-               transfers: dict[str, float] | None = None) -> list[dict[str, float]]:
+               transfers: dict[str, float] | None = None, *,
+               uses: list[dict[str, int]] | None = None) -> list[dict[str, float]]:
     """Each rank's durations as one of the run's own steps took them: an action key's
     seconds in that step (`Tracer.step_samples`) ÷ the number of ops it times in the
     simulated step, the same for the runtime's time after it ("after:<key>"), and each
@@ -113,8 +114,7 @@ def step_times(cfg: Any, startup: list[dict[str, float]],
     the 2-core development machine the first matmul after a few ms of other work (a wait,
     the runtime's Python) runs up to ~0.3 ms slower than the same matmul back to back, a
     near-doubling of the small actions of a pipeline step (docs/benchmarks.md)."""
-    uses = key_uses(step_ops(cfg, startup, Links(0.0, 1.0, 0.0, 1.0), schedule=_schedule(cfg)),
-                    cfg.ranks)
+    uses = uses if uses is not None else op_uses(cfg, startup)
     out = []
     for t, got, u, coll in zip(startup, actions, uses, collectives or [{}] * len(startup),
                                strict=True):
@@ -126,6 +126,12 @@ def step_times(cfg: Any, startup: list[dict[str, float]],
                 per_use[k] = v / n
         out.append({**t, **per_use, **coll, **(transfers or {})})
     return out
+
+
+def op_uses(cfg: Any, startup: list[dict[str, float]]) -> list[dict[str, int]]:
+    """Per rank, how many ops of the simulated step each action key times (`key_uses`)."""
+    return key_uses(step_ops(cfg, startup, Links(0.0, 1.0, 0.0, 1.0), schedule=_schedule(cfg)),
+                    cfg.ranks)
 
 
 def collective_times(per_rank: list[list[list[Any]] | None],
@@ -236,14 +242,15 @@ def run_times(cfg: Any, records: list[Any], params: Any) -> RunTimes | None:
         t = [x - off for x, off in zip(t, offsets, strict=True)]
         return [{f"late:{START}": x - min(t)} for x in t]
 
-    def sample(j: int) -> list[dict[str, float]]:
+    def sample(j: int, uses: list[dict[str, int]]) -> list[dict[str, float]]:
         times = step_times(cfg, startup, [a[j] for a in actions],
                            collective_times([at(c, j) for c in colls], offsets),
-                           transfer_times([at(m, j) for m in msgs], offsets))
+                           transfer_times([at(m, j) for m in msgs], offsets), uses=uses)
         return [{**t, **d} for t, d in zip(times, late(j), strict=True)]
 
     try:
-        samples = [sample(j) for j in range(n)]
+        uses = op_uses(cfg, startup) if n else []  # the same plan for every sampled step
+        samples = [sample(j, uses) for j in range(n)]
         played = [simulate_step(cfg, s, links) for s in samples]
         replays = [tl.step_time for tl in played]
     except (KeyError, ValueError):  # a plan the simulator cannot lay out: its own error later
