@@ -359,14 +359,18 @@ def write_outputs(cfg: RunConfig, run_dir: str, records: list[RankRecord], *, se
         save_weights(path, arrays)
         result["weights"] = {"file": WEIGHTS_FILE, **file_digest(path)}
     if records:
-        write_timeline(cfg, run_dir, records)
+        # the durations result.json's prediction was simulated from (timeline.run_times,
+        # already replayed once in build_result): the drawn step is that step
+        write_timeline(cfg, run_dir, records,
+                       times=[r.get("action_times") for r in result.get("ranks") or []])
     write_json(os.path.join(run_dir, RESULT_FILE), result)
     return result
 
 
-def write_timeline(cfg: RunConfig, run_dir: str, records: list[RankRecord]) -> None:
-    """trace.json for every run with spans; timeline.png (measured above simulated) for
-    multi-rank runs."""
+def write_timeline(cfg: RunConfig, run_dir: str, records: list[RankRecord], *,
+                   times: list[dict[str, float] | None]) -> None:
+    """trace.json for every run with spans; timeline.png (measured above simulated, from
+    each rank's `times`) for multi-rank runs."""
     from partition import timeline
     from partition.results import cost_params
 
@@ -377,9 +381,8 @@ def write_timeline(cfg: RunConfig, run_dir: str, records: list[RankRecord]) -> N
     step = meas[0]["step"]
     spans = [(r.rank, [s for s in r.spans if s["step"] == step])
              for r in sorted(records, key=lambda r: r.rank)]
-    params = cost_params(cfg, records)
-    times = timeline.run_times(cfg, records, params)
-    sim = timeline.simulated_block(cfg, times.times, params) if times else None
+    ok = len(times) == cfg.ranks and all(times)
+    sim = timeline.simulated_block(cfg, times, cost_params(cfg, records)) if ok else None
     what = cfg.strategy.name + (f" {cfg.strategy.schedule}" if cfg.strategy.name == "pipeline" else "")
     title = (f"{what}, P={cfg.ranks}, B={cfg.train.batch_size}, M={cfg.train.microbatches}: "
              + timeline.step_text(step, meas[0]["step_s"], sim["step_time_s"] if sim else None))
