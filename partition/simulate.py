@@ -56,6 +56,19 @@ def transfer_key(sender: int, receiver: int, seq: int) -> str:
     return f"xfer:{sender}>{receiver}#{seq}"
 
 
+def piece_key(event: str, peer: int, seq: int) -> str:
+    """The key of one message call of a rank (`event`: send — its isend; post — its receive
+    posted; wsend — its send waited for; wrecv — its receive waited for) with `peer` (global
+    rank) and the message's `seq` (comm.py numbers a rank's sends to and receives from a
+    peer so): a measured step's "lead:<key>", the rank's own time between the previous
+    call or action and this call, and "call:<key>", the isend's or irecv's own time, put
+    the call where the step made it (`as_measured`)."""
+    return f"{event}:{peer}#{seq}"
+
+
+PIECE_PREFIXES = ("lead:", "call:")  # a message call's measured pieces (`piece_key`)
+
+
 def op_keys(args: dict[str, Any]) -> tuple[str, ...]:
     """The keys a measured step times an op (or a span with the same args) by: its
     `time_key`, and with a micro-batch that key "@<mb>" too — the one occurrence, so that
@@ -128,10 +141,19 @@ class Timeline:
     def _began(self) -> dict[int, float]:
         return {s.rank: s.end for s in self.spans if s.kind == "late"}
 
+    @cached_property
+    def _ended(self) -> dict[int, float]:
+        out: dict[int, float] = {}
+        for s in self.spans:
+            if s.kind != "transfer":  # a message's transfer runs on its link, not its receiver
+                out[s.rank] = max(out.get(s.rank, 0.0), s.end)
+        return out
+
     def rank_step(self, rank: int) -> float:
-        """The rank's own step: from its start (after a late start, where replayed) to the
-        step's end, as a rank's measured step runs from its own start."""
-        return self.step_time - self._began.get(rank, 0.0)
+        """The rank's own step: from its start (after a late start, where replayed) to its
+        own last op's end, as a rank's measured step runs from its own start to its own
+        end (members may leave the step's last collective at different times)."""
+        return self._ended.get(rank, self.step_time) - self._began.get(rank, 0.0)
 
     def idle_fraction(self, rank: int) -> float:
         t = self.rank_step(rank)
@@ -146,24 +168,36 @@ class Timeline:
 def as_measured(ops: list[Op], times: list[dict[str, float]]) -> list[Op]:
     """`ops` with what the run's own steps measured, where its times have it: a collective
     lasts its "coll:<label>" seconds (instead of α + wire/β), a message's transfer its
-    "xfer:<role>" seconds (instead of α + n/β), and after each action the
-    rank spends its "after:<key>" seconds (posting, sending, the runtime between actions;
-    "after:start" before its first) in an op of kind "runtime" of its own (neither compute
-    nor a wait); a rank that began the step "late:start" seconds after another begins it
-    with an op of kind "late". Dependencies are
-    re-pointed to the ops' new places."""
+    own or its role's "xfer:" seconds (instead of α + n/β); each message call of the
+    rank's program (a marker op with a "piece", `piece_key`) comes after its "lead:"
+    seconds and is followed by its "call:" seconds (the isend's or irecv's own time), and
+    the rest of the runtime's time after an action ("after:<key>": what it spent after its
+    last message call, Python, the next action's set-up) comes just before the rank's next
+    op of its own ("after:start" before its first), each in an op of kind "runtime"
+    (neither compute nor a wait); a rank that began the step "late:start" seconds after
+    another begins it with an op of kind "late". Ops marked "inside" (the collectives an
+    action makes, `pipeline_ops`' `after`) belong to their action: the runtime after it
+    follows them. Dependencies are re-pointed to the ops' new places."""
     where: list[int] = []
     out: list[Op] = []
     begun: set[int] = set()
+    pending: dict[int, Op] = {}  # per rank, its runtime after its last action, not yet laid out
+
+    def runtime(rank: int, label: str, seconds: float, after: str) -> Op:
+        return Op(rank, "runtime", label, seconds, args={"after": after})
+
     for op in ops:
         t = times[op.rank]
+        piece = op.args.get("piece") if op.kind == "post" else None
         if op.stream is None and op.rank not in begun:  # the runtime before the first action
             begun.add(op.rank)
             if t.get(f"late:{START}", 0.0) > 0:  # the rank began the step after another
                 out.append(Op(op.rank, "late", "late start", t[f"late:{START}"]))
             if t.get(f"after:{START}", 0.0) > 0:
-                out.append(Op(op.rank, "runtime", f"after {START}", t[f"after:{START}"],
-                              args={"after": START}))
+                out.append(runtime(op.rank, f"after {START}", t[f"after:{START}"], START))
+        if (op.stream is None and piece is None and not op.args.get("inside")
+                and op.rank in pending):
+            out.append(pending.pop(op.rank))
         if op.kind == "comm" and op.sync is not None and f"coll:{op.label}" in t:
             op = replace(op, duration=t[f"coll:{op.label}"])
         elif op.kind == "transfer":
@@ -171,16 +205,21 @@ def as_measured(ops: list[Op], times: list[dict[str, float]]) -> list[Op]:
             took = t.get(own, t.get(f"xfer:{op.args['role']}"))
             if took is not None:  # this very message as the step moved it, else its role's
                 op = replace(op, duration=took)
+        if piece is not None and t.get(f"lead:{piece}", 0.0) > 0:
+            out.append(runtime(op.rank, f"before {op.label}", t[f"lead:{piece}"], piece))
         keys = op_keys(op.args) if op.kind not in ("comm", "transfer", "post") else ()
         own = next((k for k in reversed(keys) if k in t and "@" in k), None)
         if own is not None:  # this very action as the step took it
             op = replace(op, duration=t[own])
         where.append(len(out))
         out.append(op)
+        if piece is not None and t.get(f"call:{piece}", 0.0) > 0:
+            out.append(runtime(op.rank, op.label, t[f"call:{piece}"], piece))
         after = next((f"after:{k}" for k in reversed(keys) if f"after:{k}" in t), None)
         if after is not None and t[after] > 0:
-            out.append(Op(op.rank, "runtime", f"after {op.label}", t[after],
-                          args={"after": after.removeprefix("after:")}))
+            pending[op.rank] = runtime(op.rank, f"after {op.label}", t[after],
+                                       after.removeprefix("after:"))
+    out += [pending[r] for r in sorted(pending)]  # after a rank's last op
     return [replace(o, deps=tuple((where[j], lag) for j, lag in o.deps)) if o.deps else o
             for o in out]
 
@@ -291,6 +330,8 @@ def pipeline_ops(s: Schedule, *, compute: Callable[[Action], float],
     wants: list[list[tuple[tuple, float]]] = []  # per op, its deps by name (resolved below)
     named: dict[tuple, int] = {}
     sent: dict[tuple[int, int], int] = {}  # (sender, receiver) -> messages so far
+    got: dict[tuple[int, int], int] = {}  # (receiver, sender) -> receives posted so far
+    seqs: dict[tuple[str, int, Message], int] = {}  # ("send"|"recv", line, message) -> its seq
 
     def emit(op: Op, deps: Sequence[tuple[tuple, float]] = (), name: tuple | None = None) -> None:
         if name is not None:
@@ -304,6 +345,11 @@ def pipeline_ops(s: Schedule, *, compute: Callable[[Action], float],
                      if ("act", n, Action(msg.from_stage, k, msg.mb)) in named),
                     ("act", n, Action(msg.from_stage, kinds[0], msg.mb)))
 
+    def marker(r: int, event: str, peer: int, seq: int, label: str) -> Op:
+        """A message call of rank r's program: no time of its own (`as_measured` puts the
+        call's measured pieces around it)."""
+        return Op(r, "post", label, 0.0, args={"piece": piece_key(event, peer, seq)})
+
     for n, line in enumerate(lines):
         for p, r in enumerate(line):
             for op in head(r) if head is not None else []:
@@ -311,19 +357,33 @@ def pipeline_ops(s: Schedule, *, compute: Callable[[Action], float],
             for what, x in programs[p]:
                 if what == "post_recv":
                     if rendezvous:  # the receive is there from now on: the message may move
-                        emit(Op(r, "post", f"post recv {x.role}", 0.0), name=("post", n, x))
+                        frm = line[s.stage_rank[x.from_stage]]
+                        seq = seqs["recv", n, x] = got.get((r, frm), 0)
+                        got[(r, frm)] = seq + 1
+                        emit(marker(r, "post", frm, seq, f"post recv {x.role}"), name=("post", n, x))
                 elif what == "isend":  # the message moves on its link, in send order
                     to = line[s.stage_rank[x.to_stage]]
-                    deps = [(("act", n, last), 0.0)] + ([(("post", n, x), 0.0)] if rendezvous else [])
-                    seq = sent.get((r, to), 0)  # as comm.py numbers a rank's sends to a peer
+                    seq = seqs["send", n, x] = sent.get((r, to), 0)  # as comm.py numbers them
                     sent[(r, to)] = seq + 1
+                    if rendezvous:  # it may move once the isend is made and its receive posted
+                        emit(marker(r, "send", to, seq, f"send {x.role}"), [(("act", n, last), 0.0)],
+                             name=("send", n, x))
+                        deps = [(("send", n, x), 0.0), (("post", n, x), 0.0)]
+                    else:
+                        deps = [(("act", n, last), 0.0)]
                     emit(Op(to, "transfer", f"{x.role} {x.from_stage}>{x.to_stage} mb {x.mb}",
                             transfer(x), args={"role": x.role, "from": r, "seq": seq},
                             stream=("link", n, p, s.stage_rank[x.to_stage])),
                          deps, name=("xfer", n, x))
                 elif what == "wait_send":
                     if rendezvous:  # a send completes once its message has arrived
-                        emit(Op(r, "post", f"wait send {x.role}", 0.0), [(("xfer", n, x), 0.0)])
+                        emit(marker(r, "wsend", line[s.stage_rank[x.to_stage]], seqs["send", n, x],
+                                    f"wait send {x.role}"), [(("xfer", n, x), 0.0)])
+                elif what == "wait_recv":
+                    if rendezvous:  # the action waits for its input (below) here
+                        emit(marker(r, "wrecv", line[s.stage_rank[x.from_stage]],
+                                    seqs["recv", n, x], f"wait recv {x.role}"),
+                             [(("xfer", n, x), 0.0)])
                 elif what == "compute":
                     a = last = x
                     deps: list[tuple[tuple, float]] = []
@@ -345,7 +405,7 @@ def pipeline_ops(s: Schedule, *, compute: Callable[[Action], float],
                             args={"stage": a.stage, "kind": a.kind, "mb": a.mb}),
                          [] if pre else deps)
                     for op in after(r, a) if after is not None else []:
-                        emit(op)
+                        emit(replace(op, args={**op.args, "inside": True}))  # part of the action
                     named[("act", n, a)] = len(ops) - 1  # what waits for the action waits for this
             for op in pre_tail(r) if pre_tail is not None else []:
                 emit(op)

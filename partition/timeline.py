@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from partition.simulate import (
+    PIECE_PREFIXES,
     START,
     Links,
     Timeline,
@@ -41,7 +42,7 @@ TIMELINE_FILE = "timeline.png"
 PerRank = list[tuple[int, list[dict[str, Any]]]]  # (rank, its spans), rank order
 # keys of a rank's times that are no action: a collective's measured seconds, the runtime's
 # time after an action, a message's transfer, how late the rank began (simulate.as_measured)
-MEASURED_PREFIXES = ("coll:", "after:", "xfer:", "late:")
+MEASURED_PREFIXES = ("coll:", "after:", "xfer:", "late:", *PIECE_PREFIXES)
 
 
 def _last_traced(spans: list[dict[str, Any]]) -> int | None:
@@ -121,7 +122,8 @@ def step_times(cfg: Any, startup: list[dict[str, float]],
         per_use = {}
         for k, v in (got or {}).items():
             action = k.removeprefix("after:")
-            n = 1 if action == START else u.get(action)  # a step starts once
+            # a step starts once; a message call's pieces are its own
+            n = 1 if action == START or k.startswith(PIECE_PREFIXES) else u.get(action)
             if n:
                 per_use[k] = v / n
         out.append({**t, **per_use, **coll, **(transfers or {})})
@@ -157,40 +159,49 @@ def collective_times(per_rank: list[list[list[Any]] | None],
     return [{f"coll:{n}": statistics.mean(v) for n, v in sorted(d.items())} for d in took]
 
 
-WAITED_S = 50e-6  # a receive waited for longer than this: its message arrived when it ended
+WAITED_S = 50e-6  # a wait longer than this: the message arrived (or its send completed) as it ended
 
 
 def transfer_times(per_rank: list[list[list[Any]] | None],
                    offsets: list[float]) -> dict[str, float]:
-    """A message's transfer in one step, from the moment it could move (its send posted and
-    its receive posted, whichever came last) to its arrival, for the messages whose
-    receiver was waiting for them (only then is the end of the wait the arrival): each
-    such message's own ("xfer:<from>><to>#<seq>", `transfer_key`) and the median of its
-    role's ("xfer:<role>"); a message that had arrived before its wait took at most until
-    then, and is given the least of that and its role's median. Each rank's events are `Tracer.step_messages`',
-    on its own clock: `offsets` (its clock minus rank 0's) put them on one."""
-    sends: dict[tuple[int, int, int], float] = {}  # (from, to, seq) -> isend posted
+    """A message's transfer in one step, from the moment it could move (its isend made and
+    its receive posted, whichever came last: the calls' starts — gloo may move the data
+    inside either call, and an irecv may block long after it did) to its arrival, for the
+    messages whose receiver or sender waited for them (the end of such a wait is when it
+    arrived: a send completes once its data is taken; the earlier of the two): each such
+    message's own ("xfer:<from>><to>#<seq>", `transfer_key`) and the median of its role's
+    ("xfer:<role>"); a message that had arrived before either wait took at most until
+    then, and is given the least of that and its role's median. Each rank's events are
+    `Tracer.step_messages`', on its own clock: `offsets` (its clock minus rank 0's) put
+    them on one."""
+    sends: dict[tuple[int, int, int], float] = {}  # (from, to, seq) -> isend made
     posts: dict[tuple[int, int, int], float] = {}  # (from, to, seq) -> receive posted
-    waits: list[tuple[tuple[int, int, int], str, float, float]] = []
+    ends: dict[tuple[int, int, int], list[tuple[float, float]]] = {}  # its waits' (t0, t1)
+    roles: dict[tuple[int, int, int], str] = {}
     for rank, (events, off) in enumerate(zip(per_rank, offsets, strict=True)):
         for what, peer, seq, role, t0, t1 in events or []:
+            key = (rank, peer, seq) if what in ("send", "wsend") else (peer, rank, seq)
             if what == "send":
-                sends[(rank, peer, seq)] = t1 - off
+                sends[key] = t0 - off
             elif what == "post":
-                posts[(peer, rank, seq)] = t1 - off
+                posts[key] = t0 - off
             else:
-                waits.append(((peer, rank, seq), role, t0 - off, t1 - off))
+                ends.setdefault(key, []).append((t0 - off, t1 - off))
+                roles[key] = role
     took: dict[str, list[float]] = {}
     each: dict[str, float] = {}
-    early: list[tuple[str, str, float]] = []  # arrived before its wait: at most this long
-    for key, role, t0, t1 in waits:
-        if key in sends and key in posts:
-            x = max(0.0, t1 - max(sends[key], posts[key]))
-            if t1 - t0 > WAITED_S:
-                took.setdefault(role, []).append(x)
-                each[transfer_key(*key)] = x
-            else:
-                early.append((transfer_key(*key), role, x))
+    early: list[tuple[str, str, float]] = []  # arrived before its waits: at most this long
+    for key, waits in ends.items():
+        if key not in sends or key not in posts:
+            continue
+        start, role = max(sends[key], posts[key]), roles[key]
+        waited = [t1 for t0, t1 in waits if t1 - t0 > WAITED_S]
+        if waited:
+            x = max(0.0, min(waited) - start)
+            took.setdefault(role, []).append(x)
+            each[transfer_key(*key)] = x
+        else:
+            early.append((transfer_key(*key), role, max(0.0, min(t1 for _, t1 in waits) - start)))
     median = {role: statistics.median(v) for role, v in sorted(took.items())}
     for k, role, bound in early:
         if role in median:

@@ -21,10 +21,13 @@ from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from partition.simulate import START, op_keys
+from partition.simulate import START, op_keys, piece_key
 
-# the comm spans of a posted message (comm.py's names, up to the role) and what each says
-MESSAGE_EVENTS = (("send ", "send"), ("post recv ", "post"), ("wait recv ", "wait"))
+# the comm spans of a posted message (comm.py's names, up to the role) and the event each
+# is, as `simulate.piece_key` names them: its isend, its receive posted, its send waited
+# for, its receive waited for
+MESSAGE_EVENTS = (("send ", "send"), ("post recv ", "post"), ("wait send ", "wsend"),
+                  ("wait recv ", "wrecv"))
 TIDS = {"compute": 0, "comm": 1, "other": 2}  # other: reading the batch (inputs_span)
 
 
@@ -48,16 +51,22 @@ class Tracer:
     # for the waits the simulator plays itself (a posted receive's wait and a send's: a
     # message's transfer; a collective: a synchronised op): posting, sending, the runtime's
     # Python; each collective call with its members and clock readings (the launcher lines
-    # the members' calls up: a call starts when its last member arrives).
+    # the members' calls up: a call starts when its last member arrives). Where that time
+    # holds message calls (a pipeline's isends, posted receives and their waits) it is
+    # split at them, so that a replay makes each call when the step made it: per call
+    # "lead:<piece>", the time since the previous call or action but for modeled waits,
+    # and for an isend or irecv "call:<piece>", its own time (`simulate.piece_key`);
+    # "after:<key>" is then what follows the last call.
     sampled: set[int] = field(default_factory=set)
     sums: dict[int, dict[str, float]] = field(default_factory=dict)
     colls: dict[int, list[list[Any]]] = field(default_factory=dict)  # [name, group, t0, t1]
     # per sampled step, each posted message's events: [what, peer, seq, role, t0, t1] with
-    # what = send (its isend), post (its receive posted) or wait (its receive waited for)
+    # what = an event of MESSAGE_EVENTS (send, post, wsend, wrecv)
     msgs: dict[int, list[list[Any]]] = field(default_factory=dict)
     begun: dict[int, float] = field(default_factory=dict)  # per sampled step, when it began
     _waits: list[tuple[float, float]] = field(default_factory=list)  # since the last action
     _last: tuple[tuple[str, ...], float] | None = None  # the last action's keys and end
+    _mark: float = 0.0  # the end of the last action, or of the last message call after it
 
     @property
     def on(self) -> bool:
@@ -69,6 +78,7 @@ class Tracer:
         # the runtime's time before the first action counts as after "start"
         now = time.perf_counter()
         self._last = ((START,), now) if step in self.sampled else None
+        self._mark = now
         if step in self.sampled:
             self.begun[step] = now
 
@@ -90,6 +100,7 @@ class Tracer:
             if what is not None and "seq" in args:
                 self.msgs.setdefault(self.step, []).append(
                     [what, args["peer"], args["seq"], args["role"], t0, t1])
+            self._piece(name, t0, t1, args)
             collective = args.get("peer") is None
             if collective and "group" in args:
                 self.colls.setdefault(self.step, []).append([name, args["group"], t0, t1])
@@ -105,15 +116,31 @@ class Tracer:
             sums[k] = sums.get(k, 0.0) + (t1 - t0 - inner)
         self._gap(t0)
         self._last = (keys, t1)
+        self._mark = t1
+
+    def _piece(self, name: str, t0: float, t1: float, args: dict[str, Any]) -> None:
+        """A message call after the last action: its lead and its own time (`piece_key`)."""
+        event = next((e for prefix, e in MESSAGE_EVENTS if name.startswith(prefix)), None)
+        if event is None or "seq" not in args or self._last is None or t0 < self._mark:
+            return  # not a posted message's call, or inside an action
+        key = piece_key(event, args["peer"], args["seq"])
+        waited = sum(b - a for a, b in self._waits if a >= self._mark and b <= t0)
+        sums = self.sums.setdefault(self.step, {})
+        sums["lead:" + key] = max(0.0, t0 - self._mark - waited)
+        if event in ("send", "post"):  # a wait's own time is the simulator's to play
+            sums["call:" + key] = t1 - t0
+        self._mark = t1
 
     def _gap(self, until: float) -> None:
-        """The runtime's time from the last action's end to `until`, but for modeled waits."""
+        """The runtime's time from the last action's end, or its last message call's, to
+        `until`, but for modeled waits."""
         if self._last is not None:
-            keys, end = self._last
-            waited = sum(b - a for a, b in self._waits if a >= end and b <= until)
+            keys, _ = self._last
+            waited = sum(b - a for a, b in self._waits if a >= self._mark and b <= until)
             sums = self.sums.setdefault(self.step, {})
             for k in keys:
-                sums["after:" + k] = sums.get("after:" + k, 0.0) + max(0.0, until - end - waited)
+                sums["after:" + k] = sums.get("after:" + k, 0.0) + max(
+                    0.0, until - self._mark - waited)
         self._waits.clear()
         self._last = None
 

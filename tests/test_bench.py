@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
+
 from partition.bench import (
     Case,
     cpu_table,
@@ -247,6 +249,7 @@ def test_idle_fraction_per_rank_within_five_hundredths():
 
 def test_the_trace_cost_rounds_and_the_interleaved_run():
     from partition.bench_timeline import (
+        OWN,
         TRACE_VARIANTS,
         alternate_steps,
         interleaved_cost,
@@ -263,20 +266,42 @@ def test_the_trace_cost_rounds_and_the_interleaved_run():
     per_rank = [[9.0, 1.0, 1.04, 1.0, 1.04, 1.0], [0.0, 0.5, 0.5, 0.5, 0.5, 0.5]]
     assert round(interleaved_cost(per_rank, {2, 4}, 1), 12) == 0.04
 
-    def rank(scale):  # per variant two rounds (the first a warm-up) of 6 steps
+    def rank(scale, own):  # per variant two rounds (the first a warm-up) of 6 steps
         steps = {"none": 1.0, "off": 1.0, "last": 1.0, "all": 1.01, "alternate": 1.0}
-        return {"trace": {v: [[2.0] * 6, [steps[v] * scale] * 6] for v in TRACE_VARIANTS}}
+        trace = {v: [[2.0] * 6, [steps[v] * scale] * 6] for v in TRACE_VARIANTS}
+        return {"trace": {**trace, OWN: [[1.0] * 6, own]}}
 
-    row = summarize_trace("data", [rank(0.01), rank(0.005)], warmup_steps=1, warmup_pairs=1)
+    # the tracer's own seconds per step of the `all` run: step 0 left out; per step the
+    # larger share of the two ranks' (0.0101 s and 0.00505 s steps), the median over steps
+    own0 = [9.0, 1e-4, 2e-4, 1e-4, 1e-4, 3e-4]
+    own1 = [9.0, 1e-4, 1e-4, 1e-4, 1e-4, 1e-4]
+    row = summarize_trace("data", [rank(0.01, own0), rank(0.005, own1)], warmup_steps=1,
+                          warmup_pairs=1)
     assert row.steps["off"] == [0.01] and row.steps["all"] == [0.0101]
+    assert row.own == [pytest.approx(1e-4 / 0.00505)]  # rank 1's 1.98 %: under 2 %
     assert row.alternate == [0.0]  # the same time traced or not
     assert [round(c, 12) for c in row.costs("all", "off")] == [0.01]
     lines = trace_table([row]).splitlines()
     assert lines[0].startswith("| case | untraced ms/step (trace.steps=[]) | traced ms/step "
-                               "(trace.steps=all) | traced ÷ untraced step, in one run |")
-    assert lines[2] == ("| data | 10.00 | 10.10 | **+0.0 %** [+0.0 %, +0.0 %] ✓ | "
+                               "(trace.steps=all) | the tracer's own time in a traced step | "
+                               "traced ÷ untraced step, in one run |")
+    assert lines[2] == ("| data | 10.00 | 10.10 | **+2.0 %** [+2.0 %, +2.0 %] ✓ | "
+                        "**+0.0 %** [+0.0 %, +0.0 %] ✓ | "
                         "**+1.0 %** [+1.0 %, +1.0 %] ✓ | **+0.0 %** [+0.0 %, +0.0 %] ✓ | "
                         "**+1.0 %** [+1.0 %, +1.0 %] ✓ |")
+
+
+def test_the_clocked_tracer_counts_its_own_time_in_the_step():
+    from partition.bench_timeline import ClockedTracer
+
+    tr = ClockedTracer(None)
+    tr.begin(3)
+    tr.add("F0", "compute", 0.0, 1.0, kind="F", layer=0)
+    tr.add("B0", "compute", 1.0, 2.0, kind="B", layer=0)
+    took = tr.own_s[3]
+    assert 0.0 < took < 0.1  # two adds' bookkeeping, not the spans' own seconds
+    tr.add("step", "compute", 0.0, 2.0)  # after the step's clock stopped: not counted
+    assert tr.own_s == {3: took} and len(tr.spans) == 3
 
 
 def test_trace_variants_hand_the_loop_its_tracer():
@@ -390,7 +415,7 @@ def test_timeline_markdown_has_its_sections_and_warns_when_ranks_share_cores():
                       "weight_decay": 0.0}}
     steps = {v: [0.01] for v in ("none", "off", "last", "all", "alternate")}
     bench = TimelineBench([SimRow("data", 2, [_figs(0.01, 0.01, [0.1, 0.1], [0.1, 0.1])] * 3)],
-                          [TraceRow("data", steps, [0.0])], [])
+                          [TraceRow("data", steps, [0.0], own=[0.005])], [])
     cases = [Case("data", {"strategy.name": "data"})]
     text = markdown(bench, info, base, cases, "python -m experiments.bench --suite timeline")
     heads = [line for line in text.splitlines() if line.startswith("#")]
@@ -424,8 +449,9 @@ def test_the_summary_counts_the_rows_that_meet_their_targets():
     steps = {v: [0.01] for v in ("none", "off", "last", "all", "alternate")}
     bench = TimelineBench(
         [good, bad, SimRow("pipeline zbv", 2, skip="why")],
-        [TraceRow("data", steps, [0.01, 0.03, 0.0]), TraceRow("tensor", steps, [0.03]),
-         TraceRow("pipeline zbv", skip="why")],
+        # the tracer's own share is the target's (the whole-step A/B is not): data meets it
+        [TraceRow("data", steps, [0.05, 0.03, 0.0], own=[0.01, 0.03, 0.005]),
+         TraceRow("tensor", steps, [0.0], own=[0.03]), TraceRow("pipeline zbv", skip="why")],
         [PredictRow(PREDICT_CASES[0], walls=[1.0, 1.0, 1.0]),
          PredictRow(PREDICT_CASES[-1], failed="stopped after 120 s")])
     assert summary(bench) == (

@@ -336,8 +336,9 @@ def test_every_op_is_timed_by_the_key_of_its_args():
 def test_a_replay_takes_what_the_step_measured():
     """as_measured: a collective lasts its measured "coll:" seconds, a transfer its own
     "xfer:<from>><to>#<seq>" where measured (the gradient's, 0.25, not its role's 9), else
-    its role's, the runtime's "after:" time follows each action (the occurrence's own where
-    measured, "@mb"), a late rank begins with its "late:start"; deps follow the ops."""
+    its role's, the runtime's "after:" time (the occurrence's own where measured, "@mb")
+    comes after the action's message calls, just before the rank's next op; a late rank
+    begins with its "late:start"; deps follow the ops."""
     from partition.simulate import as_measured
 
     s = named_schedule("gpipe", world=2, micro=1)
@@ -351,12 +352,34 @@ def test_a_replay_takes_what_the_step_measured():
     # [2, 2.75]; 1F0 takes 3 as measured; 1B0 [5.75, 6.75]
     r1 = [(x.label, x.start, x.end) for x in tl.rank_spans(1) if x.kind == "compute"]
     assert r1 == [("1F0", 2.75, 5.75), ("1B0", 5.75, 6.75)]
-    # rank 0: 0F0 [0, 1], its runtime [1, 1.25] (the gradient's receive posted at its end);
-    # the gradient moves [6.75, 7]; 0B0 [7, 8] and its own runtime (0.5, not the key's 7);
-    # then J, 0.125 as measured, once both are there
+    # rank 0: 0F0 [0, 1], its isend and the gradient's receive posted at 1; the gradient
+    # moves [6.75, 7]; the runtime after 0F0 [7, 7.25] follows its wait; 0B0 [7.25, 8.25]
+    # and its own runtime (0.5, not the key's 7); then J, 0.125 as measured
     r0 = [(x.kind, x.label, x.start, x.end) for x in tl.rank_spans(0)
           if x.kind in ("compute", "runtime", "comm")]
-    assert r0 == [("compute", "0F0", 0.0, 1.0), ("runtime", "after 0F0", 1.0, 1.25),
-                  ("compute", "0B0", 7.0, 8.0), ("runtime", "after 0B0", 8.0, 8.5),
-                  ("comm", "all_reduce metric", 8.5, 8.625)]
-    assert tl.step_time == 8.625
+    assert r0 == [("compute", "0F0", 0.0, 1.0), ("runtime", "after 0F0", 7.0, 7.25),
+                  ("compute", "0B0", 7.25, 8.25), ("runtime", "after 0B0", 8.25, 8.75),
+                  ("comm", "all_reduce metric", 8.75, 8.875)]
+    assert tl.step_time == 8.875
+
+
+def test_a_replay_makes_each_message_call_where_the_step_made_it():
+    """GPipe P=2, M=1, unit actions. Rank 1 measured: 0.5 before posting its receive, the
+    irecv itself 4 (it blocked: gloo's irecv may), 0.25 before its wait. The activation
+    may move from the post's start (1.5, rank 0's isend made at 1 + 0.125 after 0F0) and
+    took 0.5 as measured: it arrives at 2 — rank 0's wait for the send ends then — though
+    rank 1 can only look at it when its irecv returns (5.5) and its lead is done (5.75)."""
+    from partition.simulate import as_measured
+
+    s = named_schedule("gpipe", world=2, micro=1)
+    ops = pipeline_ops(s, compute=lambda a: 1.0, transfer=lambda m: 0.0, metric=0.0,
+                       rendezvous=True)
+    t0 = {"lead:send:1#0": 0.125, "call:send:1#0": 0.25, "xfer:0>1#0": 0.5, "xfer:1>0#0": 0.0}
+    t1 = {"after:start": 1.0, "lead:post:0#0": 0.5, "call:post:0#0": 4.0, "lead:wrecv:0#0": 0.25,
+          "xfer:0>1#0": 0.5, "xfer:1>0#0": 0.0}
+    tl = simulate(as_measured(ops, [t0, t1]), 2)
+    by = {(x.rank, x.kind, x.label): (x.start, x.end) for x in tl.spans}
+    assert by[(1, "transfer", "activation 0>1 mb 0")] == (1.5, 2.0)  # on its link
+    assert by[(0, "post", "wait send activation")] == (2.0, 2.0)  # after its call, [1.125, 1.375]
+    assert by[(1, "runtime", "post recv activation")] == (1.5, 5.5)  # the irecv's own time
+    assert by[(1, "compute", "1F0")] == (5.75, 6.75)

@@ -117,54 +117,68 @@ def test_simulated_step_near_measured_on_the_seed(tmp_path, schedule):
 
 
 def test_a_sampled_step_times_actions_the_runtime_between_them_and_its_calls():
-    """A stage-1 rank's step by hand: its read [0, 1]; the receive posted [1, 1.5] and
-    waited for [1.5, 3] (a wait the simulator plays: left out of the runtime's time);
-    1F0 [3, 5]; its send [5, 5.25]; 1B0 [6, 8] holding a collective [6.5, 7] (the
-    simulator's own op: left out of the action); the step ends at 9."""
+    """A stage-1 rank's step by hand: its read [0, 1]; the receive posted [1.2, 1.5] and
+    waited for [1.6, 3] (a wait the simulator plays: left out of the runtime's time);
+    1F0 [3, 5]; its send [5.1, 5.25]; 1B0 [6, 8] holding a collective [6.5, 7] (the
+    simulator's own op: left out of the action); the step ends at 9. The runtime's time
+    between two actions is split at the message calls: each call's lead and (an isend's,
+    an irecv's) own time, and after the last call the rest."""
     tr = Tracer(set(), sampled={1})
     tr.begin(0)  # not sampled: nothing kept
     tr.add("F0", "compute", 0.0, 1.0, kind="F", layer=0)
     tr.begin(1)
     p2p = {"peer": 0, "seq": 0, "bytes": 8}
     tr.add("inputs", "other", 0.0, 1.0, kind="inputs")
-    tr.add("post recv activation", "comm", 1.0, 1.5, role="activation", waiting=False, **p2p)
-    tr.add("wait recv activation", "comm", 1.5, 3.0, role="activation", waiting=True, **p2p)
+    tr.add("post recv activation", "comm", 1.2, 1.5, role="activation", waiting=False, **p2p)
+    tr.add("wait recv activation", "comm", 1.6, 3.0, role="activation", waiting=True, **p2p)
     tr.add("1F0", "compute", 3.0, 5.0, stage=1, kind="F", mb=0)
-    tr.add("send activation_grad", "comm", 5.0, 5.25, role="activation_grad", waiting=False, **p2p)
+    tr.add("send activation_grad", "comm", 5.1, 5.25, role="activation_grad", waiting=False, **p2p)
     tr.add("all_reduce partial_output", "comm", 6.5, 7.0, role="partial_output", bytes=8,
            peer=None, waiting=True, group=[0, 1])
     tr.add("1B0", "compute", 6.0, 8.0, stage=1, kind="B", mb=0)
     tr.add("step", "compute", 0.0, 9.0)
     (got,) = tr.step_samples()
     assert tr.sampled_steps() == [1]
-    assert got == {"after:start": 0.0, "inputs": 1.0, "after:inputs": 0.5, "s1:F": 2.0,
-                   "s1:F@0": 2.0, "after:s1:F": 1.0, "after:s1:F@0": 1.0, "s1:B": 1.5,
-                   "s1:B@0": 1.5, "after:s1:B": 1.0, "after:s1:B@0": 1.0}
+    assert got == pytest.approx({
+        "after:start": 0.0, "inputs": 1.0, "lead:post:0#0": 0.2, "call:post:0#0": 0.3,
+        "lead:wrecv:0#0": 0.1, "after:inputs": 0.0, "s1:F": 2.0, "s1:F@0": 2.0,
+        "lead:send:0#0": 0.1, "call:send:0#0": 0.15, "after:s1:F": 0.75, "after:s1:F@0": 0.75,
+        "s1:B": 1.5, "s1:B@0": 1.5, "after:s1:B": 1.0, "after:s1:B@0": 1.0})
     assert tr.step_collectives() == [[["all_reduce partial_output", [0, 1], 6.5, 7.0]]]
-    assert tr.step_messages() == [[["post", 0, 0, "activation", 1.0, 1.5],
-                                   ["wait", 0, 0, "activation", 1.5, 3.0],
-                                   ["send", 0, 0, "activation_grad", 5.0, 5.25]]]
+    assert tr.step_messages() == [[["post", 0, 0, "activation", 1.2, 1.5],
+                                   ["wrecv", 0, 0, "activation", 1.6, 3.0],
+                                   ["send", 0, 0, "activation_grad", 5.1, 5.25]]]
     assert tr.spans == []  # sampling keeps no spans
 
 
 def test_a_transfer_is_timed_from_when_it_could_move_to_its_arrival():
-    """Message 0 (rank 0 -> 1): sent at 1.0, its receive posted at 0.5 and waited for
-    [0.6, 1.4]: it took 0.4. Message 1: its receiver did not wait (1 µs): it had arrived
-    within 0.4 (+1 µs) of its send: the least of that and the role's median, 0.4. Rank 1's clock
-    runs 10 s ahead of rank 0's (its offset)."""
+    """Message 0 (rank 0 -> 1): its isend made at 0.9, its receive posted at 0.5 and waited
+    for [0.6, 1.4]: it took 0.5. Message 1: neither side waited (1 µs): it had arrived
+    within 0.5 (+1 µs) of its isend: the least of that and the role's median, 0.5. Rank 1's
+    clock runs 10 s ahead of rank 0's (its offset)."""
     from partition.timeline import transfer_times
 
     r0 = [["send", 1, 0, "activation", 0.9, 1.0], ["send", 1, 1, "activation", 2.0, 2.1]]
-    r1 = [["post", 0, 0, "activation", 10.4, 10.5], ["wait", 0, 0, "activation", 10.6, 11.4],
-          ["post", 0, 1, "activation", 11.5, 11.6], ["wait", 0, 1, "activation", 12.5, 12.500001]]
+    r1 = [["post", 0, 0, "activation", 10.4, 10.5], ["wrecv", 0, 0, "activation", 10.6, 11.4],
+          ["post", 0, 1, "activation", 11.5, 11.6], ["wrecv", 0, 1, "activation", 12.5, 12.500001]]
     # the role's median for any message, and this message's own
-    assert transfer_times([r0, r1], [0.0, 10.0]) == {"xfer:activation": pytest.approx(0.4),
-                                                     "xfer:0>1#0": pytest.approx(0.4),
-                                                     "xfer:0>1#1": pytest.approx(0.4)}
+    assert transfer_times([r0, r1], [0.0, 10.0]) == {"xfer:activation": pytest.approx(0.5),
+                                                     "xfer:0>1#0": pytest.approx(0.5),
+                                                     "xfer:0>1#1": pytest.approx(0.5)}
     # its receive posted at 12.45 instead: at most 0.05 (+1 µs), less than the median
-    r1[2][5] = 12.45
+    r1[2][4] = 12.45
     assert transfer_times([r0, r1], [0.0, 10.0])["xfer:0>1#1"] == pytest.approx(0.05, abs=2e-6)
     assert transfer_times([r0, None], [0.0, 0.0]) == {}
+
+
+def test_a_message_arrived_when_its_send_completed_if_that_was_first():
+    """The receiver's irecv blocked long after the data moved: its wait ends at 6.0, but
+    the sender waited for its send until 2.0 — the message had arrived by then."""
+    from partition.timeline import transfer_times
+
+    r0 = [["send", 1, 0, "activation", 1.0, 1.1], ["wsend", 1, 0, "activation", 1.2, 2.0]]
+    r1 = [["post", 0, 0, "activation", 1.5, 5.0], ["wrecv", 0, 0, "activation", 5.5, 6.0]]
+    assert transfer_times([r0, r1], [0.0, 0.0])["xfer:0>1#0"] == pytest.approx(0.5)
 
 
 def test_a_collective_lasts_from_its_last_arrival_until_each_member_leaves():
