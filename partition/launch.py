@@ -686,16 +686,19 @@ class Answer:
         self._lock = threading.Lock()
         self._done = False
 
-    def write(self, *, primary: bool) -> tuple[dict[str, Any] | None, bool]:
-        """(result.json, fresh): the result if this rank is the one that wrote it, else None;
-        fresh only for the call that wrote it, so the summary is printed once. Safe to call
-        from the main thread and the SIGTERM watcher: the first call decides."""
+    def write(self, *, primary: bool,
+              report: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any] | None:
+        """The result.json if this rank is the one that wrote it, else None; the call that
+        writes it also hands it to `report` (the summary line), before the lock is let go.
+        Safe to call from the main thread and the SIGTERM watcher: the first call decides,
+        and the other waits until the summary is out — the watcher ends the process as soon
+        as its call returns, which would cut a report still being printed (CI saw none)."""
         with self._lock:
             if self._done or self.run_dir is None:
-                return self.result, False
+                return self.result
             self._done = True
             if not self._mine(primary=primary):
-                return None, False
+                return None
             # Peers may still be alive: a silent one is hung only if some rank timed out.
             err = diagnose(self.run_dir, ranks=self.cfg.ranks, timeout_s=self.cfg.timeout_s,
                            stopped=False)
@@ -703,7 +706,9 @@ class Answer:
                 self.cfg, self.run_dir, [], seconds=time.perf_counter() - self.t0,
                 status=run_status(err), error=err.as_dict() if err else None,
             ) | {"path": self.run_dir}
-            return self.result, True
+            if report is not None:
+                report(self.result)
+            return self.result
 
     def _mine(self, *, primary: bool) -> bool:
         try:
@@ -812,12 +817,9 @@ def torchrun_rank(cfg: RunConfig, choose_dir: Callable[[], str], *,
     answer = Answer(cfg, topo.rank, t0)
 
     def failed(*, primary: bool) -> str:
-        result, fresh = answer.write(primary=primary)
-        if result is None:
-            return "failed"
-        if fresh:  # the main thread and the SIGTERM watcher may both get here
-            report(result)
-        return result["status"]
+        # the main thread and the SIGTERM watcher may both get here: one of them reports
+        result = answer.write(primary=primary, report=report)
+        return "failed" if result is None else result["status"]
 
     def on_term() -> int:
         return exit_status(failed(primary=False))

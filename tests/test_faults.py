@@ -391,18 +391,35 @@ def check_torchrun_fault(tmp_path, strategy: str, rank: int, kind: str) -> dict:
 
 
 def test_answer_reports_once(tmp_path, monkeypatch):
-    """The main thread and the SIGTERM watcher may both answer: only the first call that
-    wrote result.json gets it as fresh, so the summary line is printed once (CI saw two)."""
+    """The main thread and the SIGTERM watcher may both answer: only the call that wrote
+    result.json reports it, so the summary line is printed once (CI saw two), and it is
+    printed before the other call returns — the watcher ends the process when its call
+    returns, and a report cut short is no summary at all (CI saw none)."""
+    import threading
+
     from partition.launch import Answer
 
     monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)  # rank 0 answers
     answer = Answer(make_config(strategy="pipeline", world_size=2, **{"model.dims": [6, 5, 3]}),
                     rank=0, t0=time.perf_counter())
     answer.run_dir = str(tmp_path)
-    first, fresh = answer.write(primary=False)
-    again, fresh_again = answer.write(primary=True)
-    assert (fresh, fresh_again) == (True, False)
-    assert again is first and first["status"] == "failed"
+    said: list[str] = []
+    printing = threading.Event()
+
+    def slow_report(result):
+        printing.set()
+        time.sleep(0.2)  # the summary takes a while to print
+        said.append(result["status"])
+
+    first: list = []
+    main = threading.Thread(target=lambda: first.append(answer.write(primary=False,
+                                                                     report=slow_report)))
+    main.start()
+    assert printing.wait(30)
+    again = answer.write(primary=True, report=slow_report)  # the watcher, mid-report
+    assert said == ["failed"]  # out before the second call returned, and only once
+    main.join()
+    assert again is first[0] and again["status"] == "failed"
     assert (tmp_path / "result.json").exists()
 
 
