@@ -389,10 +389,12 @@ def profile_times(path: str, cfg: Any) -> list[dict[str, float]]:
         return result_times(json.load(f), cfg, where=path)
 
 
-def result_times(res: dict[str, Any], cfg: Any, *, where: str) -> list[dict[str, float]]:
-    """Each rank's `action_times` in a loaded result.json, one per rank of `cfg`."""
+def result_times(res: dict[str, Any], cfg: Any, *, where: str,
+                 key: str = "action_times") -> list[dict[str, float]]:
+    """Each rank's `action_times` (or another key of the same form) in a loaded
+    result.json, one per rank of `cfg`."""
     ranks = sorted(res.get("ranks") or [], key=lambda r: r["rank"])
-    times = [r.get("action_times") for r in ranks]
+    times = [r.get(key) for r in ranks]
     if len(times) != cfg.ranks or not all(times):
         raise ValueError(f"{where} holds action times for {sum(1 for t in times if t)} ranks, "
                          f"not {cfg.ranks}")

@@ -359,10 +359,12 @@ def write_outputs(cfg: RunConfig, run_dir: str, records: list[RankRecord], *, se
         save_weights(path, arrays)
         result["weights"] = {"file": WEIGHTS_FILE, **file_digest(path)}
     if records:
-        # the durations result.json's prediction was simulated from (timeline.run_times,
-        # already replayed once in build_result): the drawn step is that step
-        write_timeline(cfg, run_dir, records,
-                       times=[r.get("action_times") for r in result.get("ranks") or []])
+        # the traced step's durations (timeline.run_times, already replayed once in
+        # build_result): the drawn step is replayed under its own measured spans
+        from partition.timeline import drawn_key
+
+        ranks = result.get("ranks") or []
+        write_timeline(cfg, run_dir, records, times=[r.get(drawn_key(ranks)) for r in ranks])
     write_json(os.path.join(run_dir, RESULT_FILE), result)
     return result
 

@@ -17,7 +17,14 @@ from partition import costs
 from partition.boundaries import boundaries
 from partition.config import RunConfig
 from partition.topology import intra_op_threads
-from partition.timeline import RunTimes, measured, run_times, simulation, stage_imbalance
+from partition.timeline import (
+    TRACED_TIMES,
+    RunTimes,
+    measured,
+    run_times,
+    simulation,
+    stage_imbalance,
+)
 
 RESULT_FILE = "result.json"
 WEIGHTS_FILE = "weights.npz"
@@ -192,6 +199,8 @@ def build_result(cfg: RunConfig, records: list[Any], *, seconds: float,
             # where they timed it, else as timed at start-up (`startup_action_times`)
             "action_times": times.times[i] if times else getattr(r, "action_times", None),
             "startup_action_times": getattr(r, "action_times", None),
+            # the traced step's, which timeline.png replays under its measured spans
+            TRACED_TIMES: times.traced[i] if times and times.traced else None,
         })
     predicted = predicted_block(cfg, records, times=times)
     # Idle fraction per rank = 1 − compute inside the step / step time, from the traced

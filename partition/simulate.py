@@ -161,7 +161,7 @@ class Timeline:
 
     def rank_spans(self, rank: int) -> list[Span]:
         """What the rank itself does: not a message's transfer (its link's), nor the marks
-        of a posted receive or a completed send (no time of their own)."""
+        of its message calls (no time of their own; a wait's spans the time it waited)."""
         return [s for s in self.spans if s.rank == rank and s.kind not in ("transfer", "post")]
 
 
@@ -265,7 +265,9 @@ def simulate(ops: list[Op], world: int) -> Timeline:
                     t = ready(i)
                     if t is None:
                         break
-                    start[i], end[i] = t, t + op.duration
+                    # a wait (a marker of the program: a send or receive waited for) spans
+                    # the time its rank stood waiting, to be drawn as the measured waits are
+                    start[i], end[i] = (free[k] if op.kind == "post" else t), t + op.duration
                     free[k] = end[i]
                     pos[k] += 1
                     remaining -= 1

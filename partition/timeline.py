@@ -40,6 +40,13 @@ TRACE_FILE = "trace.json"
 TIMELINE_FILE = "timeline.png"
 
 PerRank = list[tuple[int, list[dict[str, Any]]]]  # (rank, its spans), rank order
+TRACED_TIMES = "traced_action_times"  # result.json ranks[]: the traced step's durations
+
+
+def drawn_key(ranks: list[dict[str, Any]]) -> str:
+    """The durations of result.json's `ranks` that its timeline is replayed from: the
+    traced step's, where every rank has them, else those `predicted` was simulated from."""
+    return TRACED_TIMES if ranks and all(r.get(TRACED_TIMES) for r in ranks) else "action_times"
 # keys of a rank's times that are no action: a collective's measured seconds, the runtime's
 # time after an action, a message's transfer, how late the rank began (simulate.as_measured)
 MEASURED_PREFIXES = ("coll:", "after:", "xfer:", "late:", *PIECE_PREFIXES)
@@ -220,6 +227,9 @@ class RunTimes:
     times: list[dict[str, float]]
     startup: list[dict[str, float]]
     replays: list[dict[str, float]]
+    # the traced step's durations (the step timeline.png draws measured, replayed below it),
+    # where it was sampled
+    traced: list[dict[str, float]] | None = None
 
 
 def run_times(cfg: Any, records: list[Any], params: Any) -> RunTimes | None:
@@ -271,10 +281,12 @@ def run_times(cfg: Any, records: list[Any], params: Any) -> RunTimes | None:
     mid = statistics.median(replays)
     near = min(range(n), key=lambda j: (abs(replays[j] - mid), j))
     steps = rs[0].sampled_steps[:n]
+    meas = measured(rs)
+    traced = samples[steps.index(meas[0]["step"])] if meas and meas[0]["step"] in steps else None
     return RunTimes(samples[near], startup, [
         {"step": s, "simulated_s": tl.step_time, "measured_s": max(r.step_s[s] for r in rs),
          "idle_fraction": [tl.idle_fraction(q) for q in range(cfg.ranks)]}
-        for s, tl in zip(steps, played, strict=True)])
+        for s, tl in zip(steps, played, strict=True)], traced)
 
 
 def _equalised(cfg: Any, times: list[dict[str, float]]) -> list[dict[str, float]]:
@@ -345,11 +357,21 @@ def timeline_spans(tl: Timeline) -> PerRank:
         begin = max((s.end for s in mine if s.kind == "late"), default=0.0)
         step = {"name": "step", "tid": "compute", "t0": begin, "t1": tl.step_time, "args": {}}
         # the runtime's time between actions is drawn as the measured side's non-waiting
-        # calls are: a comm span that is no wait (blank)
-        out.append((r, [step] + [{"name": s.label, "tid": "comm" if s.kind == "runtime" else s.kind,
-                                  "t0": s.start, "t1": s.end,
-                                  "args": {**s.args, "waiting": s.kind == "comm"}}
-                                 for s in mine if s.kind != "late"]))
+        # calls are: a comm span that is no wait (blank); a collective and the time a rank
+        # waited for a message (a marker's span) as waits (hatched)
+        waits = [s for s in tl.spans if s.rank == r and s.kind == "post" and s.end > s.start]
+        spans, free = [step], begin
+        for s in sorted(mine + waits, key=lambda s: s.start):
+            if s.kind == "late":
+                continue
+            # a collective is drawn from when its rank got there, as a measured one is
+            t0 = min(s.start, free) if s.kind == "comm" else s.start
+            spans.append({"name": s.label,
+                          "tid": "comm" if s.kind in ("runtime", "post") else s.kind,
+                          "t0": t0, "t1": s.end,
+                          "args": {**s.args, "waiting": s.kind in ("comm", "post")}})
+            free = max(free, s.end)
+        out.append((r, spans))
     return out
 
 
@@ -510,8 +532,9 @@ class CaseTimeline:
 
 
 def simulated_from_result(res: dict[str, Any]) -> Timeline:
-    """A run's simulated step again, from what its result.json keeps: the config, each rank's
-    `action_times` and the α, β of its prediction. The simulator is pure, so this is the
+    """A run's traced step replayed again, from what its result.json keeps: the config, each
+    rank's `traced_action_times` (else its `action_times`: the step `predicted` was
+    simulated from) and the α, β of its prediction. The simulator is pure, so this is the
     timeline the run itself drew; ValueError says why it cannot be replayed."""
     from dataclasses import fields
 
@@ -523,7 +546,7 @@ def simulated_from_result(res: dict[str, Any]) -> Timeline:
         cfg = parse_config(res.get("config") or {})
     except ConfigError as e:
         raise ValueError(f"its config does not parse ({e})") from e
-    times = result_times(res, cfg, where="result.json")
+    times = result_times(res, cfg, where="result.json", key=drawn_key(res.get("ranks") or []))
     p = (res.get("predicted") or {}).get("cost_params") or {}
     params = CostParams(**{f.name: p[f.name] for f in fields(CostParams) if f.name in p}) \
         if p else CostParams.from_config(cfg)

@@ -55,6 +55,14 @@ def make_config(**dotted: Any) -> RunConfig:
     return parse_config(config_dict(**dotted))
 
 
+def traced_replay_s(res: dict[str, Any]) -> float:
+    """A result.json's replay of its traced step (`predicted.sampled_steps[]`): what its
+    timeline.png draws under the measured spans, and `simulated_from_result` gives back."""
+    step = res["ranks"][0]["timing"]["traced_step"]
+    (same,) = [x for x in res["predicted"]["sampled_steps"] if x["step"] == step]
+    return same["simulated_s"]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

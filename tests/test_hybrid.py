@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_config, spawn
+from conftest import make_config, spawn, traced_replay_s
 from strategy_runs import C10D, max_rel_err
 
 from partition.comm import Comm, Ledger, Observer, Transport
@@ -564,7 +564,7 @@ def test_a_hybrid_run_predicts_its_step_by_simulation(tmp_path):
         assert p["flops"] == p["flops_counted"] > 0
         assert pred["formula"]["ranks"][r]["peak_bytes"] == p["memory"]["peak_bytes"]
     with open(tmp_path / "result.json") as f:
-        assert simulated_from_result(json.load(f)).step_time == pred["step_time_s"]
+        assert simulated_from_result(json.load(f)).step_time == traced_replay_s(res)
     assert (tmp_path / "timeline.png").stat().st_size > 10_000
 
 
@@ -591,7 +591,7 @@ def test_a_dp_sharded_run_predicts_its_step_by_simulation(tmp_path):
                                                      "peak_flops_per_s", "inputs"}
         assert set(mine["startup_action_times"]) < set(mine["action_times"])
     with open(tmp_path / "result.json") as f:
-        assert simulated_from_result(json.load(f)).step_time == pred["step_time_s"]
+        assert simulated_from_result(json.load(f)).step_time == traced_replay_s(res)
 
 
 def test_predict_shows_bytes_per_dimension():

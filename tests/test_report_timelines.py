@@ -12,7 +12,7 @@ import os
 import shutil
 
 import pytest
-from conftest import make_config
+from conftest import make_config, traced_replay_s
 from test_report import fake_result
 
 from partition.launch import run
@@ -69,8 +69,9 @@ def test_a_case_reads_back_what_the_run_measured_and_simulated(runs):
     rank0 = res["ranks"][0]["timing"]
     assert case.pipeline and case.step == rank0["traced_step"]
     assert case.step_s == pytest.approx(rank0["traced_step_s"], rel=1e-6)  # µs in trace.json
-    # The simulator is pure: replayed from result.json it gives the run's own prediction.
-    assert case.simulated_step_s == pytest.approx(res["predicted"]["step_time_s"], rel=1e-12)
+    # The simulator is pure: replayed from result.json, the traced step gives the run's own
+    # replay of that step (the panel under its measured spans).
+    assert case.simulated_step_s == pytest.approx(traced_replay_s(res), rel=1e-12)
     for r, spans in case.measured:
         acts = [s["name"] for s in spans if "stage" in s["args"]]
         assert acts == [f"{r}F0", f"{r}F1", f"{r}B0", f"{r}B1"]  # GPipe, M = 2, this step only
@@ -142,7 +143,8 @@ def test_an_unreadable_trace_or_a_missing_calibration_is_said(runs, tmp_path):
     # the simulated one says why.
     bare = str(tmp_path / "bare")
     shutil.copytree(os.path.join(runs, PIPE), bare)
-    _edit(bare, "result.json", lambda r: [x.update(action_times=None) for x in r["ranks"]])
+    _edit(bare, "result.json", lambda r: [x.update(action_times=None, traced_action_times=None)
+                                         for x in r["ranks"]])
     case = load_case(bare)
     assert case.simulated == "not simulated: result.json holds action times for 0 ranks, not 2"
     assert case.simulated_step_s is None and case.text.endswith(" ms") and "simulated" not in case.text

@@ -380,6 +380,7 @@ def test_a_replay_makes_each_message_call_where_the_step_made_it():
     tl = simulate(as_measured(ops, [t0, t1]), 2)
     by = {(x.rank, x.kind, x.label): (x.start, x.end) for x in tl.spans}
     assert by[(1, "transfer", "activation 0>1 mb 0")] == (1.5, 2.0)  # on its link
-    assert by[(0, "post", "wait send activation")] == (2.0, 2.0)  # after its call, [1.125, 1.375]
+    # rank 0 waits for its send from the end of its call (1.375) until the message arrived
+    assert by[(0, "post", "wait send activation")] == (1.375, 2.0)
     assert by[(1, "runtime", "post recv activation")] == (1.5, 5.5)  # the irecv's own time
     assert by[(1, "compute", "1F0")] == (5.75, 6.75)

@@ -7,7 +7,7 @@ import os
 import statistics
 
 import pytest
-from conftest import make_config
+from conftest import make_config, traced_replay_s
 
 from partition.launch import run
 from partition.plans.schedule import named_schedule
@@ -223,8 +223,9 @@ def test_a_steps_sums_become_each_ops_duration():
 def test_a_run_replays_its_sampled_steps(tmp_path):
     """Steps 0..6, one warm-up: the steady steps 1..6 are sampled (what the measured median
     is taken over); each is replayed, and the prediction (and the result.json's action
-    times, which the report replays) is the one nearest the replays' median; the start-up
-    times are kept beside."""
+    times) is the one nearest the replays' median; the start-up times are kept beside, and
+    the traced step's, which timeline.png and the report replay under its
+    measured spans."""
     from partition.timeline import simulated_from_result
 
     cfg = make_config(strategy="pipeline", world_size=2, **{
@@ -237,7 +238,11 @@ def test_a_run_replays_its_sampled_steps(tmp_path):
     sims = [x["simulated_s"] for x in samples]
     mid = statistics.median(sims)
     assert pred["step_time_s"] == min(sims, key=lambda x: abs(x - mid))
-    assert simulated_from_result(res).step_time == pred["step_time_s"]
+    assert simulated_from_result(res).step_time == traced_replay_s(res)
+    # without the traced step's durations, the step `predicted` was simulated from
+    bare = {**res, "ranks": [{k: v for k, v in r.items() if k != "traced_action_times"}
+                             for r in res["ranks"]]}
+    assert simulated_from_result(bare).step_time == pred["step_time_s"]
     lo, hi = res["train"]["step_time_s"]["min"], res["train"]["step_time_s"]["max"]
     assert all(lo <= x["measured_s"] <= hi for x in samples)
     for r in res["ranks"]:
@@ -245,5 +250,7 @@ def test_a_run_replays_its_sampled_steps(tmp_path):
         assert not any(k.startswith(("after:", "coll:", "late:")) for k in start)
         assert {"after:start", "coll:all_reduce metric", "late:start"} <= set(t)
         assert set(start) <= set(t)
+        # a pipeline rank's message calls, each where the step made it
+        assert any(k.startswith("lead:post:") for k in r["traced_action_times"])
     assert min(r["action_times"]["late:start"] for r in res["ranks"]) == 0.0
     assert pred["startup_step_time_s"] > 0
