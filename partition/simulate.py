@@ -19,8 +19,8 @@ the last of them arrives. Durations come from a calibration at the run's own sha
     hybrid_ops      a dp × pp × tp mesh's step; fsdp_rank_ops one fsdp rank's
     simulate        the timeline of any ops
 
-Idle fraction of a rank = 1 − (its compute inside the step) / (step time), the same
-definition the measured timeline uses.
+Idle fraction of a rank = 1 − (its compute inside the step) / (its own step: from its start
+to its last op's end), the same definition the measured timeline uses.
 """
 
 from __future__ import annotations
@@ -54,6 +54,13 @@ def transfer_key(sender: int, receiver: int, seq: int) -> str:
     """The key of one message's measured transfer: the `seq`-th message the sender posted to
     the receiver in the step (global ranks; comm.py numbers them so)."""
     return f"xfer:{sender}>{receiver}#{seq}"
+
+
+def sent_key(sender: int, receiver: int, seq: int) -> str:
+    """The key of when one message's send completed, measured from when it could move (its
+    isend made and its receive posted): gloo completes a send once its data is taken, which
+    may be well before the receiver sees it (and after: a receiver that is late to look)."""
+    return f"sent:{sender}>{receiver}#{seq}"
 
 
 def piece_key(event: str, peer: int, seq: int) -> str:
@@ -168,7 +175,9 @@ class Timeline:
 def as_measured(ops: list[Op], times: list[dict[str, float]]) -> list[Op]:
     """`ops` with what the run's own steps measured, where its times have it: a collective
     lasts its "coll:<label>" seconds (instead of α + wire/β), a message's transfer its
-    own or its role's "xfer:" seconds (instead of α + n/β); each message call of the
+    own or its role's "xfer:" seconds (instead of α + n/β) — the receiver's view — and
+    a send is waited for until its measured completion ("sent:", `sent_key`: from when
+    its message could move; else until the message arrived); each message call of the
     rank's program (a marker op with a "piece", `piece_key`) comes after its "lead:"
     seconds and is followed by its "call:" seconds (the isend's or irecv's own time), and
     the rest of the runtime's time after an action ("after:<key>": what it spent after its
@@ -198,6 +207,12 @@ def as_measured(ops: list[Op], times: list[dict[str, float]]) -> list[Op]:
         if (op.stream is None and piece is None and not op.args.get("inside")
                 and op.rank in pending):
             out.append(pending.pop(op.rank))
+        if piece is not None and piece.startswith("wsend:") and op.deps:
+            peer, seq = piece.removeprefix("wsend:").split("#")
+            done = t.get(sent_key(op.rank, int(peer), int(seq)))
+            if done is not None:  # the send completed this long after it could move
+                (xfer, _), = op.deps
+                op = replace(op, deps=tuple((d, done) for d, _ in ops[xfer].deps))
         if op.kind == "comm" and op.sync is not None and f"coll:{op.label}" in t:
             op = replace(op, duration=t[f"coll:{op.label}"])
         elif op.kind == "transfer":
@@ -311,9 +326,12 @@ def pipeline_ops(s: Schedule, *, compute: Callable[[Action], float],
     A message between stages on different ranks is a transfer op (`transfer(message)`
     seconds) on its link, the connection between the two ranks, which carries one message
     at a time in send order; it starts when its action has ended and, with `rendezvous`,
-    once its receive is posted (gloo and NCCL move a message only into a posted receive,
-    and a send completes only when it has arrived: a sender that waits for its send
-    waits for that). Without `rendezvous` a message moves as soon as it is made.
+    once its isend is made and its receive posted (gloo and NCCL move a message only into
+    a posted receive, and a send completes only then: a sender that waits for its send
+    waits for that — here until the message has arrived, `as_measured` until the send's
+    measured completion). Each message call is then a marker op of its rank's program
+    (kind "post", a "piece" in its args, `piece_key`). Without `rendezvous` a message
+    moves as soon as it is made.
 
     A hybrid mesh runs one such pipeline per (dp, tp) coordinate: `lines` lists each
     pipeline's global ranks (index = schedule rank; default one pipeline on ranks

@@ -32,6 +32,7 @@ from partition.simulate import (
     key_uses,
     simulate,
     step_ops,
+    sent_key,
     transfer_key,
 )
 from partition.trace import chrome_trace, compute_seconds, read_trace, step_spans
@@ -49,7 +50,7 @@ def drawn_key(ranks: list[dict[str, Any]]) -> str:
     return TRACED_TIMES if ranks and all(r.get(TRACED_TIMES) for r in ranks) else "action_times"
 # keys of a rank's times that are no action: a collective's measured seconds, the runtime's
 # time after an action, a message's transfer, how late the rank began (simulate.as_measured)
-MEASURED_PREFIXES = ("coll:", "after:", "xfer:", "late:", *PIECE_PREFIXES)
+MEASURED_PREFIXES = ("coll:", "after:", "xfer:", "sent:", "late:", *PIECE_PREFIXES)
 
 
 def _last_traced(spans: list[dict[str, Any]]) -> int | None:
@@ -166,7 +167,7 @@ def collective_times(per_rank: list[list[list[Any]] | None],
     return [{f"coll:{n}": statistics.mean(v) for n, v in sorted(d.items())} for d in took]
 
 
-WAITED_S = 50e-6  # a wait longer than this: the message arrived (or its send completed) as it ended
+WAITED_S = 50e-6  # a receive waited for longer than this: its message arrived as the wait ended
 
 
 def transfer_times(per_rank: list[list[list[Any]] | None],
@@ -174,46 +175,48 @@ def transfer_times(per_rank: list[list[list[Any]] | None],
     """A message's transfer in one step, from the moment it could move (its isend made and
     its receive posted, whichever came last: the calls' starts — gloo may move the data
     inside either call, and an irecv may block long after it did) to its arrival, for the
-    messages whose receiver or sender waited for them (the end of such a wait is when it
-    arrived: a send completes once its data is taken; the earlier of the two): each such
-    message's own ("xfer:<from>><to>#<seq>", `transfer_key`) and the median of its role's
-    ("xfer:<role>"); a message that had arrived before either wait took at most until
-    then, and is given the least of that and its role's median. Each rank's events are
+    messages whose receiver waited for them (only then is the end of the wait the
+    arrival): each such message's own ("xfer:<from>><to>#<seq>", `transfer_key`) and the
+    median of its role's ("xfer:<role>"); a message that had arrived before its wait took
+    at most until then, and is given the least of that and its role's median (that bound
+    alone where no message of its role was waited for). And per
+    message whose send was waited for, when that wait ended, from the same moment
+    ("sent:<from>><to>#<seq>", `sent_key`): a send completes once its data is taken, not
+    when its receiver looks (rank 1's irecv blocked 4.85 ms in one ZB-H1 step while its
+    sender's wait ended 0.15 ms after the post began). Each rank's events are
     `Tracer.step_messages`', on its own clock: `offsets` (its clock minus rank 0's) put
     them on one."""
     sends: dict[tuple[int, int, int], float] = {}  # (from, to, seq) -> isend made
     posts: dict[tuple[int, int, int], float] = {}  # (from, to, seq) -> receive posted
-    ends: dict[tuple[int, int, int], list[tuple[float, float]]] = {}  # its waits' (t0, t1)
-    roles: dict[tuple[int, int, int], str] = {}
+    done: dict[tuple[int, int, int], float] = {}  # (from, to, seq) -> its send waited for until
+    waits: list[tuple[tuple[int, int, int], str, float, float]] = []
     for rank, (events, off) in enumerate(zip(per_rank, offsets, strict=True)):
         for what, peer, seq, role, t0, t1 in events or []:
-            key = (rank, peer, seq) if what in ("send", "wsend") else (peer, rank, seq)
             if what == "send":
-                sends[key] = t0 - off
+                sends[(rank, peer, seq)] = t0 - off
             elif what == "post":
-                posts[key] = t0 - off
+                posts[(peer, rank, seq)] = t0 - off
+            elif what == "wsend":
+                done[(rank, peer, seq)] = t1 - off
             else:
-                ends.setdefault(key, []).append((t0 - off, t1 - off))
-                roles[key] = role
+                waits.append(((peer, rank, seq), role, t0 - off, t1 - off))
     took: dict[str, list[float]] = {}
     each: dict[str, float] = {}
-    early: list[tuple[str, str, float]] = []  # arrived before its waits: at most this long
-    for key, waits in ends.items():
-        if key not in sends or key not in posts:
-            continue
-        start, role = max(sends[key], posts[key]), roles[key]
-        waited = [t1 for t0, t1 in waits if t1 - t0 > WAITED_S]
-        if waited:
-            x = max(0.0, min(waited) - start)
-            took.setdefault(role, []).append(x)
-            each[transfer_key(*key)] = x
-        else:
-            early.append((transfer_key(*key), role, max(0.0, min(t1 for _, t1 in waits) - start)))
+    early: list[tuple[str, str, float]] = []  # arrived before its wait: at most this long
+    for key, role, t0, t1 in waits:
+        if key in sends and key in posts:
+            x = max(0.0, t1 - max(sends[key], posts[key]))
+            if t1 - t0 > WAITED_S:
+                took.setdefault(role, []).append(x)
+                each[transfer_key(*key)] = x
+            else:
+                early.append((transfer_key(*key), role, x))
     median = {role: statistics.median(v) for role, v in sorted(took.items())}
-    for k, role, bound in early:
-        if role in median:
-            each[k] = min(bound, median[role])
-    return {**{f"xfer:{role}": m for role, m in median.items()}, **each}
+    for k, role, bound in early:  # without a median of its role, what it is known to have taken
+        each[k] = min(bound, median[role]) if role in median else bound
+    sent = {sent_key(*key): max(0.0, t - max(sends[key], posts[key]))
+            for key, t in done.items() if key in sends and key in posts}
+    return {**{f"xfer:{role}": m for role, m in median.items()}, **each, **sent}
 
 
 @dataclass(frozen=True)

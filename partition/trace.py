@@ -67,6 +67,7 @@ class Tracer:
     _waits: list[tuple[float, float]] = field(default_factory=list)  # since the last action
     _last: tuple[tuple[str, ...], float] | None = None  # the last action's keys and end
     _mark: float = 0.0  # the end of the last action, or of the last message call after it
+    _calls: list[tuple[str, float, float]] = field(default_factory=list)  # since the last action
 
     @property
     def on(self) -> bool:
@@ -79,6 +80,7 @@ class Tracer:
         now = time.perf_counter()
         self._last = ((START,), now) if step in self.sampled else None
         self._mark = now
+        self._calls.clear()
         if step in self.sampled:
             self.begun[step] = now
 
@@ -114,16 +116,30 @@ class Tracer:
         inner = sum(b - a for a, b in self._waits if a >= t0 and b <= t1)
         for k in keys:
             sums[k] = sums.get(k, 0.0) + (t1 - t0 - inner)
+        self._inside(t0)
         self._gap(t0)
         self._last = (keys, t1)
         self._mark = t1
+        self._calls.clear()
+
+    def _inside(self, t0: float) -> None:
+        """An action that began at `t0` has ended: message calls made inside it (added
+        before it, as spans are added as they end) are its own, no piece of the gap."""
+        sums = self.sums.setdefault(self.step, {})
+        for key, c0, _ in [c for c in self._calls if c[1] >= t0]:
+            sums.pop("lead:" + key, None)
+            sums.pop("call:" + key, None)
+        self._calls[:] = [c for c in self._calls if c[1] < t0]
+        if self._last is not None:
+            self._mark = max([self._last[1], *(c1 for _, _, c1 in self._calls)])
 
     def _piece(self, name: str, t0: float, t1: float, args: dict[str, Any]) -> None:
         """A message call after the last action: its lead and its own time (`piece_key`)."""
         event = next((e for prefix, e in MESSAGE_EVENTS if name.startswith(prefix)), None)
-        if event is None or "seq" not in args or self._last is None or t0 < self._mark:
-            return  # not a posted message's call, or inside an action
+        if event is None or "seq" not in args or self._last is None:
+            return  # not a posted message's call, or before the step's first mark
         key = piece_key(event, args["peer"], args["seq"])
+        self._calls.append((key, t0, t1))
         waited = sum(b - a for a, b in self._waits if a >= self._mark and b <= t0)
         sums = self.sums.setdefault(self.step, {})
         sums["lead:" + key] = max(0.0, t0 - self._mark - waited)

@@ -367,8 +367,10 @@ def test_a_replay_makes_each_message_call_where_the_step_made_it():
     """GPipe P=2, M=1, unit actions. Rank 1 measured: 0.5 before posting its receive, the
     irecv itself 4 (it blocked: gloo's irecv may), 0.25 before its wait. The activation
     may move from the post's start (1.5, rank 0's isend made at 1 + 0.125 after 0F0) and
-    took 0.5 as measured: it arrives at 2 — rank 0's wait for the send ends then — though
-    rank 1 can only look at it when its irecv returns (5.5) and its lead is done (5.75)."""
+    took 0.5 as measured: it arrives at 2, and rank 0's wait for the send ends then —
+    though rank 1 can only look at it when its irecv returns (5.5) and its lead is done
+    (5.75). With the send's completion measured ("sent:", 0.25 after it could move) the
+    sender waits until that instead."""
     from partition.simulate import as_measured
 
     s = named_schedule("gpipe", world=2, micro=1)
@@ -384,3 +386,7 @@ def test_a_replay_makes_each_message_call_where_the_step_made_it():
     assert by[(0, "post", "wait send activation")] == (1.375, 2.0)
     assert by[(1, "runtime", "post recv activation")] == (1.5, 5.5)  # the irecv's own time
     assert by[(1, "compute", "1F0")] == (5.75, 6.75)
+    tl = simulate(as_measured(ops, [{**t0, "sent:0>1#0": 0.25}, t1]), 2)
+    by = {(x.rank, x.kind, x.label): (x.start, x.end) for x in tl.spans}
+    assert by[(0, "post", "wait send activation")] == (1.375, 1.75)
+    assert by[(1, "compute", "1F0")] == (5.75, 6.75)  # the receiver as before

@@ -151,11 +151,29 @@ def test_a_sampled_step_times_actions_the_runtime_between_them_and_its_calls():
     assert tr.spans == []  # sampling keeps no spans
 
 
+def test_a_message_call_inside_an_action_is_no_piece_of_the_gap():
+    """A call made inside an action span (added before it: spans are added as they end)
+    belongs to the action: the gap before the action keeps only its own calls."""
+    tr = Tracer(set(), sampled={1})
+    tr.begin(1)
+    p2p = {"peer": 1, "bytes": 8}
+    tr.add("inputs", "other", 0.0, 1.0, kind="inputs")
+    tr.add("post recv activation_grad", "comm", 1.25, 1.5, role="activation_grad",
+           waiting=False, seq=0, **p2p)
+    tr.add("send activation", "comm", 2.5, 2.75, role="activation", waiting=False, seq=0, **p2p)
+    tr.add("0F0", "compute", 2.0, 3.0, stage=0, kind="F", mb=0)  # the send was inside it
+    tr.add("step", "compute", 0.0, 4.0)
+    (got,) = tr.step_samples()
+    assert got == pytest.approx({"after:start": 0.0, "inputs": 1.0, "lead:post:1#0": 0.25,
+                                 "call:post:1#0": 0.25, "after:inputs": 0.5, "s0:F": 1.0,
+                                 "s0:F@0": 1.0, "after:s0:F": 1.0, "after:s0:F@0": 1.0})
+
+
 def test_a_transfer_is_timed_from_when_it_could_move_to_its_arrival():
     """Message 0 (rank 0 -> 1): its isend made at 0.9, its receive posted at 0.5 and waited
-    for [0.6, 1.4]: it took 0.5. Message 1: neither side waited (1 µs): it had arrived
-    within 0.5 (+1 µs) of its isend: the least of that and the role's median, 0.5. Rank 1's
-    clock runs 10 s ahead of rank 0's (its offset)."""
+    for [0.6, 1.4]: it took 0.5. Message 1: its receiver did not wait (1 µs): it had
+    arrived within 0.5 (+1 µs) of its isend: the least of that and the role's median, 0.5.
+    Rank 1's clock runs 10 s ahead of rank 0's (its offset)."""
     from partition.timeline import transfer_times
 
     r0 = [["send", 1, 0, "activation", 0.9, 1.0], ["send", 1, 1, "activation", 2.0, 2.1]]
@@ -168,17 +186,24 @@ def test_a_transfer_is_timed_from_when_it_could_move_to_its_arrival():
     # its receive posted at 12.45 instead: at most 0.05 (+1 µs), less than the median
     r1[2][4] = 12.45
     assert transfer_times([r0, r1], [0.0, 10.0])["xfer:0>1#1"] == pytest.approx(0.05, abs=2e-6)
+    # no message of the role waited for: each takes what it is known to have taken at most
+    r1[1][4] = 11.4 - 1e-6
+    assert transfer_times([r0, r1], [0.0, 10.0]) == {"xfer:0>1#0": pytest.approx(0.5),
+                                                     "xfer:0>1#1": pytest.approx(0.05, abs=2e-6)}
     assert transfer_times([r0, None], [0.0, 0.0]) == {}
 
 
-def test_a_message_arrived_when_its_send_completed_if_that_was_first():
-    """The receiver's irecv blocked long after the data moved: its wait ends at 6.0, but
-    the sender waited for its send until 2.0 — the message had arrived by then."""
+def test_a_send_completes_when_its_data_is_taken_not_when_its_receiver_looks():
+    """The receiver's irecv [1.5, 5] blocked long after the data moved: its wait ends at 6,
+    which is the message's arrival for it (4.5 after the post began); the sender's wait
+    for the send ended at 2 (0.5 after): the send's completion, its own key."""
     from partition.timeline import transfer_times
 
     r0 = [["send", 1, 0, "activation", 1.0, 1.1], ["wsend", 1, 0, "activation", 1.2, 2.0]]
     r1 = [["post", 0, 0, "activation", 1.5, 5.0], ["wrecv", 0, 0, "activation", 5.5, 6.0]]
-    assert transfer_times([r0, r1], [0.0, 0.0])["xfer:0>1#0"] == pytest.approx(0.5)
+    got = transfer_times([r0, r1], [0.0, 0.0])
+    assert got == {"xfer:activation": pytest.approx(4.5), "xfer:0>1#0": pytest.approx(4.5),
+                   "sent:0>1#0": pytest.approx(0.5)}
 
 
 def test_a_collective_lasts_from_its_last_arrival_until_each_member_leaves():
