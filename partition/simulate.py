@@ -208,8 +208,7 @@ def as_measured(ops: list[Op], times: list[dict[str, float]]) -> list[Op]:
                 and op.rank in pending):
             out.append(pending.pop(op.rank))
         if piece is not None and piece.startswith("wsend:") and op.deps:
-            peer, seq = piece.removeprefix("wsend:").split("#")
-            done = t.get(sent_key(op.rank, int(peer), int(seq)))
+            done = t.get(sent_key(op.rank, op.args["peer"], op.args["seq"]))
             if done is not None:  # the send completed this long after it could move
                 (xfer, _), = op.deps
                 op = replace(op, deps=tuple((d, done) for d, _ in ops[xfer].deps))
@@ -368,7 +367,8 @@ def pipeline_ops(s: Schedule, *, compute: Callable[[Action], float],
     def marker(r: int, event: str, peer: int, seq: int, label: str) -> Op:
         """A message call of rank r's program: no time of its own (`as_measured` puts the
         call's measured pieces around it)."""
-        return Op(r, "post", label, 0.0, args={"piece": piece_key(event, peer, seq)})
+        return Op(r, "post", label, 0.0,
+                  args={"piece": piece_key(event, peer, seq), "peer": peer, "seq": seq})
 
     for n, line in enumerate(lines):
         for p, r in enumerate(line):
@@ -396,7 +396,8 @@ def pipeline_ops(s: Schedule, *, compute: Callable[[Action], float],
                             stream=("link", n, p, s.stage_rank[x.to_stage])),
                          deps, name=("xfer", n, x))
                 elif what == "wait_send":
-                    if rendezvous:  # a send completes once its message has arrived
+                    if rendezvous:  # a send completes once its message has arrived (as_measured:
+                        # once the step saw it complete)
                         emit(marker(r, "wsend", line[s.stage_rank[x.to_stage]], seqs["send", n, x],
                                     f"wait send {x.role}"), [(("xfer", n, x), 0.0)])
                 elif what == "wait_recv":

@@ -126,7 +126,7 @@ class Tracer:
         """An action that began at `t0` has ended: message calls made inside it (added
         before it, as spans are added as they end) are its own, no piece of the gap."""
         sums = self.sums.setdefault(self.step, {})
-        for key, c0, _ in [c for c in self._calls if c[1] >= t0]:
+        for key, _, _ in [c for c in self._calls if c[1] >= t0]:
             sums.pop("lead:" + key, None)
             sums.pop("call:" + key, None)
         self._calls[:] = [c for c in self._calls if c[1] < t0]
