@@ -149,7 +149,7 @@ class ClockedTracer(Tracer):
     `add` during the step — every span it is handed, kept or not — which is all the work
     tracing adds to a step (the clock readings around each action are every step's, traced
     or not: that is how compute_s is measured). An A/B of whole steps cannot resolve a
-    cost of this size on a shared 2-core machine: its rounds spread ±20 % and more."""
+    cost of this size on a shared 2-core machine: its rounds spread by up to ±50 %."""
 
     own_s: dict[int, float] = field(default_factory=dict)
 

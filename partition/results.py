@@ -171,7 +171,11 @@ def build_result(cfg: RunConfig, records: list[Any], *, seconds: float,
     step_times = [max(ts) for ts in zip(*(r.step_s for r in records))] if records else []
     # The simulator's durations: each action as the run's own steps took it, else as timed
     # at start-up (timeline.step_times); both are kept per rank.
-    times = run_times(cfg, records, cost_params(cfg, records)) if records else None
+    # Idle fraction per rank = 1 − compute inside the step / step time, from the traced
+    # step's spans (whose replay timeline.png draws under them).
+    meas = measured(records)
+    times = run_times(cfg, records, cost_params(cfg, records),
+                      traced_step=meas[0]["step"] if meas else None) if records else None
     ranks = []
     for i, r in enumerate(records):
         st = steady(r.step_s)
@@ -203,9 +207,7 @@ def build_result(cfg: RunConfig, records: list[Any], *, seconds: float,
             TRACED_TIMES: times.traced[i] if times and times.traced else None,
         })
     predicted = predicted_block(cfg, records, times=times)
-    # Idle fraction per rank = 1 − compute inside the step / step time, from the traced
-    # step's spans; MFU = the rank's FLOP/s in its compute ÷ its calibrated matmul rate.
-    meas = measured(records)
+    # MFU = the rank's FLOP/s in its compute ÷ its calibrated matmul rate.
     # Without a prediction (one the cost model cannot make) the measured keys stay; MFU goes.
     preds = predicted.get("ranks") or [{}] * len(ranks)
     for x, m, pr, r in zip(ranks, meas or [], preds, records):

@@ -235,13 +235,16 @@ class RunTimes:
     traced: list[dict[str, float]] | None = None
 
 
-def run_times(cfg: Any, records: list[Any], params: Any) -> RunTimes | None:
+def run_times(cfg: Any, records: list[Any], params: Any, *,
+              traced_step: int | None = None) -> RunTimes | None:
     """Each sampled step of the run replayed: every rank's ops at the durations that step
     measured, simulated; the median replay's durations are the run's. One step's durations
     on every rank together, so that what slowed a step (a stall, a late rank) is replayed
     as it happened: the median of the sums of medians would be no step at all, and a
-    synchronised step is as slow as its slowest path. None where some rank has no action
-    times (engine=torch); the start-up times alone where no step was sampled."""
+    synchronised step is as slow as its slowest path. `traced_step` (the measured
+    timeline's, `measured`): its durations are kept too (`RunTimes.traced`). None where
+    some rank has no action times (engine=torch); the start-up times alone where no step
+    was sampled."""
     rs = sorted(records, key=lambda r: r.rank)
     startup = [r.action_times for r in rs]
     if len(startup) != cfg.ranks or not all(startup):
@@ -284,8 +287,7 @@ def run_times(cfg: Any, records: list[Any], params: Any) -> RunTimes | None:
     mid = statistics.median(replays)
     near = min(range(n), key=lambda j: (abs(replays[j] - mid), j))
     steps = rs[0].sampled_steps[:n]
-    meas = measured(rs)
-    traced = samples[steps.index(meas[0]["step"])] if meas and meas[0]["step"] in steps else None
+    traced = samples[steps.index(traced_step)] if traced_step in steps else None
     return RunTimes(samples[near], startup, [
         {"step": s, "simulated_s": tl.step_time, "measured_s": max(r.step_s[s] for r in rs),
          "idle_fraction": [tl.idle_fraction(q) for q in range(cfg.ranks)]}
